@@ -1,0 +1,139 @@
+"""Side-by-side benchmark: plain autoregressive decoding vs each drafter, interleaved and repeated
+in one run, on one target. Reports tau, tokens/s and the ratio to plain AR (ratios, not absolute
+times, are what carries between machines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dllm_spec.config import SpeculatorConfig
+from dllm_spec.speculator import DiffusionSpeculator
+from drafters import build_drafter
+
+BASELINE = "none"
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    category: str
+    text: str
+
+
+def load_prompt_file(path: str | os.PathLike) -> list[BenchPrompt]:
+    """Plain text (one prompt per line) or JSONL with ``prompt`` (and optional ``id``, ``category``)."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+            if not str(record.get("prompt", "")).strip():
+                raise ValueError(f"{path}:{n}: missing 'prompt'")
+            prompts.append(BenchPrompt(str(record.get("id", n)), str(record.get("category", "all")), record["prompt"]))
+        else:
+            prompts.append(BenchPrompt(str(n), "all", line))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def default_prompts(per_category: int = 2) -> list[BenchPrompt]:
+    """The project's held-out prompts (never used for drafter training), balanced by category."""
+    from dllm_spec.data.prompts import heldout_prompts
+
+    return [BenchPrompt(p.id, p.category, p.text) for p in heldout_prompts(per_category)]
+
+
+def run_bench(
+    spec: DiffusionSpeculator,
+    drafter_specs: list[str],
+    prompts: list[BenchPrompt],
+    max_new_tokens: int = 256,
+    repeats: int = 2,
+    block_size: int = 8,
+    temperature: float = 0.0,
+) -> dict:
+    """Run every (prompt, drafter) ``repeats`` times, interleaving drafters within each prompt
+    (rotating their order every repeat) so that machine drift hits them all alike."""
+    names = [BASELINE] + [d for d in drafter_specs if d != BASELINE]
+    speculators = {
+        name: DiffusionSpeculator(spec.target, spec.tokenizer, build_drafter(name, spec.target), SpeculatorConfig(block_size=block_size))
+        for name in names
+    }
+    records = []
+    spec.generate(prompts[0].text, max_new_tokens=8)  # warm-up
+    bar = tqdm(total=repeats * len(prompts) * len(names), desc="bench", unit="run")
+    for r in range(repeats):
+        for prompt in prompts:
+            order = names[r % len(names):] + names[: r % len(names)]
+            outputs = {}
+            for name in order:
+                out = speculators[name].generate(prompt.text, max_new_tokens=max_new_tokens, temperature=temperature, seed=r)
+                outputs[name] = out.token_ids[0].tolist()
+                s = out.stats
+                records.append(dict(repeat=r, prompt_id=prompt.id, category=prompt.category, drafter=name,
+                                    new_tokens=s.new_tokens, target_forwards=s.target_forwards, tau=s.tau,
+                                    wall_time_s=s.wall_time_s, draft_time_s=s.draft_time_s, verify_time_s=s.verify_time_s,
+                                    acceptance_rate=s.acceptance_rate))
+                bar.update()
+            if temperature == 0:
+                for name in names:
+                    records[-len(names) + order.index(name)]["identical_to_ar"] = outputs[name] == outputs[BASELINE]
+    bar.close()
+    return dict(config=dict(max_new_tokens=max_new_tokens, repeats=repeats, block_size=block_size, temperature=temperature,
+                            dtype=str(spec.target.dtype), device=str(spec.target.device), threads=torch.get_num_threads(),
+                            prompts=len(prompts)),
+                summary=summarize(records), records=records)
+
+
+def _aggregate(rows: list[dict]) -> tuple[float, float]:
+    tokens = sum(r["new_tokens"] for r in rows)
+    return tokens / sum(r["wall_time_s"] for r in rows), tokens / max(1, sum(r["target_forwards"] for r in rows))
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per drafter and category: tokens/s, tau and the speedup over plain AR (median over repeats of
+    the per-repeat throughput ratio)."""
+    out: dict = {}
+    categories = sorted({r["category"] for r in records}) + ["all"]
+    drafter_names = list(dict.fromkeys(r["drafter"] for r in records))
+    repeats = sorted({r["repeat"] for r in records})
+    for name in drafter_names:
+        out[name] = {}
+        for cat in categories:
+            ratios, tps, taus = [], [], []
+            for rep in repeats:
+                sel = [r for r in records if r["repeat"] == rep and (cat == "all" or r["category"] == cat)]
+                mine = [r for r in sel if r["drafter"] == name]
+                base = [r for r in sel if r["drafter"] == BASELINE]
+                if not mine or not base:
+                    continue
+                t, tau = _aggregate(mine)
+                tps.append(t)
+                taus.append(tau)
+                ratios.append(t / _aggregate(base)[0])
+            identical = [r.get("identical_to_ar") for r in records if r["drafter"] == name and (cat == "all" or r["category"] == cat)]
+            out[name][cat] = dict(tokens_per_s=statistics.median(tps), tau=statistics.median(taus),
+                                  speedup=statistics.median(ratios),
+                                  identical=None if None in identical else all(identical))
+    return out
+
+
+def format_table(summary: dict) -> str:
+    """A markdown table: one row per drafter and category."""
+    lines = ["| drafter | category | tau | tokens/s | speedup vs AR | identical |", "|---|---|---|---|---|---|"]
+    for name, cats in summary.items():
+        for cat, m in cats.items():
+            lines.append(f"| {name} | {cat} | {m['tau']:.2f} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['identical']} |")
+    return "\n".join(lines)

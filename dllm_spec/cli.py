@@ -1,0 +1,104 @@
+"""Command line: ``dllm-spec generate`` and ``dllm-spec bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, help="HF id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with native bf16, else fp32), float32, bfloat16")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=8, help="draft tokens verified per target forward")
+    p.add_argument("--verification", choices=["token", "block"], default="token")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _load(args, drafter: str | None):
+    import torch
+
+    from dllm_spec import DiffusionSpeculator, SpeculatorConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SpeculatorConfig(block_size=args.block_size, verification=args.verification)
+    return DiffusionSpeculator.from_pretrained(args.target, drafter=drafter, dtype=args.dtype, device=args.device, config=config)
+
+
+def cmd_generate(args) -> None:
+    from transformers import TextStreamer
+
+    drafter = "none" if args.baseline else args.drafter
+    spec = _load(args, drafter)
+    streamer = TextStreamer(spec.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = spec.generate(
+        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, streamer=streamer, chat=not args.no_chat, system=args.system,
+    )
+    s = out.stats
+    print(f"\n[dllm-spec] {s.new_tokens} tokens | tau {s.tau:.2f} | {s.tokens_per_s:.1f} tokens/s | "
+          f"drafter {s.drafter} | stop {s.stop_reason}", file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from dllm_spec.bench import default_prompts, format_table, load_prompt_file, run_bench
+
+    spec = _load(args, "none")
+    prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(args.per_category)
+    result = run_bench(spec, [d.strip() for d in args.drafters.split(",") if d.strip()], prompts,
+                       max_new_tokens=args.max_new_tokens, repeats=args.repeats, block_size=args.block_size,
+                       temperature=args.temperature)
+    table = format_table(result["summary"])
+    print(table)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(fh.name, path)
+        print(f"results written to {path}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate with live streaming, then print tokens, tau and tokens/s")
+    g.add_argument("prompt")
+    _common(g)
+    g.add_argument("--drafter", default=None, help="none | prompt-lookup | early-exit[:N] | ar:<path> (default: the library default)")
+    g.add_argument("--baseline", action="store_true", help="plain autoregressive decoding of the same model")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--system", default=None)
+    g.add_argument("--no-chat", action="store_true", help="send the raw text, without the chat template")
+    g.set_defaults(func=cmd_generate)
+    b = sub.add_parser("bench", help="plain AR vs each drafter, side by side in one run")
+    _common(b)
+    b.add_argument("--drafters", default="prompt-lookup,early-exit")
+    b.add_argument("--prompts", default=None, help="text (one per line) or JSONL; default: the project's held-out prompts")
+    b.add_argument("--per-category", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--out", default=None, help="JSON results path")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dllm-spec: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Configuration objects (frozen, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from verify.sampling import SamplingParams
+
+__all__ = ["SpeculatorConfig", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class SpeculatorConfig:
+    """How the speculator drafts and verifies.
+
+    block_size: draft tokens proposed (and verified) per cycle by the default fixed policy.
+    verification: ``"token"`` (Leviathan/Chen speculative sampling) or ``"block"`` (Sun et al.
+        block verification); greedy decoding is exact argmax matching either way.
+    """
+
+    block_size: int = 8
+    verification: str = "token"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.block_size <= 256:
+            raise ValueError(f"block_size must be in [0, 256], got {self.block_size}")
+        if self.verification not in ("token", "block"):
+            raise ValueError(f"verification must be 'token' or 'block', got {self.verification!r}")

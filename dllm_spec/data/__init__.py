@@ -1,0 +1,1 @@
+"""Prompt sets and self-distillation data for drafter training and benchmarks."""

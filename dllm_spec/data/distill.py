@@ -1,0 +1,144 @@
+"""Self-distillation data: the target's own responses to the project's prompt set.
+
+Responses are generated in large left-padded batches (per-token cost falls steeply with batch size
+on CPU), greedy plus sampled variants, and written as gzip'd JSONL shards. Each shard is written
+atomically (temporary file + rename) and lists the (prompt id, variant) pairs it holds, so a rerun
+skips everything already done: a kill loses at most the shard in flight.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dllm_spec.data.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How responses are generated.
+
+    ``temperatures``: one response per entry per prompt; 0.0 means greedy.
+    """
+
+    temperatures: tuple[float, ...] = (0.0, 0.8)
+    max_new_tokens: int = 320
+    batch_size: int = 32
+    shard_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be a non-empty tuple of values >= 0, got {self.temperatures}")
+        for name in ("max_new_tokens", "batch_size", "shard_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def read_shards(directory: str | os.PathLike) -> Iterator[dict]:
+    """Yield every record of every complete shard in ``directory``."""
+    for path in sorted(Path(directory).glob("shard-*.jsonl.gz")):
+        with gzip.open(path, "rt") as fh:
+            for line in fh:
+                yield json.loads(line)
+
+
+def _done_keys(directory: Path) -> set[tuple[str, int]]:
+    return {(r["prompt_id"], r["variant"]) for r in read_shards(directory)}
+
+
+def _write_atomic(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with gzip.open(tmp, "wt") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[list[int]]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)  # (N, width), left-padded
+    attention = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    torch.manual_seed(seed)  # HF generate samples from the global generator
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(
+        input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+        max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kwargs,
+    )
+    eos = tokenizer.eos_token_id
+    responses = []
+    for row in out[:, width:].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        responses.append(row)
+    return responses
+
+
+def generate_distillation_data(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    out_dir: str | os.PathLike,
+    config: DistillConfig = DistillConfig(),
+    max_shards: int | None = None,
+) -> Path:
+    """Generate (or resume generating) responses for ``prompts`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _done_keys(out)
+    todo = [(p, v) for p in prompts for v in range(len(config.temperatures)) if (p.id, v) not in done]
+    next_index = len(list(out.glob("shard-*.jsonl.gz")))
+    bar = tqdm(total=len(todo), desc="distill", unit="resp")
+    tokens = 0
+    start = time.perf_counter()
+    for shard_no, s in enumerate(range(0, len(todo), config.shard_size)):
+        if max_shards is not None and shard_no >= max_shards:
+            break
+        chunk = todo[s: s + config.shard_size]
+        records: list[dict] = []
+        for variant in range(len(config.temperatures)):
+            items = [p for p, v in chunk if v == variant]
+            encoded = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+                for p in items
+            ]
+            order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # limit padding
+            for b in range(0, len(order), config.batch_size):
+                idx = order[b: b + config.batch_size]
+                batch_seed = config.seed * 1_000_003 + (next_index + shard_no) * 1009 + variant * 31 + b
+                responses = _generate_batch(
+                    model, tokenizer, [encoded[i] for i in idx], config.temperatures[variant],
+                    config.max_new_tokens, batch_seed,
+                )
+                for i, response in zip(idx, responses):
+                    records.append({
+                        "prompt_id": items[i].id, "category": items[i].category, "variant": variant,
+                        "temperature": config.temperatures[variant], "prompt_ids": encoded[i], "response_ids": response,
+                    })
+                    tokens += len(response)
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", tokens=tokens)
+        _write_atomic(out / f"shard-{next_index + shard_no:05d}.jsonl.gz", records)
+    bar.close()
+    return out

@@ -1,0 +1,272 @@
+"""The project's own prompt set: templates x topics, procedurally generated problems, and prompts
+built from real text available offline (Python standard-library docstrings, man-page summaries).
+
+Every prompt has a stable id, a category and a split. The split is a hash of the prompt text, so
+it never changes when the set grows: ``heldout`` prompts are never used for training and are what
+``dllm-spec bench`` measures on. HumanEval is not used here: it is an evaluation set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib
+import inspect
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CATEGORIES = ("reasoning", "code", "explanation", "chat", "docs")
+HELDOUT_FRACTION = 0.03
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user prompt with its provenance."""
+
+    id: str
+    category: str
+    text: str
+
+    @property
+    def split(self) -> str:
+        digest = int(hashlib.sha1(self.text.encode()).hexdigest()[:8], 16)
+        return "heldout" if digest / 0xFFFFFFFF < HELDOUT_FRACTION else "train"
+
+
+TOPICS = [
+    "photosynthesis", "black holes", "the French Revolution", "compound interest", "vaccines",
+    "plate tectonics", "the water cycle", "machine learning", "blockchain", "climate change",
+    "the immune system", "supply and demand", "the Roman Empire", "quantum computing", "DNA replication",
+    "electric cars", "the stock market", "volcanoes", "the internet", "renewable energy",
+    "sleep", "the human heart", "inflation", "democracy", "gravity", "evolution", "coffee",
+    "the Moon landing", "recycling", "solar panels", "antibiotics", "the printing press",
+    "ocean tides", "earthquakes", "the Great Wall of China", "honeybees", "rainbows",
+    "the Industrial Revolution", "meditation", "time management", "public speaking", "nutrition",
+    "exercise", "budgeting", "learning a new language", "remote work", "social media",
+    "artificial intelligence ethics", "space exploration", "the periodic table", "magnets",
+    "nuclear energy", "batteries", "the speed of light", "prime numbers", "probability",
+    "encryption", "operating systems", "databases", "compilers", "computer networks", "GPS",
+    "weather forecasting", "tea", "chess", "the Olympic Games", "jazz music", "impressionist painting",
+    "Shakespeare", "the Renaissance", "ancient Egypt", "the Silk Road", "coral reefs", "rainforests",
+    "deserts", "glaciers", "wind turbines", "3D printing", "robotics", "self-driving cars",
+    "cloud computing", "open-source software", "version control", "unit testing", "agile development",
+    "cybersecurity", "passwords", "phishing", "the scientific method", "statistics", "entropy",
+    "thermodynamics", "sound waves", "the human brain", "memory", "habits", "motivation",
+    "friendship", "leadership", "negotiation", "writing a resume", "job interviews", "gardening",
+    "composting", "baking bread", "fermentation", "volunteering", "urban planning", "public transport",
+    "bicycles", "airplanes", "submarines", "bridges", "skyscrapers", "the metric system", "calendars",
+    "money", "taxes", "insurance", "mortgages", "retirement savings", "cryptocurrency",
+    "the Pythagorean theorem", "fractions", "algebra", "calculus", "linear regression",
+    "sorting algorithms", "recursion", "hash tables", "binary search", "graph algorithms",
+]
+
+EXPLAIN_TEMPLATES = [
+    "Explain {t} to a ten-year-old.",
+    "What is {t}? Give a clear explanation with an example.",
+    "Write a short essay about {t}.",
+    "Give me five interesting facts about {t}.",
+    "What are the pros and cons of {t}?",
+    "Summarize the key ideas behind {t} in a few paragraphs.",
+    "How would you teach {t} to a beginner? Outline a short lesson plan.",
+    "List the most common misconceptions about {t} and correct them.",
+    "Write a detailed explanation of {t}, with headings and bullet points.",
+    "Compare {t} with {u}. How are they similar and how are they different?",
+    "Why does {t} matter? Explain step by step.",
+    "Write a FAQ with five questions and answers about {t}.",
+]
+
+CHAT_TEMPLATES = [
+    "Hi! Can you help me understand {t}?",
+    "I'm feeling stuck with {t}. Any advice?",
+    "Write a friendly email to a colleague about {t}.",
+    "Tell me a short story that involves {t}.",
+    "Write a poem about {t}.",
+    "What should I read to learn about {t}?",
+    "Give me a step-by-step plan to get better at {t}.",
+    "Can you write a tweet-length summary of {t}?",
+    "Pretend you are a tour guide and describe {t}.",
+    "Write a dialogue between a student and a teacher about {t}.",
+]
+
+CODE_TASKS = [
+    "reverse a string", "check whether a number is prime", "compute the factorial of n",
+    "compute the n-th Fibonacci number", "merge two sorted lists", "find the maximum in a list",
+    "count word frequencies in a text", "remove duplicates from a list while keeping order",
+    "check whether a string is a palindrome", "flatten a nested list", "implement binary search",
+    "implement bubble sort", "implement quicksort", "implement merge sort", "parse a CSV line",
+    "convert Celsius to Fahrenheit", "compute the greatest common divisor", "validate an email address",
+    "read a file and count its lines", "find the longest common prefix of strings",
+    "rotate a matrix by 90 degrees", "implement a stack class", "implement a queue with two stacks",
+    "implement a linked list", "compute the sum of digits of a number", "check balanced parentheses",
+    "convert a Roman numeral to an integer", "convert an integer to binary", "find all anagrams in a list",
+    "compute the moving average of a list", "implement an LRU cache", "transpose a matrix",
+    "generate all permutations of a list", "generate all subsets of a set", "find the two numbers that sum to a target",
+    "compute the median of a list", "capitalize every word in a sentence", "count vowels in a string",
+    "implement a simple calculator", "find the second largest number in a list",
+    "merge two dictionaries", "sort a list of dictionaries by a key", "chunk a list into pieces of size n",
+    "compute the dot product of two vectors", "check whether two strings are anagrams",
+    "find the first non-repeating character", "implement depth-first search on a graph",
+    "implement breadth-first search on a graph", "compute Pascal's triangle", "simulate a bank account class",
+]
+CODE_LANGS = ["Python", "Python", "Python", "JavaScript", "C", "Java", "Rust", "Go", "SQL", "Bash"]
+CODE_TEMPLATES = [
+    "Write a {lang} function to {task}.",
+    "Write a {lang} function to {task}. Explain how it works.",
+    "Write a {lang} program to {task}, with comments.",
+    "How do I {task} in {lang}? Show the code and its time complexity.",
+    "Write a {lang} function to {task} and a few tests for it.",
+]
+
+REASONING_TEMPLATES = [
+    "A shop sells pencils at {a} cents each and pens at {b} cents each. Sam buys {c} pencils and {d} pens. How much does he pay in total? Think step by step.",
+    "A train travels {a} km in {c} hours. What is its average speed? Then, how far does it go in {d} hours at that speed? Explain your reasoning.",
+    "Maria has {a} apples. She gives {c} to each of her {d} friends. How many apples does she have left? Show your work.",
+    "What is {a} multiplied by {b}? Work it out step by step.",
+    "Solve for x: {c}x + {a} = {b}. Show each step.",
+    "A rectangle is {a} cm long and {c} cm wide. What are its area and perimeter? Explain.",
+    "If a number is increased by {c} percent and becomes {b}, what was the original number? Reason carefully.",
+    "There are {a} students in a school. {c} percent of them play football. How many students play football? Explain step by step.",
+    "John is {c} years older than Mary. In {d} years, the sum of their ages will be {b}. How old is Mary now? Think step by step.",
+    "A recipe needs {c} eggs for {d} people. How many eggs are needed for {a} people? Show your reasoning.",
+    "What is the sum of all integers from 1 to {a}? Explain the method you use.",
+    "A car uses {c} liters of fuel per 100 km. How much fuel is needed for {a} km? Explain.",
+    "Is {a} a prime number? Check step by step.",
+    "Convert {a} minutes into hours and minutes. Explain.",
+    "A bag has {c} red balls and {d} blue balls. What is the probability of drawing a red ball? Explain your reasoning.",
+    "Three friends share a bill of {b} dollars. One pays {c} dollars more than each of the other two, who pay equally. How much does each pay? Think step by step.",
+]
+LOGIC_PROMPTS = [
+    "If all bloops are razzies and all razzies are lazzies, are all bloops definitely lazzies? Explain.",
+    "A farmer has to cross a river with a wolf, a goat and a cabbage. How does he do it? Explain each step.",
+    "You have two ropes that each take one hour to burn. How can you measure 45 minutes? Explain.",
+    "Which is heavier: a kilogram of feathers or a kilogram of steel? Explain your reasoning.",
+    "If it takes 5 machines 5 minutes to make 5 widgets, how long does it take 100 machines to make 100 widgets? Think step by step.",
+    "A bat and a ball cost $1.10 in total. The bat costs $1.00 more than the ball. How much does the ball cost? Reason carefully.",
+    "There are three boxes, one with apples, one with oranges and one with both. All labels are wrong. How can you label them correctly by picking one fruit? Explain.",
+    "What comes next in the sequence 2, 4, 8, 16, ...? Explain the pattern.",
+    "What comes next in the sequence 1, 1, 2, 3, 5, 8, ...? Explain the pattern.",
+    "If today is Wednesday, what day will it be in 100 days? Show your reasoning.",
+]
+
+DOC_TEMPLATES = [
+    "Here is the documentation of the Python function `{name}`:\n\n{doc}\n\nExplain what it does and give an example of how to use it.",
+    "Write unit tests for the Python function `{name}`, documented as follows:\n\n{doc}",
+    "Summarize this documentation of `{name}` in plain language:\n\n{doc}",
+    "Document the Python function `{name}` with a clear docstring and usage notes. Its current documentation is:\n\n{doc}",
+]
+MAN_TEMPLATES = [
+    "Explain how to use the `{cmd}` command ({desc}), with examples.",
+    "What does the Unix command `{cmd}` do? ({desc}) Give common options and examples.",
+    "Write a short tutorial on `{cmd}`: {desc}.",
+]
+
+STDLIB_MODULES = [
+    "os", "os.path", "sys", "re", "json", "math", "random", "statistics", "itertools", "functools",
+    "collections", "string", "textwrap", "datetime", "time", "calendar", "shutil", "glob", "fnmatch",
+    "pathlib", "subprocess", "threading", "queue", "heapq", "bisect", "array", "copy", "pprint",
+    "enum", "decimal", "fractions", "hashlib", "hmac", "base64", "binascii", "struct", "zlib", "gzip",
+    "bz2", "lzma", "zipfile", "tarfile", "csv", "configparser", "tempfile", "io", "operator", "inspect",
+    "urllib.parse", "html", "difflib", "unicodedata", "secrets", "uuid", "socket", "select", "signal",
+    "logging", "argparse", "shlex", "platform", "locale", "gettext", "codecs", "dataclasses", "typing",
+    "contextlib", "abc", "weakref", "types", "traceback", "warnings", "timeit", "doctest", "unittest",
+    "email.utils", "mimetypes", "ipaddress", "sqlite3", "xml.etree.ElementTree", "colorsys", "cmath",
+]
+
+
+def _clean_doc(doc: str, limit: int = 700) -> str:
+    doc = inspect.cleandoc(doc).strip()
+    return doc if len(doc) <= limit else doc[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def stdlib_docs() -> list[tuple[str, str]]:
+    """(qualified name, docstring) for public functions and classes of common stdlib modules."""
+    out: list[tuple[str, str]] = []
+    for module_name in STDLIB_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001 - a module missing on this platform is simply skipped
+            continue
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 60:
+                out.append((f"{module_name}.{name}", _clean_doc(doc)))
+    return out
+
+
+def man_summaries(limit: int = 3000) -> list[tuple[str, str]]:
+    """(command, one-line description) from the NAME section of installed section-1 man pages."""
+    root = Path("/usr/share/man/man1")
+    if not root.is_dir():
+        return []
+    out: list[tuple[str, str]] = []
+    for path in sorted(root.glob("*.1*.gz")):
+        try:
+            with gzip.open(path, "rt", errors="ignore") as fh:
+                head = fh.read(4000)
+        except OSError:
+            continue
+        match = re.search(r"\.SH\s+\"?NAME\"?\s*\n(.+?)\n\.", head, re.S)
+        if not match:
+            continue
+        line = re.sub(r"\\f[BIRP]|\\-|\\&|\\\(..|\\", " ", match.group(1).replace("\n", " "))
+        parts = re.split(r"\s+-+\s+", line, maxsplit=1)
+        if len(parts) != 2:
+            continue
+        cmd, desc = parts[0].split(",")[0].strip(), " ".join(parts[1].split())
+        if cmd and 10 < len(desc) < 120 and re.fullmatch(r"[\w.+-]+", cmd):
+            out.append((cmd, desc))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _stable_id(category: str, text: str) -> str:
+    return f"{category}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def build_prompts(seed: int = 0, max_docs: int = 4000, max_man: int = 2500) -> list[Prompt]:
+    """Build the full prompt set (deterministic for a given seed and machine), shuffled so that any
+    prefix mixes all categories."""
+    rng = random.Random(seed)
+    texts: list[tuple[str, str]] = []
+    for i, topic in enumerate(TOPICS):
+        other = TOPICS[(i * 7 + 3) % len(TOPICS)]
+        texts += [("explanation", t.format(t=topic, u=other)) for t in EXPLAIN_TEMPLATES]
+        texts += [("chat", t.format(t=topic)) for t in CHAT_TEMPLATES]
+    for task in CODE_TASKS:
+        for lang in sorted(set(CODE_LANGS)):
+            for template in CODE_TEMPLATES:
+                texts.append(("code", template.format(lang=lang, task=task)))
+    for template in REASONING_TEMPLATES:
+        for _ in range(60):
+            a, b = rng.randint(12, 480), rng.randint(20, 900)
+            c, d = rng.randint(2, 25), rng.randint(2, 12)
+            texts.append(("reasoning", template.format(a=a, b=b, c=c, d=d)))
+    texts += [("reasoning", p) for p in LOGIC_PROMPTS]
+    docs = stdlib_docs()
+    rng.shuffle(docs)
+    for j, (name, doc) in enumerate(docs[:max_docs]):
+        texts.append(("docs", DOC_TEMPLATES[j % len(DOC_TEMPLATES)].format(name=name, doc=doc)))
+    for j, (cmd, desc) in enumerate(man_summaries(max_man)):
+        texts.append(("docs", MAN_TEMPLATES[j % len(MAN_TEMPLATES)].format(cmd=cmd, desc=desc)))
+    seen: set[str] = set()
+    prompts = []
+    for category, text in texts:
+        if text not in seen:
+            seen.add(text)
+            prompts.append(Prompt(_stable_id(category, text), category, text))
+    rng.shuffle(prompts)
+    return prompts
+
+
+def heldout_prompts(per_category: int = 4, seed: int = 0) -> list[Prompt]:
+    """A small, category-balanced slice of the held-out split, for benchmarks."""
+    chosen: dict[str, list[Prompt]] = {c: [] for c in CATEGORIES}
+    for prompt in build_prompts(seed):
+        if prompt.split == "heldout" and len(chosen[prompt.category]) < per_category:
+            chosen[prompt.category].append(prompt)
+    return [p for c in CATEGORIES for p in chosen[c]]

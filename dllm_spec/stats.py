@@ -1,0 +1,69 @@
+"""Generation statistics (vLLM/SGLang conventions): tau = committed new tokens per target forward
+in the decoding phase, bonus token included; acceptance per draft position."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one ``generate`` call.
+
+    accepted_per_position[i]: how many cycles accepted the draft token at position i (0-based);
+    verified_per_position[i]: how many cycles verified a draft token at position i; their ratio is
+    the per-position acceptance rate. verified_lengths: draft tokens verified in each cycle.
+    """
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    verified_per_position: list[int] = field(default_factory=list)
+    verified_lengths: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prefill_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    stop_reason: str = ""
+    drafter: str = ""
+
+    @property
+    def tau(self) -> float:
+        """Mean committed tokens per target forward (decoding phase)."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / verified draft tokens."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def record_cycle(self, verified: int, accepted: int) -> None:
+        for store, count in ((self.verified_per_position, verified), (self.accepted_per_position, accepted)):
+            if len(store) < count:
+                store.extend([0] * (count - len(store)))
+            for i in range(count):
+                store[i] += 1
+        self.verified_lengths.append(verified)
+        self.drafted_tokens += verified
+        self.accepted_tokens += accepted
+        self.target_forwards += 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_s=self.tokens_per_s)
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"{self.new_tokens} tokens in {self.wall_time_s:.2f}s ({self.tokens_per_s:.1f} tok/s), "
+            f"tau {self.tau:.2f}, {self.target_forwards} target forwards, acceptance {self.acceptance_rate:.0%}, "
+            f"drafter {self.drafter}, stop: {self.stop_reason}"
+        )

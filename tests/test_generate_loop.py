@@ -1,0 +1,212 @@
+"""The one generate loop on tiny in-process models: greedy exactness for every drafter (including
+an always-right oracle and an always-wrong adversary), stops, cache invariant, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TextStreamer
+
+from dllm_spec import DiffusionSpeculator, GenerationStats, SpeculatorConfig
+from dllm_spec.loop import StopConditions, speculative_decode
+from dllm_spec.policy import FixedLength
+from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
+from drafters.base import Drafter, DraftProposal
+from tests.conftest import VOCAB, tiny_llama
+from verify.sampling import SamplingParams
+from verify.verifier import Verifier
+
+PROMPTS = [[0, 5, 9, 14, 5, 9, 22, 7], [0, 3, 3, 3, 40, 11], [0, 17, 2, 29, 31, 17, 2, 29, 31, 8, 12]]
+
+
+class OracleDrafter(Drafter):
+    """Proposes the target's own greedy continuation (always right); ``wrong=True`` shifts every
+    token by one (always wrong)."""
+
+    def __init__(self, target, wrong: bool = False) -> None:
+        self.inner = AutoregressiveDrafter(target, name="oracle")
+        self.wrong = wrong
+        self.name = "adversary" if wrong else "oracle"
+
+    def begin(self, input_ids, features):
+        self.inner.begin(input_ids, features)
+
+    def propose(self, input_ids, max_tokens, sampling, generator):
+        proposal = self.inner.propose(input_ids, max_tokens, SamplingParams(), generator)
+        if self.wrong:
+            proposal.tokens = (proposal.tokens + 1) % VOCAB
+            proposal.q = None
+        return proposal
+
+
+def reference(target, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = target.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
+    return out[0, len(prompt):].tolist()
+
+
+def drafters_for(target, small):
+    return {
+        "none": NullDrafter(),
+        "prompt-lookup": PromptLookupDrafter(),
+        "small-ar": AutoregressiveDrafter(small, name="small-ar"),
+        "early-exit": AutoregressiveDrafter.from_target_layers(target, 1),
+        "oracle": OracleDrafter(target),
+        "adversary": OracleDrafter(target, wrong=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["none", "prompt-lookup", "small-ar", "early-exit", "oracle", "adversary"])
+@pytest.mark.parametrize("block", [1, 4, 9])
+def test_greedy_output_equals_plain_greedy(target, small_drafter_model, name, block):
+    drafter = drafters_for(target, small_drafter_model)[name]
+    spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(block_size=block))
+    for prompt in PROMPTS:
+        out = spec.generate(torch.tensor([prompt]), max_new_tokens=40, stop_token_ids=None)
+        assert out.token_ids[0].tolist() == reference(target, prompt, 40), f"{name} diverged on {prompt}"
+        assert out.stats.new_tokens == 40
+
+
+def test_oracle_accepts_whole_blocks_and_adversary_none(target, small_drafter_model):
+    d = drafters_for(target, small_drafter_model)
+    oracle = DiffusionSpeculator(target, None, d["oracle"], SpeculatorConfig(block_size=7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
+    adversary = DiffusionSpeculator(target, None, d["adversary"], SpeculatorConfig(block_size=7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
+    assert oracle.stats.tau == 8.0 and oracle.stats.target_forwards == 4
+    assert adversary.stats.tau == 1.0 and adversary.stats.accepted_tokens == 0
+    assert oracle.stats.accepted_per_position == [4] * 7
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7, 8, 9, 23])
+def test_max_new_tokens_is_honoured_exactly(target, max_new):
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=8))
+    out = spec.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=max_new)
+    assert out.token_ids.shape == (1, max_new)
+    assert out.token_ids[0].tolist() == reference(target, PROMPTS[1], max_new)
+    assert out.stats.stop_reason == "length"
+
+
+def test_stop_token_inside_an_accepted_block_ends_generation_there(target):
+    prompt = PROMPTS[0]
+    ref = reference(target, prompt, 40)
+    position = 10
+    stop_id = ref[position]
+    first = ref.index(stop_id)  # the earliest occurrence is where it must stop
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=8))
+    out = spec.generate(torch.tensor([prompt]), max_new_tokens=40, stop_token_ids=[stop_id])
+    assert out.token_ids[0].tolist() == ref[: first + 1]
+    assert out.stats.stop_reason == "eos"
+    # the oracle's block ran past the stop token: the loop must have cut it
+    assert out.stats.accepted_tokens + out.stats.target_forwards > out.stats.new_tokens
+
+
+def test_target_cache_holds_all_committed_tokens_but_the_last_after_every_cycle(target, small_drafter_model):
+    for drafter in drafters_for(target, small_drafter_model).values():
+        verifier = Verifier(target)
+        prompt = torch.tensor([PROMPTS[2]])
+        generated = 0
+        stop = StopConditions(30, frozenset(), 256)
+        for chunk in speculative_decode(verifier, drafter, FixedLength(5), prompt, stop, SamplingParams(), None, GenerationStats()):
+            generated += chunk.shape[1]
+            assert verifier.cached_length == prompt.shape[1] + generated - 1, drafter.name
+
+
+def test_streamer_receives_prompt_then_every_new_token(target):
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=4))
+    out = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=12, streamer=rec)
+    assert rec.chunks[0] == [PROMPTS[0]] and rec.ended
+    assert sum((c[0] for c in rec.chunks[1:]), []) == out.token_ids[0].tolist()
+
+
+def test_sampling_is_deterministic_under_a_seed(target, small_drafter_model):
+    spec = DiffusionSpeculator(target, None, AutoregressiveDrafter(small_drafter_model), SpeculatorConfig(block_size=4))
+    a = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, temperature=1.0, seed=7)
+    b = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, temperature=1.0, seed=7)
+    c = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, temperature=1.0, seed=8)
+    assert torch.equal(a.token_ids, b.token_ids) and not torch.equal(a.token_ids, c.token_ids)
+
+
+@pytest.mark.parametrize("mode", ["token", "block"])
+def test_sampled_loop_follows_target_distribution(mode):
+    """End to end through the loop: the first two sampled tokens follow the target's exact joint
+    distribution (enumerated), with an AR drafter whose q differs from p."""
+    vocab = 6
+    target = tiny_llama(3, vocab=vocab, hidden=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.15)  # soften: every outcome has mass
+    drafter = AutoregressiveDrafter(tiny_llama(4, vocab=vocab, hidden=16, layers=1))
+    spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(block_size=3, verification=mode))
+    prompt = torch.tensor([[0, 2, 3]])
+    with torch.no_grad():
+        p1 = target(prompt).logits[0, -1].softmax(-1)
+        exact = torch.stack([p1[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1) for a in range(vocab)]).flatten()
+    n = 2500
+    counts = torch.zeros(vocab * vocab)
+    for seed in range(n):
+        ids = spec.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed, stop_token_ids=None).token_ids[0]
+        counts[ids[0] * vocab + ids[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert tv < 0.08, f"TV {tv:.3f}"
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+class CharTokenizer:
+    """A minimal tokenizer for error-path tests."""
+
+    chat_template = None
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [0] + [3 + (ord(c) % 40) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + (i % 26)) for i in ids)
+
+    def get_vocab(self):
+        return {str(i): i for i in range(VOCAB)}
+
+
+def test_bad_input_raises_clear_errors(target):
+    spec = DiffusionSpeculator(target, CharTokenizer(), PromptLookupDrafter())
+    with pytest.raises(ValueError, match="empty prompt"):
+        spec.generate("   ")
+    with pytest.raises(ValueError, match="empty prompt"):
+        spec.generate(torch.zeros((1, 0), dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        spec.generate("hello", max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        spec.generate("hello", temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        spec.generate("hello", temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        spec.generate("hello", temperature=1.0, top_p=1.2)
+    with pytest.raises(ValueError, match="prompt too long"):
+        spec.generate(torch.zeros((1, 300), dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the target's vocabulary"):
+        spec.generate(torch.tensor([[0, VOCAB + 5]]))
+    with pytest.raises(ValueError, match="block_size"):
+        SpeculatorConfig(block_size=-1)
+    with pytest.raises(ValueError, match="verification"):
+        SpeculatorConfig(verification="tree")
+
+
+def test_vocabulary_mismatch_between_drafter_and_target_is_rejected(target):
+    other = tiny_llama(5, vocab=VOCAB + 16)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        DiffusionSpeculator(target, None, AutoregressiveDrafter(other))
+
+
+def test_generation_stops_at_the_context_limit(target):
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=8))
+    out = spec.generate(torch.zeros((1, 250), dtype=torch.long), max_new_tokens=50)
+    assert out.stats.new_tokens == 6 and out.stats.stop_reason == "context"
