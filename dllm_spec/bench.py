@@ -13,11 +13,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dllm_spec.config import SpeculatorConfig
+from dllm_spec.policy import FixedLength, build_policy
 from dllm_spec.speculator import DiffusionSpeculator
 from drafters import build_drafter
 
 BASELINE = "none"
+
+
+def build_variant(label: str, spec: DiffusionSpeculator, default_policy: str, max_k: int) -> DiffusionSpeculator:
+    """``drafter`` or ``drafter@policy`` (e.g. ``prompt-lookup@fixed:8``, ``prompt-lookup@adaptive``)."""
+    drafter_spec, _, policy_spec = label.partition("@")
+    drafter = build_drafter(drafter_spec, spec.target)
+    policy = FixedLength(0) if drafter_spec == BASELINE else build_policy(policy_spec or default_policy, max_k)
+    return DiffusionSpeculator(spec.target, spec.tokenizer, drafter, spec.config, policy=policy)
 
 
 @dataclass(frozen=True)
@@ -61,16 +69,15 @@ def run_bench(
     prompts: list[BenchPrompt],
     max_new_tokens: int = 256,
     repeats: int = 2,
-    block_size: int = 8,
+    block_size: int = 16,
     temperature: float = 0.0,
+    default_policy: str = "adaptive",
 ) -> dict:
-    """Run every (prompt, drafter) ``repeats`` times, interleaving drafters within each prompt
-    (rotating their order every repeat) so that machine drift hits them all alike."""
+    """Run every (prompt, variant) ``repeats`` times, interleaving variants within each prompt
+    (rotating their order every repeat) so that machine drift hits them all alike. A variant is
+    ``drafter`` or ``drafter@policy``; ``block_size`` is the longest draft."""
     names = [BASELINE] + [d for d in drafter_specs if d != BASELINE]
-    speculators = {
-        name: DiffusionSpeculator(spec.target, spec.tokenizer, build_drafter(name, spec.target), SpeculatorConfig(block_size=block_size))
-        for name in names
-    }
+    speculators = {name: build_variant(name, spec, default_policy, block_size) for name in names}
     records = []
     spec.generate(prompts[0].text, max_new_tokens=8)  # warm-up
     bar = tqdm(total=repeats * len(prompts) * len(names), desc="bench", unit="run")
@@ -85,7 +92,10 @@ def run_bench(
                 records.append(dict(repeat=r, prompt_id=prompt.id, category=prompt.category, drafter=name,
                                     new_tokens=s.new_tokens, target_forwards=s.target_forwards, tau=s.tau,
                                     wall_time_s=s.wall_time_s, draft_time_s=s.draft_time_s, verify_time_s=s.verify_time_s,
-                                    acceptance_rate=s.acceptance_rate))
+                                    acceptance_rate=s.acceptance_rate, calibration_error=s.calibration_error,
+                                    prediction_bias=s.prediction_bias,
+                                    mean_verified=sum(s.verified_lengths) / max(1, len(s.verified_lengths)),
+                                    accepted_per_position=s.accepted_per_position, verified_per_position=s.verified_per_position))
                 bar.update()
             if temperature == 0:
                 for name in names:
@@ -123,17 +133,24 @@ def summarize(records: list[dict]) -> dict:
                 tps.append(t)
                 taus.append(tau)
                 ratios.append(t / _aggregate(base)[0])
-            identical = [r.get("identical_to_ar") for r in records if r["drafter"] == name and (cat == "all" or r["category"] == cat)]
+            rows = [r for r in records if r["drafter"] == name and (cat == "all" or r["category"] == cat)]
+            identical = [r.get("identical_to_ar") for r in rows]
+            calib = [r["calibration_error"] for r in rows if r.get("calibration_error") is not None]
             out[name][cat] = dict(tokens_per_s=statistics.median(tps), tau=statistics.median(taus),
                                   speedup=statistics.median(ratios),
-                                  identical=None if None in identical else all(identical))
+                                  identical=None if None in identical else all(identical),
+                                  mean_verified=statistics.fmean(r.get("mean_verified", 0.0) for r in rows),
+                                  calibration_error=statistics.fmean(calib) if calib else None)
     return out
 
 
 def format_table(summary: dict) -> str:
     """A markdown table: one row per drafter and category."""
-    lines = ["| drafter | category | tau | tokens/s | speedup vs AR | identical |", "|---|---|---|---|---|---|"]
+    lines = ["| drafter@policy | category | tau | tokens/s | speedup vs AR | mean verified | calib. err | identical |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, cats in summary.items():
         for cat, m in cats.items():
-            lines.append(f"| {name} | {cat} | {m['tau']:.2f} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['identical']} |")
+            cal = "" if m.get("calibration_error") is None else f"{m['calibration_error']:.2f}"
+            lines.append(f"| {name} | {cat} | {m['tau']:.2f} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
+                         f"{m.get('mean_verified', 0):.1f} | {cal} | {m['identical']} |")
     return "\n".join(lines)

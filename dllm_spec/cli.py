@@ -15,7 +15,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with native bf16, else fp32), float32, bfloat16")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=8, help="draft tokens verified per target forward")
+    p.add_argument("--block-size", type=int, default=16, help="longest draft per cycle")
+    p.add_argument("--policy", default="adaptive", help="adaptive[:MAX] | fixed:K | threshold[:THETA] | moving-average | heuristic")
     p.add_argument("--verification", choices=["token", "block"], default="token")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -28,8 +29,11 @@ def _load(args, drafter: str | None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from dllm_spec.policy import build_policy
+
     config = SpeculatorConfig(block_size=args.block_size, verification=args.verification)
-    return DiffusionSpeculator.from_pretrained(args.target, drafter=drafter, dtype=args.dtype, device=args.device, config=config)
+    return DiffusionSpeculator.from_pretrained(args.target, drafter=drafter, dtype=args.dtype, device=args.device, config=config,
+                                               policy=build_policy(args.policy, args.block_size))
 
 
 def cmd_generate(args) -> None:
@@ -54,7 +58,7 @@ def cmd_bench(args) -> None:
     prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(args.per_category)
     result = run_bench(spec, [d.strip() for d in args.drafters.split(",") if d.strip()], prompts,
                        max_new_tokens=args.max_new_tokens, repeats=args.repeats, block_size=args.block_size,
-                       temperature=args.temperature)
+                       temperature=args.temperature, default_policy=args.policy)
     table = format_table(result["summary"])
     print(table)
     if args.out:
@@ -82,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="plain AR vs each drafter, side by side in one run")
     _common(b)
-    b.add_argument("--drafters", default="prompt-lookup,early-exit")
+    b.add_argument("--drafters", default="prompt-lookup,early-exit:24",
+                   help="comma-separated drafter or drafter@policy, e.g. prompt-lookup@fixed:8,prompt-lookup@adaptive")
     b.add_argument("--prompts", default=None, help="text (one per line) or JSONL; default: the project's held-out prompts")
     b.add_argument("--per-category", type=int, default=2)
     b.add_argument("--repeats", type=int, default=2)

@@ -13,12 +13,13 @@ __all__ = ["SpeculatorConfig", "SamplingParams"]
 class SpeculatorConfig:
     """How the speculator drafts and verifies.
 
-    block_size: draft tokens proposed (and verified) per cycle by the default fixed policy.
+    block_size: the longest draft per cycle. The default cost-aware policy drafts and verifies
+        up to this many tokens; ``FixedLength(k)`` and the other policies are passed as ``policy=``.
     verification: ``"token"`` (Leviathan/Chen speculative sampling) or ``"block"`` (Sun et al.
         block verification); greedy decoding is exact argmax matching either way.
     """
 
-    block_size: int = 8
+    block_size: int = 16
     verification: str = "token"
 
     def __post_init__(self) -> None:

@@ -92,8 +92,8 @@ def speculative_decode(
             stats.draft_time_s += t1 - t0
             stats.verify_time_s += t2 - t1
             stats.draft_forwards += proposal.forwards
-            stats.record_cycle(proposal.length, n)
-            policy.observe(proposal, proposal.length, n)
+            stats.record_cycle(proposal.length, n, policy.last_prediction)
+            policy.observe(proposal, proposal.length, n, t1 - t0, t2 - t1)
 
             new = torch.cat([proposal.tokens[:, :n], outcome.next_token[:, None]], dim=1)  # (B, n+1)
             cut = _first_stop(new[0], stop.stop_token_ids)

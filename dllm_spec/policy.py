@@ -1,30 +1,51 @@
-"""Block-length policies: how many tokens the drafter drafts and how many of them are verified
-each cycle. The loop consults one policy object; only fixed lengths exist so far."""
+"""Block-length policies: how many tokens to draft and how many of them to verify each cycle.
+
+The loop consults one policy object per cycle: ``draft_length()`` before drafting, ``choose()``
+on the proposal, ``observe()`` after verification. Policies never change the output (the verifier
+is lossless for any verified length); they only trade verification work against accepted tokens.
+
+* :class:`CostAwarePolicy` (default): expected committed tokens per second from the drafter's
+  per-position confidences, an online-calibrated confidence -> acceptance map, and the target's
+  measured latency curve.
+* Baselines: :class:`FixedLength`, :class:`ConfidenceThreshold` (FailFast-style),
+  :class:`MovingAverageLength` (DiffuSpec/SGLang-style), :class:`AssistedHeuristic`
+  (transformers' +2/-1 schedule).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+import torch
+from transformers import PreTrainedModel
+
+from dllm_spec.latency import LatencyCurve, load_or_measure
 from drafters.base import DraftProposal
 
 
 class BlockLengthPolicy:
-    """Interface. ``draft_length``: tokens to ask the drafter for; ``choose``: how many of the
-    proposal to verify; ``observe``: feedback after verification."""
+    """Interface; stateful policies learn across cycles and across ``generate`` calls."""
 
     name = "policy"
+    #: expected accepted drafts for the last choice, when the policy predicts one (for calibration stats)
+    last_prediction: float | None = None
+
+    def bind(self, target: PreTrainedModel) -> None:
+        """Called once when paired with a target (e.g. to load its latency curve)."""
 
     def draft_length(self) -> int:
         raise NotImplementedError
 
     def choose(self, proposal: DraftProposal) -> int:
+        """How many of the proposed tokens to verify."""
         return proposal.length
 
-    def observe(self, proposal: DraftProposal, verified: int, accepted: int) -> None:
-        """Called after every cycle (for policies that learn online)."""
+    def observe(self, proposal: DraftProposal, verified: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
+        """Feedback after a cycle."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class FixedLength(BlockLengthPolicy):
     """Always draft and verify ``k`` tokens."""
 
@@ -33,10 +54,212 @@ class FixedLength(BlockLengthPolicy):
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ValueError(f"block length must be >= 0, got {self.k}")
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"fixed-{self.k}"
+        self.name = f"fixed-{self.k}"
 
     def draft_length(self) -> int:
         return self.k
+
+
+@dataclass
+class ConfidenceThreshold(BlockLengthPolicy):
+    """Draft ``max_k``; verify up to (not including) the first position whose confidence < theta."""
+
+    theta: float = 0.4
+    max_k: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.theta <= 1 or self.max_k < 1:
+            raise ValueError(f"need 0 <= theta <= 1 and max_k >= 1, got theta={self.theta}, max_k={self.max_k}")
+        self.name = f"threshold-{self.theta:g}"
+
+    def draft_length(self) -> int:
+        return self.max_k
+
+    def choose(self, proposal: DraftProposal) -> int:
+        below = (proposal.confidence[0] < self.theta).nonzero()
+        return int(below[0]) if below.numel() else proposal.length
+
+
+@dataclass
+class MovingAverageLength(BlockLengthPolicy):
+    """k = ceil(moving average of accepted length) + 1, within [1, max_k]."""
+
+    max_k: int = 16
+    momentum: float = 0.7
+    average: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need max_k >= 1 and 0 <= momentum < 1, got {self.max_k}, {self.momentum}")
+        self.name = "moving-average"
+
+    def draft_length(self) -> int:
+        return max(1, min(self.max_k, math.ceil(self.average) + 1))
+
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+        if verified:
+            self.average = self.momentum * self.average + (1 - self.momentum) * accepted
+
+
+@dataclass
+class AssistedHeuristic(BlockLengthPolicy):
+    """transformers' ``num_assistant_tokens_schedule="heuristic"``: +2 after a fully accepted draft, -1 otherwise."""
+
+    k: int = 5
+    max_k: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.max_k:
+            raise ValueError(f"need 1 <= k <= max_k, got k={self.k}, max_k={self.max_k}")
+        self.name = "heuristic"
+
+    def draft_length(self) -> int:
+        return self.k
+
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+        if verified:
+            self.k = min(self.max_k, self.k + 2) if accepted == verified else max(1, self.k - 1)
+
+
+@dataclass
+class AcceptanceCalibrator:
+    """Maps a drafter confidence to P(accept | every earlier draft accepted), learned online.
+
+    Confidence is bucketed into ``bins``; each bucket keeps Beta-prior counts, starting at a mean
+    equal to the bucket's centre (so an uncalibrated drafter is first taken at its word).
+    """
+
+    bins: int = 10
+    prior_strength: float = 4.0
+    accepted: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    trials: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    predicted_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.bins < 1 or self.prior_strength <= 0:
+            raise ValueError(f"need bins >= 1 and prior_strength > 0, got {self.bins}, {self.prior_strength}")
+        centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) / self.bins
+        self.accepted = centres * self.prior_strength
+        self.trials = torch.full((self.bins,), self.prior_strength, dtype=torch.float64)
+        self.observed_hits = torch.zeros(self.bins, dtype=torch.float64)
+        self.observed_trials = torch.zeros(self.bins, dtype=torch.float64)
+        self.predicted_sum = torch.zeros(self.bins, dtype=torch.float64)
+
+    def _bucket(self, confidence: torch.Tensor) -> torch.Tensor:
+        return (confidence.double().clamp(0, 1) * self.bins).long().clamp(max=self.bins - 1)
+
+    def __call__(self, confidence: torch.Tensor) -> torch.Tensor:
+        """(k,) confidences -> (k,) conditional acceptance probabilities."""
+        b = self._bucket(confidence.cpu())
+        return (self.accepted[b] / self.trials[b]).float()
+
+    def update(self, confidence: torch.Tensor, verified: int, accepted: int) -> None:
+        """Positions < accepted were accepted; position ``accepted`` (if verified) was rejected;
+        later positions were never tested and teach nothing."""
+        tested = min(verified, accepted + 1)
+        if tested == 0:
+            return
+        b = self._bucket(confidence[:tested].cpu())
+        hits = (torch.arange(tested) < accepted).double()
+        self.predicted_sum.index_add_(0, b, (self.accepted[b] / self.trials[b]))
+        self.observed_hits.index_add_(0, b, hits)
+        self.observed_trials.index_add_(0, b, torch.ones_like(hits))
+        self.accepted.index_add_(0, b, hits)
+        self.trials.index_add_(0, b, torch.ones_like(hits))
+
+    def expected_calibration_error(self) -> float:
+        """Trial-weighted |predicted - observed| acceptance over buckets (predictions made before each update)."""
+        n = self.observed_trials.sum()
+        if n == 0:
+            return 0.0
+        seen = self.observed_trials > 0
+        gap = (self.predicted_sum[seen] - self.observed_hits[seen]).abs()
+        return float(gap.sum() / n)
+
+
+class CostAwarePolicy(BlockLengthPolicy):
+    """Verify the k that maximises expected committed tokens per second.
+
+    E(k) = 1 + sum_{i<=k} prod_{j<=i} a(c_j), with a the online-calibrated confidence -> acceptance
+    map; cost(k) = drafting time + latency of a (k+1)-token target forward, from the measured curve
+    (refreshed online). The draft length itself is chosen the same way from the running acceptance
+    rate and the drafter's measured cost per drafted token, so cheap drafters draft ``max_k`` and
+    expensive ones draft only what is likely to pay off; the verified length is then cut per cycle
+    from the actual confidences.
+
+    Args:
+        max_k: longest draft.
+        latency: target latency curve; ``None`` measures (or loads the cached) curve on ``bind``.
+        min_draft: never draft fewer than this (block drafters trained at a size should keep it:
+            set ``min_draft = max_k`` to always draft the trained block and only truncate what is verified).
+    """
+
+    def __init__(self, max_k: int = 16, latency: LatencyCurve | None = None, min_draft: int = 1, momentum: float = 0.9) -> None:
+        if max_k < 1 or not 1 <= min_draft <= max_k:
+            raise ValueError(f"need max_k >= 1 and 1 <= min_draft <= max_k, got max_k={max_k}, min_draft={min_draft}")
+        self.max_k = max_k
+        self.min_draft = min_draft
+        self.latency = latency
+        self.momentum = momentum
+        self.calibrator = AcceptanceCalibrator()
+        self.draft_cost_per_token = 0.0  # seconds, EMA
+        self.accept_rate = 0.6  # conditional acceptance, EMA (for choosing the draft length)
+        self.name = "adaptive"
+        self.last_prediction = None
+
+    def bind(self, target: PreTrainedModel) -> None:
+        if self.latency is None:
+            self.latency = load_or_measure(target)
+
+    def _rate(self, expected: torch.Tensor, k_max: int, draft_cost: torch.Tensor) -> torch.Tensor:
+        """Tokens per second for verifying k = 0..k_max drafts: E (k_max+1,), cost (k_max+1,)."""
+        assert self.latency is not None, "bind() the policy to a target first"
+        verify = torch.tensor([self.latency(k + 1) for k in range(k_max + 1)])
+        return expected / (verify + draft_cost)
+
+    def draft_length(self) -> int:
+        ks = torch.arange(self.max_k + 1, dtype=torch.float32)
+        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(self.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
+        rate = self._rate(expected, self.max_k, self.draft_cost_per_token * ks)
+        return max(self.min_draft, int(rate[1:].argmax()) + 1)
+
+    def choose(self, proposal: DraftProposal) -> int:
+        k_max = proposal.length
+        if k_max == 0:
+            self.last_prediction = 0.0
+            return 0
+        a = self.calibrator(proposal.confidence[0])
+        survival = torch.cumprod(a, 0)
+        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(survival, 0)])  # E(k), k = 0..k_max
+        sunk = torch.full((k_max + 1,), self.draft_cost_per_token * k_max)
+        k = int(self._rate(expected, k_max, sunk).argmax())
+        self.last_prediction = float(expected[k] - 1)
+        return k
+
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+        if proposal.length:
+            m = self.momentum
+            self.draft_cost_per_token = m * self.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
+        if verified:
+            self.calibrator.update(proposal.confidence[0], verified, accepted)
+            tested = min(verified, accepted + 1)
+            self.accept_rate = min(0.98, max(0.02, self.momentum * self.accept_rate + (1 - self.momentum) * accepted / tested))
+        if self.latency is not None:
+            self.latency.observe(verified + 1, verify_time_s)
+
+
+def build_policy(spec: str, default_k: int = 16) -> BlockLengthPolicy:
+    """A policy from a short spec: ``adaptive[:MAX]``, ``fixed:K`` / ``fixed-K``, ``threshold[:THETA]``,
+    ``moving-average``, ``heuristic``."""
+    name, _, arg = spec.replace("fixed-", "fixed:").partition(":")
+    if name == "adaptive":
+        return CostAwarePolicy(max_k=int(arg) if arg else default_k)
+    if name == "fixed":
+        return FixedLength(int(arg) if arg else default_k)
+    if name == "threshold":
+        return ConfidenceThreshold(float(arg) if arg else 0.4, max_k=default_k)
+    if name in ("moving-average", "ema"):
+        return MovingAverageLength(max_k=default_k)
+    if name == "heuristic":
+        return AssistedHeuristic(max_k=default_k)
+    raise ValueError(f"unknown policy {spec!r}: use adaptive[:MAX], fixed:K, threshold[:THETA], moving-average or heuristic")

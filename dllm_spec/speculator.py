@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dllm_spec.config import SpeculatorConfig
 from dllm_spec.loop import StopConditions, speculative_decode
-from dllm_spec.policy import BlockLengthPolicy, FixedLength
+from dllm_spec.policy import BlockLengthPolicy, CostAwarePolicy
 from dllm_spec.stats import GenerationStats
 from dllm_spec.target import DTypeLike, load_target
 from drafters.base import Drafter
@@ -59,7 +59,8 @@ class DiffusionSpeculator:
         self.config = config
         self.drafter = drafter if drafter is not None else default_drafter(target)
         self.drafter.bind(target, tokenizer)
-        self.policy = policy if policy is not None else FixedLength(config.block_size)
+        self.policy = policy if policy is not None else CostAwarePolicy(max_k=max(1, config.block_size))
+        self.policy.bind(target)
 
     @classmethod
     def from_pretrained(

@@ -23,6 +23,8 @@ class GenerationStats:
     accepted_per_position: list[int] = field(default_factory=list)
     verified_per_position: list[int] = field(default_factory=list)
     verified_lengths: list[int] = field(default_factory=list)
+    predicted_accepted: list[float] = field(default_factory=list)
+    observed_accepted: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
@@ -45,7 +47,21 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
-    def record_cycle(self, verified: int, accepted: int) -> None:
+    @property
+    def calibration_error(self) -> float | None:
+        """Mean |predicted - observed| accepted drafts per cycle, over cycles where the policy predicted."""
+        if not self.predicted_accepted:
+            return None
+        return sum(abs(p - o) for p, o in zip(self.predicted_accepted, self.observed_accepted)) / len(self.predicted_accepted)
+
+    @property
+    def prediction_bias(self) -> float | None:
+        """Mean (predicted - observed) accepted drafts per cycle: > 0 means the policy is optimistic."""
+        if not self.predicted_accepted:
+            return None
+        return (sum(self.predicted_accepted) - sum(self.observed_accepted)) / len(self.predicted_accepted)
+
+    def record_cycle(self, verified: int, accepted: int, predicted: float | None = None) -> None:
         for store, count in ((self.verified_per_position, verified), (self.accepted_per_position, accepted)):
             if len(store) < count:
                 store.extend([0] * (count - len(store)))
@@ -55,10 +71,14 @@ class GenerationStats:
         self.drafted_tokens += verified
         self.accepted_tokens += accepted
         self.target_forwards += 1
+        if predicted is not None:
+            self.predicted_accepted.append(predicted)
+            self.observed_accepted.append(accepted)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_s=self.tokens_per_s)
+        d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_s=self.tokens_per_s,
+                 calibration_error=self.calibration_error, prediction_bias=self.prediction_bias)
         return d
 
     def summary(self) -> str:

@@ -9,7 +9,13 @@ from transformers import TextStreamer
 
 from dllm_spec import DiffusionSpeculator, GenerationStats, SpeculatorConfig
 from dllm_spec.loop import StopConditions, speculative_decode
-from dllm_spec.policy import FixedLength
+from dllm_spec.policy import (
+    AssistedHeuristic,
+    ConfidenceThreshold,
+    CostAwarePolicy,
+    FixedLength,
+    MovingAverageLength,
+)
 from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
 from drafters.base import Drafter, DraftProposal
 from tests.conftest import VOCAB, tiny_llama
@@ -56,11 +62,26 @@ def drafters_for(target, small):
     }
 
 
-@pytest.mark.parametrize("name", ["none", "prompt-lookup", "small-ar", "early-exit", "oracle", "adversary"])
-@pytest.mark.parametrize("block", [1, 4, 9])
-def test_greedy_output_equals_plain_greedy(target, small_drafter_model, name, block):
+POLICIES = {
+    "fixed-1": lambda: FixedLength(1),
+    "fixed-4": lambda: FixedLength(4),
+    "fixed-9": lambda: FixedLength(9),
+    "adaptive": lambda: CostAwarePolicy(max_k=12),
+    "threshold": lambda: ConfidenceThreshold(0.3, max_k=8),
+    "moving-average": lambda: MovingAverageLength(max_k=8),
+    "heuristic": lambda: AssistedHeuristic(max_k=8),
+}
+
+
+GREEDY_CASES = [(name, policy) for name in ["none", "prompt-lookup", "small-ar", "early-exit", "oracle", "adversary"]
+                for policy in ["fixed-1", "fixed-9", "adaptive"]]
+GREEDY_CASES += [(name, policy) for name in ["small-ar", "oracle"] for policy in ["fixed-4", "threshold", "moving-average", "heuristic"]]
+
+
+@pytest.mark.parametrize("name,policy", GREEDY_CASES)
+def test_greedy_output_equals_plain_greedy(target, small_drafter_model, name, policy):
     drafter = drafters_for(target, small_drafter_model)[name]
-    spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(block_size=block))
+    spec = DiffusionSpeculator(target, None, drafter, policy=POLICIES[policy]())
     for prompt in PROMPTS:
         out = spec.generate(torch.tensor([prompt]), max_new_tokens=40, stop_token_ids=None)
         assert out.token_ids[0].tolist() == reference(target, prompt, 40), f"{name} diverged on {prompt}"
@@ -69,8 +90,8 @@ def test_greedy_output_equals_plain_greedy(target, small_drafter_model, name, bl
 
 def test_oracle_accepts_whole_blocks_and_adversary_none(target, small_drafter_model):
     d = drafters_for(target, small_drafter_model)
-    oracle = DiffusionSpeculator(target, None, d["oracle"], SpeculatorConfig(block_size=7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
-    adversary = DiffusionSpeculator(target, None, d["adversary"], SpeculatorConfig(block_size=7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
+    oracle = DiffusionSpeculator(target, None, d["oracle"], policy=FixedLength(7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
+    adversary = DiffusionSpeculator(target, None, d["adversary"], policy=FixedLength(7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
     assert oracle.stats.tau == 8.0 and oracle.stats.target_forwards == 4
     assert adversary.stats.tau == 1.0 and adversary.stats.accepted_tokens == 0
     assert oracle.stats.accepted_per_position == [4] * 7
@@ -78,7 +99,7 @@ def test_oracle_accepts_whole_blocks_and_adversary_none(target, small_drafter_mo
 
 @pytest.mark.parametrize("max_new", [1, 2, 7, 8, 9, 23])
 def test_max_new_tokens_is_honoured_exactly(target, max_new):
-    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=8))
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), policy=FixedLength(8))
     out = spec.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=max_new)
     assert out.token_ids.shape == (1, max_new)
     assert out.token_ids[0].tolist() == reference(target, PROMPTS[1], max_new)
@@ -91,7 +112,7 @@ def test_stop_token_inside_an_accepted_block_ends_generation_there(target):
     position = 10
     stop_id = ref[position]
     first = ref.index(stop_id)  # the earliest occurrence is where it must stop
-    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=8))
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), policy=FixedLength(8))
     out = spec.generate(torch.tensor([prompt]), max_new_tokens=40, stop_token_ids=[stop_id])
     assert out.token_ids[0].tolist() == ref[: first + 1]
     assert out.stats.stop_reason == "eos"
@@ -122,22 +143,22 @@ def test_streamer_receives_prompt_then_every_new_token(target):
             self.ended = True
 
     rec = Recorder()
-    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=4))
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), policy=FixedLength(4))
     out = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=12, streamer=rec)
     assert rec.chunks[0] == [PROMPTS[0]] and rec.ended
     assert sum((c[0] for c in rec.chunks[1:]), []) == out.token_ids[0].tolist()
 
 
 def test_sampling_is_deterministic_under_a_seed(target, small_drafter_model):
-    spec = DiffusionSpeculator(target, None, AutoregressiveDrafter(small_drafter_model), SpeculatorConfig(block_size=4))
+    spec = DiffusionSpeculator(target, None, AutoregressiveDrafter(small_drafter_model), policy=FixedLength(4))
     a = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, temperature=1.0, seed=7)
     b = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, temperature=1.0, seed=7)
     c = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, temperature=1.0, seed=8)
     assert torch.equal(a.token_ids, b.token_ids) and not torch.equal(a.token_ids, c.token_ids)
 
 
-@pytest.mark.parametrize("mode", ["token", "block"])
-def test_sampled_loop_follows_target_distribution(mode):
+@pytest.mark.parametrize("mode,policy", [("token", "fixed"), ("block", "fixed"), ("token", "adaptive")])
+def test_sampled_loop_follows_target_distribution(mode, policy):
     """End to end through the loop: the first two sampled tokens follow the target's exact joint
     distribution (enumerated), with an AR drafter whose q differs from p."""
     vocab = 6
@@ -145,7 +166,8 @@ def test_sampled_loop_follows_target_distribution(mode):
     with torch.no_grad():
         target.lm_head.weight.mul_(0.15)  # soften: every outcome has mass
     drafter = AutoregressiveDrafter(tiny_llama(4, vocab=vocab, hidden=16, layers=1))
-    spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(block_size=3, verification=mode))
+    chosen = FixedLength(3) if policy == "fixed" else CostAwarePolicy(max_k=4)
+    spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(verification=mode), policy=chosen)
     prompt = torch.tensor([[0, 2, 3]])
     with torch.no_grad():
         p1 = target(prompt).logits[0, -1].softmax(-1)
@@ -207,6 +229,49 @@ def test_vocabulary_mismatch_between_drafter_and_target_is_rejected(target):
 
 
 def test_generation_stops_at_the_context_limit(target):
-    spec = DiffusionSpeculator(target, None, OracleDrafter(target), SpeculatorConfig(block_size=8))
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), policy=FixedLength(8))
     out = spec.generate(torch.zeros((1, 250), dtype=torch.long), max_new_tokens=50)
     assert out.stats.new_tokens == 6 and out.stats.stop_reason == "context"
+
+
+# ---- block-length policies --------------------------------------------------------------------------
+def test_calibrator_learns_acceptance_rates_per_confidence_bucket():
+    from dllm_spec.policy import AcceptanceCalibrator
+
+    cal = AcceptanceCalibrator(bins=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):  # confidence 0.9 is accepted 30% of the time: the drafter is over-confident
+        accepted = int(torch.rand((), generator=g) < 0.3)
+        cal.update(torch.tensor([0.9, 0.9]), verified=2, accepted=accepted)
+    assert abs(float(cal(torch.tensor([0.9]))[0]) - 0.3) < 0.08
+    assert float(cal(torch.tensor([0.1]))[0]) == pytest.approx(0.125)  # untouched bucket keeps its prior
+
+
+def test_cost_aware_policy_verifies_more_when_confident_and_less_when_not():
+    from dllm_spec.latency import LatencyCurve
+
+    curve = LatencyCurve({1: 0.05, 8: 0.08, 16: 0.15})
+    policy = CostAwarePolicy(max_k=16, latency=curve)
+    confident = DraftProposal(torch.zeros((1, 16), dtype=torch.long), None, torch.full((1, 16), 0.97))
+    doubtful = DraftProposal(torch.zeros((1, 16), dtype=torch.long), None, torch.full((1, 16), 0.05))
+    assert policy.choose(confident) == 7  # 8 tokens fed: past that the curve gets steep
+    assert policy.last_prediction > 5
+    assert policy.choose(doubtful) == 0
+    assert policy.last_prediction == 0.0
+    flat = CostAwarePolicy(max_k=16, latency=LatencyCurve({1: 0.05, 32: 0.0501}))
+    assert flat.choose(confident) == 16  # verification is free: verify everything
+
+
+def test_stats_record_policy_predictions_for_calibration(target):
+    spec = DiffusionSpeculator(target, None, OracleDrafter(target), policy=CostAwarePolicy(max_k=8))
+    out = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=30)
+    s = out.stats
+    assert len(s.predicted_accepted) == s.target_forwards == len(s.observed_accepted)
+    assert s.calibration_error is not None and s.calibration_error >= 0
+
+
+@pytest.mark.parametrize("bad", [lambda: FixedLength(-1), lambda: ConfidenceThreshold(1.5), lambda: CostAwarePolicy(max_k=0),
+                                 lambda: MovingAverageLength(momentum=1.0), lambda: AssistedHeuristic(k=0)])
+def test_invalid_policy_settings_raise(bad):
+    with pytest.raises(ValueError):
+        bad()

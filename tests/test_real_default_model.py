@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllm_spec import DiffusionSpeculator, SpeculatorConfig
+from dllm_spec import DiffusionSpeculator
+from dllm_spec.policy import CostAwarePolicy, FixedLength
 from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
 
 pytestmark = pytest.mark.real_model
@@ -29,7 +30,8 @@ def _drafters(target):
 @pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self"])
 def test_greedy_output_equals_target_generate_in_fp32(real_spec, name):
     drafter, block = _drafters(real_spec.target)[name]
-    spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, drafter, SpeculatorConfig(block_size=block))
+    policy = CostAwarePolicy(max_k=block) if name == "prompt-lookup" else FixedLength(block)
+    spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, drafter, policy=policy)
     for prompt in PROMPTS:
         ids = spec.encode(prompt)
         ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
