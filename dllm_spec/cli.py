@@ -70,6 +70,24 @@ def cmd_bench(args) -> None:
         print(f"results written to {path}", file=sys.stderr)
 
 
+def cmd_train(args) -> None:
+    from dllm_spec.training.cli import main as train_main
+
+    train_main(args.rest)
+
+
+def cmd_study(args) -> None:
+    from dllm_spec.study import main as study_main
+
+    study_main(args.rest)
+
+
+def cmd_traces(args) -> None:
+    from dllm_spec.traces import main as traces_main
+
+    traces_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default=None, help="JSON results path")
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("traces", help="generate reasoning traces from a prompt file (resumable; see dllm_spec.traces --help)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_traces)
+    tr = sub.add_parser("train", help="train a block-diffusion drafter (see dllm-spec train --help)", add_help=False)
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=cmd_train)
+    st = sub.add_parser("study", help="speedup study on long outputs (see dllm-spec study --help)", add_help=False)
+    st.add_argument("rest", nargs=argparse.REMAINDER)
+    st.set_defaults(func=cmd_study)
     return parser
 
 

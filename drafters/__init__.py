@@ -5,16 +5,31 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from drafters.autoregressive import AutoregressiveDrafter
+from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.base import Drafter, DraftProposal, NullDrafter
+from drafters.masked_diffusion import MaskedDiffusionDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
 
-__all__ = ["Drafter", "DraftProposal", "NullDrafter", "PromptLookupDrafter", "AutoregressiveDrafter", "build_drafter"]
+__all__ = [
+    "Drafter", "DraftProposal", "NullDrafter", "PromptLookupDrafter", "AutoregressiveDrafter",
+    "BlockDiffusionDrafter", "BlockDiffusionModel", "BlockDiffusionConfig", "MaskedDiffusionDrafter", "build_drafter",
+]
 
 
 def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     """A drafter from a short spec: ``none``, ``prompt-lookup``, ``early-exit`` or ``early-exit:N``,
-    or ``ar:<HF id or path>`` / a local directory holding a causal LM."""
+    ``ar:<HF id or path>``, ``block-diffusion[:STEPS]`` (the shipped drafter), ``block-diffusion@<dir>[:STEPS]``,
+    or a local directory holding a block-diffusion drafter or a causal LM."""
+    import json
+    import os
+
     name, _, arg = spec.partition(":")
+    if spec.startswith("block-diffusion"):
+        from drafters.shipped import shipped_drafter_dir
+
+        head, _, steps = spec.partition(":")
+        path = head.partition("@")[2] or str(shipped_drafter_dir())
+        return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=int(steps) if steps else None)
     if name in ("none", "ar-baseline"):
         return NullDrafter()
     if name in ("prompt-lookup", "pld"):
@@ -23,10 +38,12 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         return AutoregressiveDrafter.from_target_layers(target, int(arg) if arg else None)
     if name == "ar" and arg:
         return AutoregressiveDrafter.from_pretrained(arg, dtype=target.dtype, device=target.device)
-    import os
-
     if os.path.isdir(spec):
+        config = os.path.join(spec, "config.json")
+        if os.path.isfile(config) and json.load(open(config)).get("model_type") == BlockDiffusionConfig.model_type:
+            return BlockDiffusionDrafter.from_pretrained(spec)
         return AutoregressiveDrafter.from_pretrained(spec, dtype=target.dtype, device=target.device)
     raise ValueError(
-        f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>' or a checkpoint directory"
+        f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "
+        "'block-diffusion[:STEPS]', 'block-diffusion@<dir>[:STEPS]' or a checkpoint directory"
     )

@@ -89,7 +89,7 @@ class Verifier:
         """Cache every token of ``input_ids`` (B, T) but the last; return their features (B, T-1, F)."""
         self.cache = new_cache(self.model)
         if input_ids.shape[1] < 2:
-            return None if not self.layer_ids else torch.zeros(input_ids.shape[0], 0, 0, device=input_ids.device)
+            return None
         out = forward_with_cache(self.model, input_ids[:, :-1], self.cache, output_hidden_states=bool(self.layer_ids), logits_to_keep=1)
         return self._features(out)
 

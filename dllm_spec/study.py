@@ -1,0 +1,246 @@
+"""Speedup study on long outputs: output length x drafter x block policy x temperature, every
+variant side by side in one process (interleaved per prompt, order rotated every repeat), speedup
+= ratio of medians against plain AR in the same run. Also transformers' own assisted generation
+(with the same early-exit AR drafter, and its prompt lookup) as external peers.
+
+Results are appended to ``records.jsonl`` as they come (a rerun skips finished runs), then
+summarised into ``results.csv``, ``summary.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dllm_spec.bench import BASELINE, BenchPrompt, build_variant, default_prompts, load_prompt_file
+from dllm_spec.jsonl import append_record, read_records, write_atomic
+
+HF_PEERS = ("hf-assisted", "hf-prompt-lookup")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    drafters: tuple[str, ...] = ("prompt-lookup", "early-exit:26")
+    policies: tuple[str, ...] = ("fixed:8", "adaptive")
+    temperatures: tuple[float, ...] = (0.0, 1.0)
+    peers: tuple[str, ...] = HF_PEERS
+    repeats: int = 2
+    per_category: int = 1
+    max_k: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) <= 0:
+            raise ValueError(f"lengths must be positive, got {self.lengths}")
+        if self.repeats < 1 or self.per_category < 1:
+            raise ValueError("repeats and per_category must be >= 1")
+        if any(p not in HF_PEERS for p in self.peers):
+            raise ValueError(f"peers must be among {HF_PEERS}, got {self.peers}")
+
+    @classmethod
+    def quick(cls) -> "StudyConfig":
+        return cls(lengths=(32, 64), drafters=("prompt-lookup",), policies=("fixed:8", "adaptive"), temperatures=(0.0, 1.0),
+                   peers=("hf-prompt-lookup",), repeats=1, per_category=1)
+
+
+def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, assistant) -> dict:
+    ids = spec.encode(prompt)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=spec.tokenizer.eos_token_id)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    if label == "hf-assisted":
+        kwargs["assistant_model"] = assistant
+    else:
+        kwargs["prompt_lookup_num_tokens"] = 10
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = spec.target.generate(ids, **kwargs)
+    wall = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    return dict(new_tokens=new, wall_time_s=wall, tau=None, accepted_per_position=None, verified_per_position=None)
+
+
+def run_study(spec, prompts: list[BenchPrompt], cfg: StudyConfig, out_dir: str | Path) -> Path:
+    """Run (or resume) the study; write records.jsonl, results.csv, summary.md and plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / "records.jsonl"
+    done = {(r["length"], r["temperature"], r["prompt_id"], r["repeat"], r["variant"]) for r in read_records(records_path)}
+    variants = [BASELINE] + [f"{d}@{p}" for d in cfg.drafters for p in cfg.policies]
+    runners = {v: build_variant(v, spec, "adaptive", cfg.max_k) for v in variants}
+    assistant = None
+    if "hf-assisted" in cfg.peers:
+        from drafters import AutoregressiveDrafter
+
+        assistant = AutoregressiveDrafter.from_target_layers(spec.target, None).model
+        assistant.generation_config.num_assistant_tokens = 8
+    labels = variants + list(cfg.peers)
+    jobs = [(length, temp, p, r) for length in cfg.lengths for temp in cfg.temperatures for r in range(cfg.repeats) for p in prompts]
+    bar = tqdm(total=len(jobs) * len(labels), desc="study", unit="run")
+    for length, temp, prompt, rep in jobs:
+        shift = rep % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            key = (length, temp, prompt.id, rep, label)
+            bar.update()
+            if key in done:
+                continue
+            if label in HF_PEERS:
+                row = _hf_generate(spec, label, prompt.text, length, temp, rep, assistant)
+            else:
+                o = runners[label].generate(prompt.text, max_new_tokens=length, temperature=temp, seed=rep)
+                s = o.stats
+                row = dict(new_tokens=s.new_tokens, wall_time_s=s.wall_time_s, tau=s.tau,
+                           accepted_per_position=s.accepted_per_position, verified_per_position=s.verified_per_position)
+            append_record(records_path, dict(length=length, temperature=temp, prompt_id=prompt.id, category=prompt.category,
+                                             repeat=rep, variant=label, **row))
+    bar.close()
+    summarise(out)
+    return out
+
+
+def _speedups(records: list[dict]) -> dict:
+    """(variant, temperature, length) -> median over repeats of (variant tok/s / AR tok/s) and median tau."""
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[(r["variant"], r["temperature"], r["length"], r["repeat"])].append(r)
+    out = {}
+    for (variant, temp, length, rep), rows in groups.items():
+        base = groups.get((BASELINE, temp, length, rep))
+        if not base:
+            continue
+        tps = sum(r["new_tokens"] for r in rows) / sum(r["wall_time_s"] for r in rows)
+        base_tps = sum(r["new_tokens"] for r in base) / sum(r["wall_time_s"] for r in base)
+        taus = [r["tau"] for r in rows if r["tau"] is not None]
+        out.setdefault((variant, temp, length), []).append((tps / base_tps, tps, statistics.fmean(taus) if taus else None))
+    return {k: dict(speedup=statistics.median(v[0] for v in vals), tokens_per_s=statistics.median(v[1] for v in vals),
+                    tau=None if vals[0][2] is None else statistics.median(v[2] for v in vals))
+            for k, vals in out.items()}
+
+
+def summarise(out: Path) -> dict:
+    """Write results.csv, summary.md and the plots from records.jsonl."""
+    records = read_records(out / "records.jsonl")
+    table = _speedups(records)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["variant", "temperature", "length", "speedup", "tokens_per_s", "tau"])
+    lines = ["| variant | temperature | new tokens | speedup vs AR | tokens/s | tau |", "|---|---|---|---|---|---|"]
+    for (variant, temp, length), m in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+        tau = "" if m["tau"] is None else f"{m['tau']:.2f}"
+        writer.writerow([variant, temp, length, f"{m['speedup']:.3f}", f"{m['tokens_per_s']:.2f}", tau])
+        lines.append(f"| {variant} | {temp:g} | {length} | {m['speedup']:.2f}x | {m['tokens_per_s']:.1f} | {tau} |")
+    write_atomic(out / "results.csv", buf.getvalue())
+    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    _plots(records, table, out)
+    return table
+
+
+def _plots(records: list[dict], table: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({k[1] for k in table})
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
+    for ax, temp in zip(axes[0], temps):
+        for variant in sorted({k[0] for k in table if k[1] == temp}):
+            pts = sorted((k[2], v["speedup"]) for k, v in table.items() if k[0] == variant and k[1] == temp)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set(title=f"speedup vs output length (T={temp:g})", xlabel="new tokens", ylabel="speedup over plain AR")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "speedup_vs_length.png", dpi=110)
+    plt.close(fig)
+
+    cat_tau: dict = defaultdict(list)
+    for r in records:
+        if r["tau"] is not None and r["temperature"] == 0 and r["variant"] != BASELINE:
+            cat_tau[(r["variant"], r["category"])].append(r["tau"])
+    if cat_tau:
+        variants = sorted({k[0] for k in cat_tau})
+        cats = sorted({k[1] for k in cat_tau})
+        fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(cats)), 4))
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            ax.bar([c + i * width for c in range(len(cats))], [statistics.fmean(cat_tau.get((v, c), [0])) for c in cats], width, label=v)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))], cats)
+        ax.set(title="tau by prompt category (greedy)", ylabel="tokens per target forward")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "tau_by_category.png", dpi=110)
+        plt.close(fig)
+
+    acc: dict = defaultdict(lambda: [[], []])
+    for r in records:
+        if r.get("accepted_per_position") and r["variant"] != BASELINE:
+            a, v = acc[r["variant"]]
+            for i, (x, y) in enumerate(zip(r["accepted_per_position"] + [0] * 64, r["verified_per_position"])):
+                while len(a) <= i:
+                    a.append(0)
+                    v.append(0)
+                a[i] += x
+                v[i] += y
+    if acc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant, (a, v) in sorted(acc.items()):
+            rates = [x / y for x, y in zip(a, v) if y > 0]
+            ax.plot(range(1, len(rates) + 1), rates, marker=".", label=variant)
+        ax.set(title="acceptance rate by draft position", xlabel="position in draft", ylabel="accepted / verified")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "acceptance_by_position.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dllm-spec study", description="Speedup study on long outputs.")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    p.add_argument("--lengths", default=None, help="comma-separated new-token counts")
+    p.add_argument("--drafters", default=None, help="comma-separated drafter specs")
+    p.add_argument("--policies", default=None, help="comma-separated policy specs")
+    p.add_argument("--temperatures", default=None)
+    p.add_argument("--peers", default=None, help="hf-assisted,hf-prompt-lookup (or empty)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--per-category", type=int, default=None)
+    p.add_argument("--prompts", default=None)
+    p.add_argument("--target", default=None)
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args(argv)
+    base = StudyConfig.quick() if args.quick else StudyConfig()
+    overrides = {}
+    for name, conv in (("lengths", int), ("drafters", str), ("policies", str), ("temperatures", float), ("peers", str)):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = tuple(conv(x) for x in value.split(",") if x.strip())
+    for name in ("repeats", "per_category"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        cfg = StudyConfig(**{**base.__dict__, **overrides})
+        prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(cfg.per_category)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dllm-spec study: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from dllm_spec import DiffusionSpeculator
+
+    spec = DiffusionSpeculator.from_pretrained(args.target, drafter="none", dtype=args.dtype)
+    out = run_study(spec, prompts, cfg, args.out)
+    print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

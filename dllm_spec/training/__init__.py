@@ -1,0 +1,1 @@
+"""The released drafter-training pipeline (data -> features -> masked-diffusion training -> evaluation)."""

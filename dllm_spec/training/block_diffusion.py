@@ -1,0 +1,358 @@
+"""Training the target-conditioned block-diffusion drafter (the DFlash recipe, adapted; its official
+training code was never released).
+
+Per batch of target-generated sequences (prompt + response):
+1. the frozen target runs once over the sequences and its hidden states at the drafter's
+   ``target_layer_ids`` are taken (computed in the loop, never stored: they are large);
+2. ``anchors_per_seq`` random anchor positions a are drawn in each response; anchor a's block is
+   [token a, MASK x (B-1)] with labels tokens a+1..a+B-1 (same-position labels) and it sees only
+   the target features of positions < a (a block-sparse attention mask), like at inference;
+3. a mixture of noise levels: with probability ``full_mask_prob`` every block position is masked
+   (one-step drafting), otherwise each is masked with probability t ~ U(t_min, 1) and the unmasked
+   ones are given (multi-step denoising);
+4. cross-entropy on masked positions, weighted exp(-(j-1)/gamma) along the block.
+
+AdamW with warm-up + cosine decay, gradient clipping, periodic checkpoints (resume from the latest),
+held-out evaluation of the offline greedy tau (leading drafts equal to the target's own greedy
+continuation, one denoising step, full block), early stopping, and the best checkpoint kept. Runs
+unchanged under ``accelerate launch`` (data split across processes, gradients averaged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from dllm_spec.data.distill import read_shards
+from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (saved beside the checkpoints)."""
+
+    block_size: int = 16
+    num_layers: int = 2
+    num_target_layers: int = 5
+    draft_vocab_size: int = 8192
+    anchors_per_seq: int = 16
+    batch_size: int = 8
+    max_len: int = 448
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    max_steps: int = 600
+    full_mask_prob: float = 0.5
+    t_min: float = 0.1
+    gamma: float = 7.0
+    eval_every: int = 50
+    eval_sequences: int = 48
+    patience: int = 4
+    checkpoint_every: int = 25
+    heldout_mod: int = 20
+    seed: int = 0
+    init_from_target: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_layers", "anchors_per_seq", "batch_size", "max_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise ValueError("block_size must be >= 2")
+        if not 0 <= self.full_mask_prob <= 1 or not 0 < self.t_min <= 1:
+            raise ValueError("full_mask_prob must be in [0, 1] and t_min in (0, 1]")
+
+
+@dataclass
+class Sequence:
+    ids: list[int]
+    prompt_len: int
+    greedy: bool
+
+
+def load_sequences(data_dir: str | os.PathLike, max_len: int, heldout_mod: int) -> tuple[list[Sequence], list[Sequence]]:
+    """(train, held-out) sequences from distillation shards; held out by prompt-id hash."""
+    train, held = [], []
+    for r in read_shards(data_dir):
+        if not r["response_ids"]:
+            continue
+        seq = Sequence((r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0)
+        if seq.prompt_len >= len(seq.ids) - 1:
+            continue
+        bucket = int(hashlib.sha1(r["prompt_id"].encode()).hexdigest()[:8], 16) % heldout_mod
+        (held if bucket == 0 else train).append(seq)
+    if not train:
+        raise ValueError(f"no training sequences found in {data_dir}")
+    return train, held
+
+
+def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -> torch.Tensor:
+    """The ``size`` most frequent response tokens (plus ``always``), sorted target ids."""
+    counts = Counter(t for s in sequences for t in s.ids[s.prompt_len:])
+    chosen = set(always) | {t for t, _ in counts.most_common(max(0, size - len(always)))}
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def target_features(target: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+    """Hidden states of ``layer_ids`` for a right-padded batch (N, T) -> (N, T, n * H)."""
+    with torch.no_grad():
+        out = target.model(input_ids=ids, attention_mask=attention, output_hidden_states=True, use_cache=False)
+    return torch.cat([out.hidden_states[i] for i in layer_ids], dim=-1)
+
+
+class BlockBatch:
+    """Anchored, noised blocks of a batch of sequences, ready for one training forward."""
+
+    def __init__(self, seqs: list[Sequence], cfg: TrainConfig, vocab_map: torch.Tensor, rng: random.Random, noised: bool = True,
+                 anchors: list[list[int]] | None = None) -> None:
+        n, B, A = len(seqs), cfg.block_size, cfg.anchors_per_seq
+        width = max(len(s.ids) for s in seqs)
+        self.ids = torch.zeros((n, width), dtype=torch.long)
+        self.attention = torch.zeros((n, width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.ids[i, : len(s.ids)] = torch.tensor(s.ids)
+            self.attention[i, : len(s.ids)] = 1
+        if anchors is None:
+            anchors = []
+            for s in seqs:
+                choices = list(range(s.prompt_len - 1, len(s.ids) - 1))
+                picks = rng.sample(choices, min(A, len(choices)))
+                anchors.append(picks + [picks[-1]] * (A - len(picks)))  # pad by repeating (weight dropped below)
+        a = torch.tensor(anchors)  # (N, A)
+        A = a.shape[1]
+        offsets = torch.arange(B)  # (B,)
+        pos = a.unsqueeze(-1) + offsets  # (N, A, B) absolute positions
+        valid = pos < self.attention.sum(1).view(n, 1, 1)
+        gathered = self.ids.gather(1, pos.clamp(max=width - 1).view(n, -1)).view(n, A, B)
+        self.anchor = a
+        self.positions = pos.view(n, A * B)
+        self.first_tokens = gathered[:, :, 0]  # (N, A)
+        labels = gathered[:, :, 1:]  # (N, A, B-1)
+        label_valid = valid[:, :, 1:]
+        draft_labels = vocab_map[labels]  # -1 where outside the draft vocabulary
+        # noise: which body positions are masked
+        if noised:
+            full = torch.rand((n, A, 1)) < cfg.full_mask_prob
+            t = cfg.t_min + (1 - cfg.t_min) * torch.rand((n, A, 1))
+            masked = full | (torch.rand((n, A, B - 1)) < t)
+        else:
+            masked = torch.ones((n, A, B - 1), dtype=torch.bool)
+        dup = torch.zeros((n, A), dtype=torch.bool)
+        for i, row in enumerate(anchors):
+            seen = set()
+            for j, x in enumerate(row):
+                dup[i, j] = x in seen
+                seen.add(x)
+        self.masked = masked
+        self.body_tokens = labels
+        self.labels = draft_labels
+        self.loss_mask = masked & label_valid & (draft_labels >= 0) & ~dup.unsqueeze(-1)
+        self.true_labels = labels
+        self.label_valid = label_valid & ~dup.unsqueeze(-1)
+
+    def attention_mask(self, width: int, block: int) -> torch.Tensor:
+        """(N, 1, A*B, T + A*B) bool: a block sees context keys before its anchor, and its own block."""
+        n, A = self.anchor.shape
+        ctx = torch.arange(width).view(1, 1, 1, width) < self.anchor.view(n, A, 1, 1)  # (N, A, 1, T)
+        ctx = ctx & self.attention.bool().view(n, 1, 1, width)
+        ctx = ctx.expand(n, A, block, width).reshape(n, A * block, width)
+        blk = torch.block_diag(*[torch.ones(block, block, dtype=torch.bool)] * A).expand(n, -1, -1)
+        return torch.cat([ctx, blk], dim=-1).unsqueeze(1)
+
+
+def block_logits(model: BlockDiffusionModel, batch: BlockBatch, features: torch.Tensor, embed: torch.nn.Module,
+                 head: torch.Tensor, block: int) -> torch.Tensor:
+    """Logits over the draft vocabulary for every block body position: (N, A, B-1, V_draft)."""
+    n, A = batch.anchor.shape
+    width = features.shape[1]
+    dev = features.device
+    fused = model.fuse_context(features)
+    ctx_kv = model.context_kv(fused, torch.arange(width, device=dev).unsqueeze(0))
+    first = embed(batch.first_tokens.to(dev)).unsqueeze(2)  # (N, A, 1, H)
+    body = torch.where(batch.masked.to(dev).unsqueeze(-1), model.mask_embedding.to(first.dtype),
+                       embed(batch.body_tokens.to(dev)))  # (N, A, B-1, H)
+    x = torch.cat([first, body], dim=2).view(n, A * block, -1)  # (N, A*B, H)
+    mask = batch.attention_mask(width, block).to(dev)
+    hidden = model.block_hidden(x, ctx_kv, batch.positions.to(dev), mask).view(n, A, block, -1)
+    return hidden[:, :, 1:] @ head.T
+
+
+def weighted_loss(logits: torch.Tensor, batch: BlockBatch, gamma: float) -> torch.Tensor:
+    n, A, L, V = logits.shape
+    dev = logits.device
+    ce = F.cross_entropy(logits.reshape(-1, V).float(), batch.labels.to(dev).clamp_min(0).reshape(-1), reduction="none").view(n, A, L)
+    w = torch.exp(-torch.arange(L, device=dev, dtype=torch.float32) / gamma).view(1, 1, L) * batch.loss_mask.to(dev)
+    return (ce * w).sum() / w.sum().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head: torch.Tensor, vocab: torch.Tensor,
+                layer_ids: list[int], anchors: int = 24) -> float:
+    """Greedy tau the drafter would reach with one denoising step and a full block, measured on
+    held-out greedy sequences (which are the target's own greedy continuations): 1 + mean number
+    of leading drafted tokens equal to the continuation."""
+    model.eval()
+    rng = random.Random(1234)
+    seqs = [s for s in sequences if s.greedy][: cfg.eval_sequences]
+    if not seqs:
+        return float("nan")
+    accepted = []
+    vocab_map = torch.full((cfg_vocab(target),), -1, dtype=torch.long)
+    vocab_map[vocab] = torch.arange(len(vocab))
+    ecfg = TrainConfig(**{**asdict(cfg), "anchors_per_seq": anchors})
+    for i in range(0, len(seqs), cfg.batch_size):
+        chunk = seqs[i: i + cfg.batch_size]
+        batch = BlockBatch(chunk, ecfg, vocab_map, rng, noised=False)
+        feats = target_features(target, batch.ids.to(target.device), batch.attention.to(target.device), layer_ids)
+        logits = block_logits(model, batch, feats, target.get_input_embeddings(), head, cfg.block_size)
+        pred = vocab.to(logits.device)[logits.argmax(-1)]  # (N, A, L) target ids
+        match = (pred.cpu() == batch.true_labels) & batch.label_valid
+        full_valid = batch.label_valid.all(-1)  # only blocks with a full continuation
+        n_acc = match.long().cumprod(-1).sum(-1)
+        accepted += n_acc[full_valid].tolist()
+    model.train()
+    return 1.0 + sum(accepted) / max(1, len(accepted))
+
+
+def cfg_vocab(target: PreTrainedModel) -> int:
+    return int(target.get_output_embeddings().weight.shape[0])
+
+
+def _save_checkpoint(out: Path, name: str, model: BlockDiffusionModel, extra: dict | None = None, optimizer=None, scheduler=None) -> None:
+    """Write ``out/name`` atomically (temporary directory + rename)."""
+    tmp = out / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    drafter = BlockDiffusionDrafter(model)
+    drafter.save_pretrained(tmp)
+    model.train()
+    model.requires_grad_(True)
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(extra or {})}, tmp / "trainer_state.pt")
+    final = out / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def train_block_diffusion(
+    target: PreTrainedModel,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    eos_token_id: int | None = None,
+    accelerator=None,
+    time_budget_s: float | None = None,
+) -> Path:
+    """Train (or resume training) a block-diffusion drafter for ``target``; returns the best checkpoint's path."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed + acc.process_index)
+    torch.manual_seed(cfg.seed)
+    train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
+    resume = out / "checkpoint"
+    if (resume / "config.json").is_file():
+        model = BlockDiffusionModel.from_pretrained(resume)
+        vocab = model.draft_vocab.clone()
+    else:
+        vocab = build_draft_vocab(train, cfg.draft_vocab_size, [eos_token_id] if eos_token_id is not None else [])
+        mcfg = BlockDiffusionConfig.for_target(target, num_layers=cfg.num_layers, num_target_layers=cfg.num_target_layers,
+                                               block_size=cfg.block_size, draft_vocab_size=len(vocab), loss_decay_gamma=cfg.gamma)
+        model = BlockDiffusionModel(mcfg)
+        model.draft_vocab.copy_(vocab)
+        if cfg.init_from_target:
+            model.init_from_target(target)
+    model.to(dtype=torch.float32).train()
+    layer_ids = list(model.config.target_layer_ids)
+    head = target.get_output_embeddings().weight[vocab].detach()
+    embed = target.get_input_embeddings()
+    vocab_map = torch.full((cfg_vocab(target),), -1, dtype=torch.long)
+    vocab_map[vocab] = torch.arange(len(vocab))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_lambda(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    state = {"step": 0, "best_tau": 0.0, "bad_evals": 0, "tokens": 0}
+    if (resume / "trainer_state.pt").is_file():
+        saved = torch.load(resume / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.update({k: saved[k] for k in state if k in saved})
+    model, optimizer = acc.prepare(model, optimizer)
+    raw = acc.unwrap_model(model)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = out / "train_log.jsonl"
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train drafter", disable=not acc.is_main_process)
+    order: list[int] = []
+    while state["step"] < cfg.max_steps and state["bad_evals"] < cfg.patience:
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            break
+        if len(order) < cfg.batch_size * acc.num_processes:
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            order.sort(key=lambda i: len(train[i].ids) // 64)  # bucket by length, shuffled within buckets
+            chunks = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            rng.shuffle(chunks)
+            order = [i for c in chunks for i in c]
+        take = order[: cfg.batch_size * acc.num_processes]
+        order = order[len(take):]
+        seqs = [train[i] for i in take[acc.process_index:: acc.num_processes]]
+        batch = BlockBatch(seqs, cfg, vocab_map, rng)
+        feats = target_features(target, batch.ids.to(target.device), batch.attention.to(target.device), layer_ids)
+        logits = block_logits(raw, batch, feats.to(acc.device), embed, head, cfg.block_size)
+        loss = weighted_loss(logits, batch, cfg.gamma)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += int(batch.attention.sum()) * acc.num_processes
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        record = {"step": state["step"], "loss": loss.item(), "tokens": state["tokens"], "time_s": time.perf_counter() - start}
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
+            if acc.is_main_process:
+                tau = offline_tau(raw, target, held, cfg, head, vocab, layer_ids)
+                record["heldout_tau"] = tau
+                if tau > state["best_tau"]:
+                    state["best_tau"], state["bad_evals"] = tau, 0
+                    _save_checkpoint(out, "best", raw)
+                else:
+                    state["bad_evals"] += 1
+                bar.write(f"step {state['step']}: held-out offline tau {tau:.3f} (best {state['best_tau']:.3f})")
+            state["bad_evals"] = int(acc.gather(torch.tensor([state["bad_evals"]], device=acc.device)).max()) if acc.num_processes > 1 else state["bad_evals"]
+        if acc.is_main_process:
+            with open(log, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if state["step"] % cfg.checkpoint_every == 0:
+                _save_checkpoint(out, "checkpoint", raw, state, optimizer, scheduler)
+    if acc.is_main_process:
+        _save_checkpoint(out, "checkpoint", raw, state, optimizer, scheduler)
+        if not (out / "best" / "config.json").is_file():
+            _save_checkpoint(out, "best", raw)
+    acc.wait_for_everyone()
+    bar.close()
+    return out / "best"

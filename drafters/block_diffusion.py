@@ -1,0 +1,348 @@
+"""Target-conditioned block-diffusion drafter (DFlash-style; arXiv 2602.06036).
+
+A few decoder layers, bidirectional inside the block, conditioned on the target's hidden states:
+the states of several target layers spread over depth are concatenated, fused by Linear + RMSNorm,
+then projected by each drafter layer's own k/v projections and prepended to that layer's keys and
+values ("KV injection"). Queries come only from the block ``[last committed token, MASK x (B-1)]``.
+The drafter owns no token embedding or LM head: it uses the target's frozen ones (optionally only
+the rows of a reduced draft vocabulary, mapped back to target ids). Masked positions get a learned
+mask embedding, so no token id is reserved for the mask.
+
+Denoising runs in S steps with an :class:`drafters.schedulers.UnmaskingScheduler`; see that
+module for which q is returned and why it keeps speculative sampling exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from drafters.base import Drafter, DraftProposal, target_vocab_size
+from drafters.denoise import denoise_block
+from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler, UnmaskingScheduler
+from verify.sampling import SamplingParams
+
+
+class BlockDiffusionConfig(PretrainedConfig):
+    """Architecture of the drafter and the target it was built for (checked on ``bind``)."""
+
+    model_type = "dllm_block_diffusion"
+
+    def __init__(
+        self,
+        hidden_size: int = 576,
+        intermediate_size: int = 1536,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 9,
+        num_key_value_heads: int = 3,
+        head_dim: int = 64,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 100000.0,
+        block_size: int = 16,
+        target_layer_ids: tuple[int, ...] | list[int] = (2, 8, 14, 20, 27),
+        target_hidden_size: int = 576,
+        target_vocab_size: int = 49152,
+        target_num_layers: int = 30,
+        draft_vocab_size: int = 0,
+        loss_decay_gamma: float = 7.0,
+        num_inference_steps: int = 1,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.block_size = block_size
+        self.target_layer_ids = list(target_layer_ids)
+        self.target_hidden_size = target_hidden_size
+        self.target_vocab_size = target_vocab_size
+        self.target_num_layers = target_num_layers
+        self.draft_vocab_size = draft_vocab_size
+        self.loss_decay_gamma = loss_decay_gamma
+        self.num_inference_steps = num_inference_steps
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (the last committed token plus at least one mask), got {block_size}")
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not self.target_layer_ids or min(self.target_layer_ids) < 0 or max(self.target_layer_ids) > target_num_layers:
+            raise ValueError(f"target_layer_ids must index hidden_states 0..{target_num_layers}, got {self.target_layer_ids}")
+
+    @classmethod
+    def for_target(cls, target: PreTrainedModel, num_layers: int = 2, num_target_layers: int = 5, **kwargs) -> "BlockDiffusionConfig":
+        """A drafter shaped like the target's own layers, conditioned on ``num_target_layers`` target
+        layers spread evenly over 1..L-3 (DFlash)."""
+        tc = target.config
+        total = tc.num_hidden_layers
+        hi = max(1, total - 3)
+        ids = sorted({round(1 + i * (hi - 1) / max(1, num_target_layers - 1)) for i in range(num_target_layers)})
+        rope = getattr(tc, "rope_theta", None) or (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        return cls(
+            hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=num_layers,
+            num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+            rms_norm_eps=tc.rms_norm_eps, rope_theta=float(rope), target_layer_ids=ids, target_hidden_size=tc.hidden_size,
+            target_vocab_size=target_vocab_size(target), target_num_layers=total, **kwargs,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer positions (..., T) -> (..., T, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float().unsqueeze(-1) * inv_freq  # (..., T, head_dim/2)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, hd); cos/sin (B or 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1).to(x.dtype) + rotated * sin.unsqueeze(1).to(x.dtype)
+
+
+class DrafterLayer(nn.Module):
+    """Pre-norm decoder layer whose attention sees injected context keys/values plus the block."""
+
+    def __init__(self, cfg: BlockDiffusionConfig) -> None:
+        super().__init__()
+        h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.input_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(h, nh * hd, bias=False)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of (already normalised) states x (B, T, H) -> (B, nkv, T, hd) each."""
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        return apply_rotary(k, cos, sin), v
+
+    def forward(self, x, ctx_k, ctx_v, cos, sin, mask) -> torch.Tensor:
+        """x (B, L, H) block states; ctx_k/ctx_v (B, nkv, T, hd); mask (B|1, 1, L, T+L) bool or None."""
+        b, length, _ = x.shape
+        h = self.input_norm(x)
+        q = apply_rotary(self.q_proj(h).view(b, length, self.nh, self.hd).transpose(1, 2), cos, sin)
+        k, v = self.kv(h, cos, sin)
+        keys = torch.cat([ctx_k, k], dim=2)  # (B, nkv, T+L, hd)
+        values = torch.cat([ctx_v, v], dim=2)
+        rep = self.nh // self.nkv
+        keys = keys.repeat_interleave(rep, dim=1)  # (B, nh, T+L, hd)
+        values = values.repeat_interleave(rep, dim=1)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, L, hd)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, length, self.nh * self.hd))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class BlockDiffusionModel(PreTrainedModel):
+    """The drafter's own weights (the target's embedding and LM head are passed in, never stored)."""
+
+    config_class = BlockDiffusionConfig
+    base_model_prefix = "drafter"
+    _no_split_modules = ["DrafterLayer"]
+
+    def __init__(self, config: BlockDiffusionConfig) -> None:
+        super().__init__(config)
+        n_feat = len(config.target_layer_ids) * config.target_hidden_size
+        self.fuse = nn.Linear(n_feat, config.hidden_size, bias=False)
+        self.fuse_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        # target ids of the draft vocabulary (empty: the full target vocabulary)
+        self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long), persistent=True)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, BlockDiffusionModel):
+            nn.init.normal_(module.mask_embedding, std=0.02)
+
+    def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features (B, T, n_layers * H_target) -> fused context states (B, T, H)."""
+        return self.fuse_norm(self.fuse(features.to(self.fuse.weight.dtype)))
+
+    def context_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) of fused context states at ``positions`` (B|1, T)."""
+        cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
+        return [layer.kv(fused, cos, sin) for layer in self.layers]
+
+    def block_hidden(self, x: torch.Tensor, ctx_kv, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the layers on block states x (B, L, H) at ``positions`` (B|1, L); returns normed states."""
+        cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x = layer(x, k, v, cos, sin, mask)
+        return self.norm(x)
+
+    def init_from_target(self, target: PreTrainedModel) -> None:
+        """Copy the target's last decoder layers and final norm into the drafter (a cheap, useful start)."""
+        src_layers = list(target.model.layers)[-len(self.layers):]
+        names = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm", "q_proj": "self_attn.q_proj",
+                 "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
+                 "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+        with torch.no_grad():
+            for mine, theirs in zip(self.layers, src_layers):
+                for a, b in names.items():
+                    src = theirs.get_submodule(b).weight
+                    dst = mine.get_submodule(a).weight
+                    if src.shape != dst.shape:
+                        raise ValueError(f"cannot initialise {a} from the target: shapes {tuple(src.shape)} vs {tuple(dst.shape)}")
+                    dst.copy_(src)
+            self.norm.weight.copy_(target.model.norm.weight)
+
+
+class BlockDiffusionDrafter(Drafter):
+    """Drafter protocol around :class:`BlockDiffusionModel`.
+
+    Args:
+        model: the drafter weights.
+        scheduler: unmasking strategy; default confidence order with ``config.num_inference_steps`` steps.
+        num_inference_steps: S (overrides the config's default).
+    """
+
+    def __init__(self, model: BlockDiffusionModel, scheduler: UnmaskingScheduler | None = None, num_inference_steps: int | None = None) -> None:
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.config: BlockDiffusionConfig = model.config
+        steps = num_inference_steps or self.config.num_inference_steps
+        self.scheduler = scheduler or ConfidenceUnmaskingScheduler(num_inference_steps=steps)
+        self.target_layer_ids = tuple(self.config.target_layer_ids)
+        self.name = f"block-diffusion-s{steps}"
+        self._embed: nn.Module | None = None
+        self._head: torch.Tensor | None = None  # (V_draft, H) rows of the target's LM head
+        self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._ctx_len = 0
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, num_inference_steps: int | None = None, **kwargs) -> "BlockDiffusionDrafter":
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"no block-diffusion drafter checkpoint at {p} (config.json missing)")
+        model = BlockDiffusionModel.from_pretrained(p, **kwargs)
+        scheduler = None
+        if (p / UnmaskingScheduler.config_name).is_file():
+            cfg = UnmaskingScheduler.load_config(p)
+            cls_name = cfg.get("_class_name", "ConfidenceUnmaskingScheduler")
+            sched_cls = {"LeftToRightUnmaskingScheduler": LeftToRightUnmaskingScheduler}.get(cls_name, ConfidenceUnmaskingScheduler)
+            scheduler = sched_cls.from_config(cfg)
+            if num_inference_steps:
+                scheduler.register_to_config(num_inference_steps=num_inference_steps)
+        return cls(model, scheduler, num_inference_steps or (scheduler.config.num_inference_steps if scheduler else None))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.model.save_pretrained(path)
+        self.scheduler.save_pretrained(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.target_vocab_size)
+
+    @property
+    def steps(self) -> int:
+        return int(self.scheduler.config.num_inference_steps)
+
+    def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        cfg, tc = self.config, target.config
+        problems = []
+        if cfg.target_hidden_size != tc.hidden_size:
+            problems.append(f"hidden size {cfg.target_hidden_size} vs the target's {tc.hidden_size}")
+        if cfg.target_num_layers != tc.num_hidden_layers:
+            problems.append(f"{cfg.target_num_layers} target layers vs the target's {tc.num_hidden_layers} (layer ids {cfg.target_layer_ids})")
+        if cfg.target_vocab_size != target_vocab_size(target):
+            problems.append(f"vocabulary {cfg.target_vocab_size} vs the target's {target_vocab_size(target)}")
+        if cfg.hidden_size != target.get_input_embeddings().weight.shape[1]:
+            problems.append(f"drafter hidden size {cfg.hidden_size} differs from the target's embedding width")
+        if problems:
+            raise ValueError("this block-diffusion drafter was trained for another target: " + "; ".join(problems))
+        self.model.to(device=target.device, dtype=target.dtype)
+        self._embed = target.get_input_embeddings()
+        head = target.get_output_embeddings().weight
+        vocab = self.model.draft_vocab
+        self._head = head[vocab] if vocab.numel() else head
+
+    # ---- sequence state -----------------------------------------------------------------------
+    def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        cfg = self.config
+        empty = torch.zeros((input_ids.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim), device=input_ids.device,
+                            dtype=self.model.fuse.weight.dtype)
+        self._ctx_kv = [(empty, empty) for _ in range(cfg.num_hidden_layers)]
+        self._ctx_len = 0
+        if features is not None and features.shape[1] > 0:
+            self._extend(features)
+
+    def commit(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        if features is not None and features.shape[1] > 0:
+            self._extend(features)
+
+    @torch.inference_mode()
+    def _extend(self, features: torch.Tensor) -> None:
+        """Append the projected keys/values of newly cached target positions to the context cache.
+        Only committed positions ever arrive here, so rejection needs no crop."""
+        t = features.shape[1]
+        positions = torch.arange(self._ctx_len, self._ctx_len + t, device=features.device).unsqueeze(0)
+        new = self.model.context_kv(self.model.fuse_context(features), positions)
+        self._ctx_kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(self._ctx_kv, new)]
+        self._ctx_len += t
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Block states (B, L, H) -> logits over the full target vocabulary (B, L, V); ids outside the
+        draft vocabulary get -inf."""
+        small = hidden @ self._head.T  # (B, L, V_draft)
+        vocab = self.model.draft_vocab
+        if not vocab.numel():
+            return small.float()
+        full = torch.full((*small.shape[:2], self.config.target_vocab_size), float("-inf"), device=small.device)
+        return full.index_copy(2, vocab, small.float())
+
+    @torch.inference_mode()
+    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
+        if max_tokens <= 0 or self._embed is None:
+            return DraftProposal.empty(input_ids.shape[0], input_ids.device)
+        if self._ctx_kv is None:
+            raise RuntimeError("propose() before begin(): the drafter has no target context")
+        batch = input_ids.shape[0]
+        length = self.config.block_size - 1  # always draft the trained block; the policy truncates what is verified
+        start = input_ids.shape[1] - 1  # position of the last committed token
+        positions = torch.arange(start, start + length + 1, device=input_ids.device).unsqueeze(0)
+        first = self._embed(input_ids[:, -1:])  # (B, 1, H)
+        mask_vec = self.model.mask_embedding.to(first.dtype)
+
+        def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+            body = torch.where(masked.unsqueeze(-1), mask_vec.expand(batch, length, -1), self._embed(tokens))
+            hidden = self.model.block_hidden(torch.cat([first, body], 1), self._ctx_kv, positions, None)
+            return self._logits(hidden[:, 1:])  # (B, L, V): block position j predicts token start + j
+
+        return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator, batch, input_ids.device, max_tokens)

@@ -1,0 +1,48 @@
+"""The few-step denoising loop shared by the masked-diffusion drafters: fill a block of masked
+positions in S scheduler steps and return the proposal with the q each token was drawn from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from drafters.base import DraftProposal
+from drafters.schedulers import UnmaskingScheduler
+from verify.sampling import SamplingParams
+
+#: (tokens (B, L), masked (B, L)) -> logits (B, L, V) over the target vocabulary
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def denoise_block(
+    scheduler: UnmaskingScheduler,
+    steps: int,
+    length: int,
+    logits_fn: LogitsFn,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+    batch: int,
+    device: torch.device,
+    max_tokens: int,
+) -> DraftProposal:
+    """Denoise ``length`` masked positions in ``steps`` steps; propose the first ``max_tokens``.
+
+    q is returned only when it is exact (temperature > 0 and S = 1 or left-to-right unmasking: see
+    :mod:`drafters.schedulers`); otherwise the draft is deterministic (argmax) and q is None.
+    """
+    exact_q = scheduler.left_to_right or steps == 1
+    scheduler.set_timesteps(steps, length)
+    tokens = torch.zeros((batch, length), dtype=torch.long, device=device)
+    masked = torch.ones((batch, length), dtype=torch.bool, device=device)
+    confidence = torch.zeros((batch, length), device=device)
+    q = None
+    for step in range(scheduler.num_inference_steps):
+        logits = logits_fn(tokens, masked)
+        out = scheduler.step(logits, step, tokens, masked, sampling, generator, deterministic=not exact_q)
+        confidence = torch.where(out.committed, out.confidence, confidence)
+        if not sampling.greedy and exact_q:
+            q = out.probs if q is None else torch.where(out.committed.unsqueeze(-1), out.probs, q)
+        tokens, masked = out.tokens, out.masked
+    n = min(max_tokens, length)
+    return DraftProposal(tokens[:, :n], None if q is None else q[:, :n], confidence[:, :n], forwards=scheduler.num_inference_steps)

@@ -1,0 +1,85 @@
+"""Standalone masked-diffusion drafter (SpecDiff / DiffuSpec style): a masked-diffusion language
+model that shares the target's tokenizer drafts by appending a block of mask tokens to the
+context (or a trailing window of it) and denoising it in S steps with the same unmasking
+schedulers as the block-diffusion drafter."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from drafters.base import Drafter, DraftProposal, check_vocab_compatible, target_vocab_size
+from drafters.denoise import denoise_block
+from drafters.schedulers import ConfidenceUnmaskingScheduler, UnmaskingScheduler
+from verify.sampling import SamplingParams
+
+
+class MaskedDiffusionDrafter(Drafter):
+    """Drafts with any model mapping ids (with mask tokens) to logits over the target's vocabulary.
+
+    Args:
+        model: a bidirectional masked LM (``model(input_ids=...).logits`` of shape (B, T, V)).
+        mask_token_id: the id the model was trained to read as "masked" (from its tokenizer or
+            config, never guessed); it is never proposed.
+        block_size: tokens drafted per cycle.
+        num_inference_steps: denoising steps S.
+        window: how many trailing context tokens the model sees.
+        scheduler: unmasking strategy (default: confidence order).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        mask_token_id: int,
+        block_size: int = 8,
+        num_inference_steps: int = 2,
+        window: int = 256,
+        scheduler: UnmaskingScheduler | None = None,
+        name: str | None = None,
+    ) -> None:
+        if block_size < 1 or window < 1:
+            raise ValueError(f"block_size and window must be >= 1, got {block_size}, {window}")
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.mask_token_id = int(mask_token_id)
+        self.block_size = block_size
+        self.window = window
+        self.scheduler = scheduler or ConfidenceUnmaskingScheduler(num_inference_steps=num_inference_steps)
+        self.steps = num_inference_steps
+        self.name = name or f"mdlm-s{num_inference_steps}"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> "MaskedDiffusionDrafter":
+        """Load a masked LM and take the mask id from its tokenizer (or config)."""
+        model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(f"{name_or_path}: neither its tokenizer nor its config defines a mask token id")
+        return cls(model, mask_id, **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return target_vocab_size(self.model)
+
+    def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        check_vocab_compatible(self.vocab_size, target, self.name)
+        self.model.to(target.device)
+
+    @torch.inference_mode()
+    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
+        if max_tokens <= 0:
+            return DraftProposal.empty(input_ids.shape[0], input_ids.device)
+        context = input_ids[:, -self.window:]
+        length = min(self.block_size, max_tokens)
+
+        def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+            block = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
+            logits = self.model(input_ids=torch.cat([context, block], dim=1)).logits[:, -length:].float()  # (B, L, V)
+            logits[..., self.mask_token_id] = float("-inf")
+            return logits
+
+        return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator,
+                             input_ids.shape[0], input_ids.device, max_tokens)

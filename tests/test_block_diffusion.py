@@ -1,0 +1,186 @@
+"""Block-diffusion drafter: the drafter contract, greedy exactness and sampling losslessness through
+the loop, save/load round trip, errors for a drafter trained for another target, the unmasking
+schedulers, and a training smoke test."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import pytest
+import torch
+
+from dllm_spec import DiffusionSpeculator
+from dllm_spec.policy import CostAwarePolicy, FixedLength
+from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
+from tests.conftest import VOCAB, tiny_llama
+from verify.sampling import SamplingParams
+
+
+def make_drafter(target, steps=1, scheduler=None, draft_vocab=0, seed=0):
+    torch.manual_seed(seed)
+    cfg = BlockDiffusionConfig.for_target(target, num_layers=1, num_target_layers=2, block_size=6,
+                                          draft_vocab_size=draft_vocab, num_inference_steps=steps)
+    model = BlockDiffusionModel(cfg)
+    if draft_vocab:
+        model.draft_vocab.copy_(torch.arange(0, 2 * draft_vocab, 2))
+    drafter = BlockDiffusionDrafter(model, scheduler, num_inference_steps=steps)
+    return drafter
+
+
+@pytest.mark.parametrize("steps,vocab", [(1, 0), (3, 0), (2, 12)])
+def test_greedy_output_equals_plain_greedy_with_block_diffusion(target, steps, vocab):
+    drafter = make_drafter(target, steps, draft_vocab=vocab)
+    for policy in (FixedLength(5), CostAwarePolicy(max_k=5)):
+        spec = DiffusionSpeculator(target, None, drafter, policy=policy)
+        prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
+        ref = target.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=1)[0, 8:]
+        out = spec.generate(prompt, max_new_tokens=30)
+        assert out.token_ids[0].tolist() == ref.tolist()
+
+
+def test_drafter_contract(target):
+    """Shapes, ids inside the vocabulary (no mask id), committed prefix untouched, determinism."""
+    for drafter in (make_drafter(target, 1), make_drafter(target, 3), make_drafter(target, 2, draft_vocab=12)):
+        spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5))
+        from verify.verifier import Verifier
+
+        verifier = Verifier(target, drafter.target_layer_ids)
+        ids = torch.tensor([[0, 3, 4, 5, 6]])
+        drafter.begin(ids, verifier.prefill(ids))
+        before = ids.clone()
+        for sampling in (SamplingParams(), SamplingParams(1.0)):
+            a = drafter.propose(ids, 4, sampling, torch.Generator().manual_seed(0))
+            b = drafter.propose(ids, 4, sampling, torch.Generator().manual_seed(0))
+            assert a.tokens.shape == (1, 4) and a.confidence.shape == (1, 4)
+            assert torch.equal(a.tokens, b.tokens)
+            assert int(a.tokens.min()) >= 0 and int(a.tokens.max()) < VOCAB
+            if drafter.model.draft_vocab.numel():
+                assert set(a.tokens.flatten().tolist()) <= set(drafter.model.draft_vocab.tolist())
+            if a.q is not None:
+                assert a.q.shape == (1, 4, VOCAB) and torch.allclose(a.q.sum(-1), torch.ones(1, 4))
+        assert torch.equal(ids, before)
+        assert spec.drafter is drafter
+
+
+def test_save_load_round_trip_gives_identical_drafts(target, tmp_path):
+    drafter = make_drafter(target, 2, scheduler=LeftToRightUnmaskingScheduler(num_inference_steps=2), draft_vocab=12)
+    DiffusionSpeculator(target, None, drafter)
+    drafter.save_pretrained(tmp_path / "d")
+    loaded = BlockDiffusionDrafter.from_pretrained(tmp_path / "d")
+    assert isinstance(loaded.scheduler, LeftToRightUnmaskingScheduler) and loaded.steps == 2
+    a = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5)).generate(torch.tensor([[0, 4, 8]]), max_new_tokens=12, temperature=1.0, seed=3)
+    b = DiffusionSpeculator(target, None, loaded, policy=FixedLength(5)).generate(torch.tensor([[0, 4, 8]]), max_new_tokens=12, temperature=1.0, seed=3)
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert a.stats.accepted_per_position == b.stats.accepted_per_position
+
+
+def test_drafter_for_another_target_is_rejected(target, tmp_path):
+    other = tiny_llama(9, vocab=VOCAB, layers=3)
+    drafter = make_drafter(other, 1)
+    with pytest.raises(ValueError, match="trained for another target"):
+        DiffusionSpeculator(target, None, drafter)
+    wide = tiny_llama(9, vocab=VOCAB + 8)
+    with pytest.raises(ValueError, match="vocabulary"):
+        DiffusionSpeculator(target, None, make_drafter(wide, 1))
+    with pytest.raises(FileNotFoundError, match="no block-diffusion drafter checkpoint"):
+        BlockDiffusionDrafter.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("steps,scheduler", [(1, None), (3, LeftToRightUnmaskingScheduler(num_inference_steps=3)),
+                                             (3, ConfidenceUnmaskingScheduler(num_inference_steps=3))])
+def test_sampling_with_block_diffusion_keeps_target_distribution(steps, scheduler):
+    vocab = 6
+    target = tiny_llama(3, vocab=vocab, hidden=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.15)
+    drafter = make_drafter(target, steps, scheduler=scheduler)
+    spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(3))
+    prompt = torch.tensor([[0, 2, 3]])
+    with torch.no_grad():
+        p1 = target(prompt).logits[0, -1].softmax(-1)
+        exact = torch.stack([p1[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1) for a in range(vocab)]).flatten()
+    n = 1500
+    counts = torch.zeros(vocab * vocab)
+    for seed in range(n):
+        ids = spec.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed).token_ids[0]
+        counts[ids[0] * vocab + ids[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert tv < 0.1, f"TV {tv:.3f}"
+
+
+def test_scheduler_commits_every_position_within_its_steps():
+    for cls in (ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler):
+        s = cls(num_inference_steps=3)
+        s.set_timesteps(3, 7)
+        assert s.counts == [3, 2, 2]
+        tokens = torch.zeros((1, 7), dtype=torch.long)
+        masked = torch.ones((1, 7), dtype=torch.bool)
+        logits = torch.randn(1, 7, 11, generator=torch.Generator().manual_seed(0))
+        order = []
+        for step in range(3):
+            out = s.step(logits, step, tokens, masked, SamplingParams())
+            order.append(out.committed[0].nonzero().flatten().tolist())
+            tokens, masked = out.tokens, out.masked
+        assert not masked.any() and torch.equal(tokens, logits.argmax(-1))
+        if cls is LeftToRightUnmaskingScheduler:
+            assert order == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ConfidenceUnmaskingScheduler(num_inference_steps=0)
+
+
+def _fake_distill(path, target, n=24, seed=0):
+    """Greedy continuations of the tiny target, written as a distillation shard."""
+    rng = random.Random(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path / "shard-00000.jsonl.gz", "wt") as fh:
+        for i in range(n):
+            prompt = [0] + [rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 8))]
+            out = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=1)[0, len(prompt):].tolist()
+            fh.write(json.dumps({"prompt_id": f"p{i}", "category": "x", "variant": 0, "temperature": 0.0,
+                                 "prompt_ids": prompt, "response_ids": out}) + "\n")
+
+
+def test_training_lowers_the_loss_and_resumes(target, tmp_path):
+    from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
+
+    _fake_distill(tmp_path / "data", target)
+    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=6, batch_size=4,
+                      max_steps=40, warmup_steps=5, eval_every=20, checkpoint_every=10, eval_sequences=8, heldout_mod=6, lr=3e-3)
+    best = train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < first * 0.8, (first, last)
+    assert any("heldout_tau" in r for r in log)
+    drafter = BlockDiffusionDrafter.from_pretrained(best)
+    DiffusionSpeculator(target, None, drafter)  # loads and binds
+    # resume: a longer budget continues from the saved step instead of starting over
+    cfg2 = TrainConfig(**{**cfg.__dict__, "max_steps": 45})
+    train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg2)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 45 and steps.count(41) == 1
+
+
+# ---- standalone masked-diffusion drafter ------------------------------------------------------------
+def tiny_mdlm(vocab: int = VOCAB, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=512)
+    return BertForMaskedLM(cfg).eval()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_greedy_output_equals_plain_greedy_with_masked_diffusion(target, steps):
+    from drafters import MaskedDiffusionDrafter
+
+    drafter = MaskedDiffusionDrafter(tiny_mdlm(), mask_token_id=VOCAB - 1, block_size=5, num_inference_steps=steps)
+    spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5))
+    prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
+    ref = target.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=1)[0, 8:]
+    assert spec.generate(prompt, max_new_tokens=25).token_ids[0].tolist() == ref.tolist()
+    proposal = drafter.propose(prompt, 5, SamplingParams(1.0), torch.Generator().manual_seed(0))
+    assert (proposal.tokens != VOCAB - 1).all()  # never proposes the mask id
