@@ -4,11 +4,9 @@ times, are what carries between machines)."""
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -37,23 +35,9 @@ class BenchPrompt:
 
 def load_prompt_file(path: str | os.PathLike) -> list[BenchPrompt]:
     """Plain text (one prompt per line) or JSONL with ``prompt`` (and optional ``id``, ``category``)."""
-    prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
-            if not str(record.get("prompt", "")).strip():
-                raise ValueError(f"{path}:{n}: missing 'prompt'")
-            prompts.append(BenchPrompt(str(record.get("id", n)), str(record.get("category", "all")), record["prompt"]))
-        else:
-            prompts.append(BenchPrompt(str(n), "all", line))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
+    from dllm_spec.traces import read_prompts
+
+    return [BenchPrompt(p.id, p.category, p.prompt) for p in read_prompts(path)]
 
 
 def default_prompts(per_category: int = 2) -> list[BenchPrompt]:

@@ -30,10 +30,12 @@ class TracePrompt:
     id: str
     prompt: str
     system: str | None = None
+    category: str = "all"
 
 
 def read_prompts(path: str | os.PathLike) -> list[TracePrompt]:
-    """Parse a JSONL or plain-text prompt file; errors name the file and line."""
+    """Parse a JSONL (``id``, ``prompt``, optional ``system`` and ``category``) or plain-text prompt
+    file; errors name the file and line. The one prompt-file parser (bench and study use it too)."""
     prompts: list[TracePrompt] = []
     seen: dict[str, int] = {}
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -49,12 +51,13 @@ def read_prompts(path: str | os.PathLike) -> list[TracePrompt]:
                 raise ValueError(f"{path}:{n}: missing or empty 'prompt'")
             pid = str(record.get("id", n))
             system = record.get("system")
+            category = str(record.get("category", "all"))
         else:
-            pid, prompt, system = str(n), line, None
+            pid, prompt, system, category = str(n), line, None, "all"
         if pid in seen:
             raise ValueError(f"{path}:{n}: duplicate id {pid!r} (first seen on line {seen[pid]})")
         seen[pid] = n
-        prompts.append(TracePrompt(pid, prompt, system))
+        prompts.append(TracePrompt(pid, prompt, system, category))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

@@ -14,7 +14,6 @@ module for which q is returned and why it keeps speculative sampling exact.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 

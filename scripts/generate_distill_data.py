@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--shard-size", type=int, default=128, help="responses per shard (the unit lost if killed)")
     parser.add_argument("--max-shards", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, dtype=args.dtype)
     prompts = [p for p in build_prompts() if p.split == "train"]
-    config = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    config = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size)
     generate_distillation_data(model, tokenizer, prompts, args.out, config, max_shards=args.max_shards)
 
 

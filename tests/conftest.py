@@ -27,6 +27,33 @@ def tiny_llama(seed: int, vocab: int = VOCAB, layers: int = 2, hidden: int = 32,
     return model
 
 
+SAMPLING_VOCAB = 6
+
+
+def sampling_target() -> LlamaForCausalLM:
+    """A 6-token target with a soft output, so every two-token outcome has mass."""
+    model = tiny_llama(3, vocab=SAMPLING_VOCAB, hidden=16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.15)
+    return model
+
+
+def two_token_total_variation(spec, target: LlamaForCausalLM, draws: int, prompt: list[int] = (0, 2, 3)) -> float:
+    """TV distance between the empirical joint of the first two sampled tokens of ``spec`` (T = 1)
+    and the target's exact joint, enumerated."""
+    vocab = SAMPLING_VOCAB
+    ids = torch.tensor([list(prompt)])
+    with torch.no_grad():
+        p1 = target(ids).logits[0, -1].softmax(-1)
+        exact = torch.stack([p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1)
+                             for a in range(vocab)]).flatten()
+    counts = torch.zeros(vocab * vocab)
+    for seed in range(draws):
+        out = spec.generate(ids, max_new_tokens=2, temperature=1.0, seed=seed).token_ids[0]
+        counts[out[0] * vocab + out[1]] += 1
+    return float(0.5 * (counts / draws - exact).abs().sum())
+
+
 @pytest.fixture(scope="session")
 def target() -> LlamaForCausalLM:
     return tiny_llama(0)

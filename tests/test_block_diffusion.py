@@ -15,7 +15,7 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
-from tests.conftest import VOCAB, tiny_llama
+from tests.conftest import VOCAB, sampling_target, tiny_llama, two_token_total_variation
 from verify.sampling import SamplingParams
 
 
@@ -92,22 +92,9 @@ def test_drafter_for_another_target_is_rejected(target, tmp_path):
 @pytest.mark.parametrize("steps,scheduler", [(1, None), (3, LeftToRightUnmaskingScheduler(num_inference_steps=3)),
                                              (3, ConfidenceUnmaskingScheduler(num_inference_steps=3))])
 def test_sampling_with_block_diffusion_keeps_target_distribution(steps, scheduler):
-    vocab = 6
-    target = tiny_llama(3, vocab=vocab, hidden=16)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(0.15)
-    drafter = make_drafter(target, steps, scheduler=scheduler)
-    spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(3))
-    prompt = torch.tensor([[0, 2, 3]])
-    with torch.no_grad():
-        p1 = target(prompt).logits[0, -1].softmax(-1)
-        exact = torch.stack([p1[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1) for a in range(vocab)]).flatten()
-    n = 1500
-    counts = torch.zeros(vocab * vocab)
-    for seed in range(n):
-        ids = spec.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed).token_ids[0]
-        counts[ids[0] * vocab + ids[1]] += 1
-    tv = 0.5 * (counts / n - exact).abs().sum()
+    target = sampling_target()
+    spec = DiffusionSpeculator(target, None, make_drafter(target, steps, scheduler=scheduler), policy=FixedLength(3))
+    tv = two_token_total_variation(spec, target, draws=1500)
     assert tv < 0.1, f"TV {tv:.3f}"
 
 

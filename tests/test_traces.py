@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import FixedLength
