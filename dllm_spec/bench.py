@@ -20,7 +20,7 @@ BASELINE = "none"
 
 def build_variant(label: str, spec: DiffusionSpeculator, default_policy: str, max_k: int) -> DiffusionSpeculator:
     """``drafter`` or ``drafter@policy`` (e.g. ``prompt-lookup@fixed:8``, ``prompt-lookup@adaptive``)."""
-    drafter_spec, _, policy_spec = label.partition("@")
+    drafter_spec, _, policy_spec = label.partition("@")  # drafter specs never contain "@"
     drafter = build_drafter(drafter_spec, spec.target)
     policy = FixedLength(0) if drafter_spec == BASELINE else build_policy(policy_spec or default_policy, max_k)
     return DiffusionSpeculator(spec.target, spec.tokenizer, drafter, spec.config, policy=policy)

@@ -70,24 +70,6 @@ def cmd_bench(args) -> None:
         print(f"results written to {path}", file=sys.stderr)
 
 
-def cmd_train(args) -> None:
-    from dllm_spec.training.cli import main as train_main
-
-    train_main(args.rest)
-
-
-def cmd_study(args) -> None:
-    from dllm_spec.study import main as study_main
-
-    study_main(args.rest)
-
-
-def cmd_traces(args) -> None:
-    from dllm_spec.traces import main as traces_main
-
-    traces_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,20 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default=None, help="JSON results path")
     b.set_defaults(func=cmd_bench)
-    t = sub.add_parser("traces", help="generate reasoning traces from a prompt file (resumable; see dllm_spec.traces --help)",
-                       add_help=False)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(func=cmd_traces)
-    tr = sub.add_parser("train", help="train a block-diffusion drafter (see dllm-spec train --help)", add_help=False)
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
-    tr.set_defaults(func=cmd_train)
-    st = sub.add_parser("study", help="speedup study on long outputs (see dllm-spec study --help)", add_help=False)
-    st.add_argument("rest", nargs=argparse.REMAINDER)
-    st.set_defaults(func=cmd_study)
+    # listed for --help; main() hands their arguments to their own parsers
+    sub.add_parser("traces", help="generate reasoning traces from a prompt file (dllm-spec traces --help)")
+    sub.add_parser("train", help="train a block-diffusion drafter (dllm-spec train --help)")
+    sub.add_parser("study", help="speedup study on long outputs (dllm-spec study --help)")
     return parser
 
 
+PASS_THROUGH = {"traces": "dllm_spec.traces", "train": "dllm_spec.training.cli", "study": "dllm_spec.study"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:  # these own their arguments (argparse REMAINDER drops leading options)
+        import importlib
+
+        importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -83,8 +83,8 @@ def speculative_decode(
                 return
             k = max(0, min(policy.draft_length(), budget - 1, room - 1))
             t0 = _timer(device)
-            proposal = drafter.propose(committed, k, sampling, generator) if k > 0 else DraftProposal.empty(batch, device)
-            proposal = proposal.truncate(min(k, policy.choose(proposal)))
+            drafted = drafter.propose(committed, k, sampling, generator) if k > 0 else DraftProposal.empty(batch, device)
+            proposal = drafted.truncate(min(k, policy.choose(drafted)))  # what is verified
             t1 = _timer(device)
             outcome = verifier.verify(committed[:, -1:], proposal, sampling, generator)
             t2 = _timer(device)
@@ -93,7 +93,7 @@ def speculative_decode(
             stats.verify_time_s += t2 - t1
             stats.draft_forwards += proposal.forwards
             stats.record_cycle(proposal.length, n, policy.last_prediction)
-            policy.observe(proposal, proposal.length, n, t1 - t0, t2 - t1)
+            policy.observe(drafted, proposal.length, n, t1 - t0, t2 - t1)
 
             new = torch.cat([proposal.tokens[:, :n], outcome.next_token[:, None]], dim=1)  # (B, n+1)
             cut = _first_stop(new[0], stop.stop_token_ids)

@@ -189,9 +189,10 @@ class DiffusionSpeculator:
         """
         stats = GenerationStats()
         chunks = []
+        input_ids = self.encode(prompt, chat, system)  # a tensor is used as given below: encoded once
         if streamer is not None:
-            streamer.put(self.encode(prompt, chat, system).cpu())
-        for chunk in self.stream_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, system, stop_token_ids, stats):
+            streamer.put(input_ids.cpu())
+        for chunk in self.stream_ids(input_ids, max_new_tokens, temperature, top_k, top_p, seed, chat, system, stop_token_ids, stats):
             chunks.append(chunk)
             if streamer is not None:
                 streamer.put(chunk.cpu())

@@ -17,19 +17,14 @@ __all__ = [
 
 
 def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
-    """A drafter from a short spec: ``none``, ``prompt-lookup``, ``early-exit`` or ``early-exit:N``,
-    ``ar:<HF id or path>``, ``block-diffusion[:STEPS]`` (the shipped drafter), ``block-diffusion@<dir>[:STEPS]``,
-    or a local directory holding a block-diffusion drafter or a causal LM."""
+    """A drafter from a short spec: ``none``, ``prompt-lookup[:MAX_NGRAM]``, ``early-exit[:N]``,
+    ``ar:<HF id or path>``, ``block-diffusion[:STEPS]`` (the shipped drafter), or a checkpoint
+    directory ``<dir>[:STEPS]`` (a block-diffusion drafter, or else a causal LM used as AR drafter).
+    Specs never contain ``@``, which the CLI uses to attach a block-length policy."""
     import json
     import os
 
     name, _, arg = spec.partition(":")
-    if spec.startswith("block-diffusion"):
-        from drafters.shipped import shipped_drafter_dir
-
-        head, _, steps = spec.partition(":")
-        path = head.partition("@")[2] or str(shipped_drafter_dir())
-        return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=int(steps) if steps else None)
     if name in ("none", "ar-baseline"):
         return NullDrafter()
     if name in ("prompt-lookup", "pld"):
@@ -38,12 +33,19 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         return AutoregressiveDrafter.from_target_layers(target, int(arg) if arg else None)
     if name == "ar" and arg:
         return AutoregressiveDrafter.from_pretrained(arg, dtype=target.dtype, device=target.device)
-    if os.path.isdir(spec):
-        config = os.path.join(spec, "config.json")
+    path, steps = spec, None
+    if name == "block-diffusion":
+        from drafters.shipped import shipped_drafter_dir
+
+        path, steps = str(shipped_drafter_dir()), arg or None
+    elif not os.path.isdir(spec) and arg.isdigit():
+        path, steps = name, arg
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
         if os.path.isfile(config) and json.load(open(config)).get("model_type") == BlockDiffusionConfig.model_type:
-            return BlockDiffusionDrafter.from_pretrained(spec)
-        return AutoregressiveDrafter.from_pretrained(spec, dtype=target.dtype, device=target.device)
+            return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=int(steps) if steps else None)
+        return AutoregressiveDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
     raise ValueError(
         f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "
-        "'block-diffusion[:STEPS]', 'block-diffusion@<dir>[:STEPS]' or a checkpoint directory"
+        "'block-diffusion[:STEPS]' or a checkpoint directory '<dir>[:STEPS]'"
     )

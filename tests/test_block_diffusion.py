@@ -141,6 +141,7 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
     assert last < first * 0.8, (first, last)
     assert any("heldout_tau" in r for r in log)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["final_heldout_tau"] >= 1.0
     drafter = BlockDiffusionDrafter.from_pretrained(best)
     DiffusionSpeculator(target, None, drafter)  # loads and binds
     # resume: a longer budget continues from the saved step instead of starting over
@@ -171,3 +172,14 @@ def test_greedy_output_equals_plain_greedy_with_masked_diffusion(target, steps):
     assert spec.generate(prompt, max_new_tokens=25).token_ids[0].tolist() == ref.tolist()
     proposal = drafter.propose(prompt, 5, SamplingParams(1.0), torch.Generator().manual_seed(0))
     assert (proposal.tokens != VOCAB - 1).all()  # never proposes the mask id
+
+
+def test_build_drafter_loads_a_checkpoint_directory_with_steps(target, tmp_path):
+    from drafters import build_drafter
+
+    make_drafter(target, 1).save_pretrained(tmp_path / "ckpt")
+    drafter = build_drafter(f"{tmp_path / 'ckpt'}:3", target)
+    assert isinstance(drafter, BlockDiffusionDrafter) and drafter.steps == 3
+    assert build_drafter(str(tmp_path / "ckpt"), target).steps == 1
+    with pytest.raises(ValueError, match="unknown drafter"):
+        build_drafter("no-such-drafter", target)

@@ -353,6 +353,13 @@ def train_block_diffusion(
         _save_checkpoint(out, "checkpoint", raw, state, optimizer, scheduler)
         if not (out / "best" / "config.json").is_file():
             _save_checkpoint(out, "best", raw)
+        best_model = BlockDiffusionModel.from_pretrained(out / "best").to(acc.device)
+        final = offline_tau(best_model, target, held, cfg, head, vocab, layer_ids)
+        summary = {"final_heldout_tau": final, "steps": state["step"], "train_tokens_seen": state["tokens"],
+                   "train_sequences": len(train), "heldout_sequences": len(held),
+                   "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train)}
+        (out / "eval.json").write_text(json.dumps(summary, indent=1))
+        bar.write(f"final held-out offline tau of the best checkpoint: {final:.3f}")
     acc.wait_for_everyone()
     bar.close()
     return out / "best"
