@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dllm_spec.data.distill import read_shards
+from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
 
@@ -160,7 +161,6 @@ class BlockBatch:
         self.body_tokens = labels
         self.labels = draft_labels
         self.loss_mask = masked & label_valid & (draft_labels >= 0) & ~dup.unsqueeze(-1)
-        self.true_labels = labels
         self.label_valid = label_valid & ~dup.unsqueeze(-1)
 
     def attention_mask(self, width: int, block: int) -> torch.Tensor:
@@ -210,7 +210,7 @@ def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head
     if not seqs:
         return float("nan")
     accepted = []
-    vocab_map = torch.full((cfg_vocab(target),), -1, dtype=torch.long)
+    vocab_map = torch.full((target_vocab_size(target),), -1, dtype=torch.long)
     vocab_map[vocab] = torch.arange(len(vocab))
     ecfg = TrainConfig(**{**asdict(cfg), "anchors_per_seq": anchors})
     for i in range(0, len(seqs), cfg.batch_size):
@@ -219,16 +219,12 @@ def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head
         feats = target_features(target, batch.ids.to(target.device), batch.attention.to(target.device), layer_ids)
         logits = block_logits(model, batch, feats, target.get_input_embeddings(), head, cfg.block_size)
         pred = vocab.to(logits.device)[logits.argmax(-1)]  # (N, A, L) target ids
-        match = (pred.cpu() == batch.true_labels) & batch.label_valid
+        match = (pred.cpu() == batch.body_tokens) & batch.label_valid
         full_valid = batch.label_valid.all(-1)  # only blocks with a full continuation
         n_acc = match.long().cumprod(-1).sum(-1)
         accepted += n_acc[full_valid].tolist()
     model.train()
     return 1.0 + sum(accepted) / max(1, len(accepted))
-
-
-def cfg_vocab(target: PreTrainedModel) -> int:
-    return int(target.get_output_embeddings().weight.shape[0])
 
 
 def _save_checkpoint(out: Path, name: str, model: BlockDiffusionModel, extra: dict | None = None, optimizer=None, scheduler=None) -> None:
@@ -282,7 +278,7 @@ def train_block_diffusion(
     layer_ids = list(model.config.target_layer_ids)
     head = target.get_output_embeddings().weight[vocab].detach()
     embed = target.get_input_embeddings()
-    vocab_map = torch.full((cfg_vocab(target),), -1, dtype=torch.long)
+    vocab_map = torch.full((target_vocab_size(target),), -1, dtype=torch.long)
     vocab_map[vocab] = torch.arange(len(vocab))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
