@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     # listed for --help; main() hands their arguments to their own parsers
     sub.add_parser("traces", help="generate reasoning traces from a prompt file (dllm-spec traces --help)")
-    sub.add_parser("train", help="train a block-diffusion drafter (dllm-spec train --help)")
+    sub.add_parser("train", help="train a drafter: block-diffusion (default), ar or mdlm (dllm-spec train --help)")
     sub.add_parser("study", help="speedup study on long outputs (dllm-spec study --help)")
     return parser
 

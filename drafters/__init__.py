@@ -42,8 +42,11 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         path, steps = name, arg
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
-        if os.path.isfile(config) and json.load(open(config)).get("model_type") == BlockDiffusionConfig.model_type:
+        meta = json.load(open(config)) if os.path.isfile(config) else {}
+        if meta.get("model_type") == BlockDiffusionConfig.model_type:
             return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=int(steps) if steps else None)
+        if any(arch.endswith("ForMaskedLM") for arch in meta.get("architectures") or []):
+            return MaskedDiffusionDrafter.from_pretrained(path, dtype=target.dtype, **({"num_inference_steps": int(steps)} if steps else {}))
         return AutoregressiveDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
     raise ValueError(
         f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "

@@ -51,6 +51,7 @@ class BlockDiffusionConfig(PretrainedConfig):
         draft_vocab_size: int = 0,
         loss_decay_gamma: float = 7.0,
         num_inference_steps: int = 1,
+        inject_last_context: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -70,6 +71,7 @@ class BlockDiffusionConfig(PretrainedConfig):
         self.draft_vocab_size = draft_vocab_size
         self.loss_decay_gamma = loss_decay_gamma
         self.num_inference_steps = num_inference_steps
+        self.inject_last_context = inject_last_context
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the last committed token plus at least one mask), got {block_size}")
         if num_attention_heads % num_key_value_heads:
@@ -174,8 +176,15 @@ class BlockDiffusionModel(PreTrainedModel):
     def __init__(self, config: BlockDiffusionConfig) -> None:
         super().__init__(config)
         n_feat = len(config.target_layer_ids) * config.target_hidden_size
+        # one RMSNorm per conditioning layer: the target's residual stream has a few massive
+        # dimensions (|h| up to ~25K in SmolLM2) that would otherwise swamp the fusion
+        self.feature_norms = nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in config.target_layer_ids)
         self.fuse = nn.Linear(n_feat, config.hidden_size, bias=False)
         self.fuse_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # EAGLE-style direct input: the fused target state of the last context position (the one
+        # that predicted the block's first token) is projected and added to every block input, so
+        # the drafter need not first learn to find it among hundreds of context keys
+        self.last_context_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.inject_last_context else None
         self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
@@ -191,12 +200,23 @@ class BlockDiffusionModel(PreTrainedModel):
 
     def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
         """Target features (B, T, n_layers * H_target) -> fused context states (B, T, H)."""
-        return self.fuse_norm(self.fuse(features.to(self.fuse.weight.dtype)))
+        parts = features.to(self.fuse.weight.dtype).split(self.config.target_hidden_size, dim=-1)  # n x (B, T, H_target)
+        normed = torch.cat([norm(part) for norm, part in zip(self.feature_norms, parts)], dim=-1)
+        return self.fuse_norm(self.fuse(normed))
 
     def context_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k, v) of fused context states at ``positions`` (B|1, T)."""
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
-        return [layer.kv(fused, cos, sin) for layer in self.layers]
+        # each layer normalises the context with its own input norm, like its block states, so
+        # context and block keys share a scale (else the ~400 context keys swamp the block's own)
+        return [layer.kv(layer.input_norm(fused), cos, sin) for layer in self.layers]
+
+    def block_inputs(self, x: torch.Tensor, last_fused: torch.Tensor | None) -> torch.Tensor:
+        """Block input states x (..., L, H) plus the projected last context state (..., H) when the
+        architecture injects it (zeros when there is no context yet)."""
+        if self.last_context_proj is None or last_fused is None:
+            return x
+        return x + self.last_context_proj(last_fused).unsqueeze(-2).to(x.dtype)
 
     def block_hidden(self, x: torch.Tensor, ctx_kv, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Run the layers on block states x (B, L, H) at ``positions`` (B|1, L); returns normed states."""
@@ -206,7 +226,8 @@ class BlockDiffusionModel(PreTrainedModel):
         return self.norm(x)
 
     def init_from_target(self, target: PreTrainedModel) -> None:
-        """Copy the target's last decoder layers and final norm into the drafter (a cheap, useful start)."""
+        """Copy the target's last decoder layers and final norm into the drafter, and into each
+        feature norm the norm the target itself applies to that hidden state (a cheap, useful start)."""
         src_layers = list(target.model.layers)[-len(self.layers):]
         names = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm", "q_proj": "self_attn.q_proj",
                  "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
@@ -220,6 +241,11 @@ class BlockDiffusionModel(PreTrainedModel):
                         raise ValueError(f"cannot initialise {a} from the target: shapes {tuple(src.shape)} vs {tuple(dst.shape)}")
                     dst.copy_(src)
             self.norm.weight.copy_(target.model.norm.weight)
+            layers = list(target.model.layers)
+            for norm, layer_id in zip(self.feature_norms, self.config.target_layer_ids):
+                # hidden_states[i] is the input of decoder layer i (the last one feeds the final norm)
+                src = layers[layer_id].input_layernorm.weight if layer_id < len(layers) else target.model.norm.weight
+                norm.weight.copy_(src)
 
 
 class BlockDiffusionDrafter(Drafter):
@@ -243,6 +269,7 @@ class BlockDiffusionDrafter(Drafter):
         self._head: torch.Tensor | None = None  # (V_draft, H) rows of the target's LM head
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ctx_len = 0
+        self._last_fused: torch.Tensor | None = None  # (B, H) fused state of the last context position
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -299,6 +326,7 @@ class BlockDiffusionDrafter(Drafter):
                             dtype=self.model.fuse.weight.dtype)
         self._ctx_kv = [(empty, empty) for _ in range(cfg.num_hidden_layers)]
         self._ctx_len = 0
+        self._last_fused = None
         if features is not None and features.shape[1] > 0:
             self._extend(features)
 
@@ -312,7 +340,9 @@ class BlockDiffusionDrafter(Drafter):
         Only committed positions ever arrive here, so rejection needs no crop."""
         t = features.shape[1]
         positions = torch.arange(self._ctx_len, self._ctx_len + t, device=features.device).unsqueeze(0)
-        new = self.model.context_kv(self.model.fuse_context(features), positions)
+        fused = self.model.fuse_context(features)
+        self._last_fused = fused[:, -1]
+        new = self.model.context_kv(fused, positions)
         self._ctx_kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(self._ctx_kv, new)]
         self._ctx_len += t
 
@@ -341,7 +371,8 @@ class BlockDiffusionDrafter(Drafter):
 
         def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
             body = torch.where(masked.unsqueeze(-1), mask_vec.expand(batch, length, -1), self._embed(tokens))
-            hidden = self.model.block_hidden(torch.cat([first, body], 1), self._ctx_kv, positions, None)
+            x = self.model.block_inputs(torch.cat([first, body], 1), self._last_fused)
+            hidden = self.model.block_hidden(x, self._ctx_kv, positions, None)
             return self._logits(hidden[:, 1:])  # (B, L, V): block position j predicts token start + j
 
         return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator, batch, input_ids.device, max_tokens)

@@ -49,6 +49,7 @@ class MaskedDiffusionDrafter(Drafter):
         self.scheduler = scheduler or ConfidenceUnmaskingScheduler(num_inference_steps=num_inference_steps)
         self.steps = num_inference_steps
         self.name = name or f"mdlm-s{num_inference_steps}"
+        self._appended_mask = False
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> "MaskedDiffusionDrafter":
@@ -58,13 +59,21 @@ class MaskedDiffusionDrafter(Drafter):
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError(f"{name_or_path}: neither its tokenizer nor its config defines a mask token id")
+        # drafters trained by dllm_spec.training.token_drafters record their window and block
+        for key, attr in (("window", "draft_window"), ("block_size", "draft_block_size")):
+            if key not in kwargs and getattr(model.config, attr, None):
+                kwargs[key] = int(getattr(model.config, attr))
         return cls(model, mask_id, **kwargs)
 
     @property
     def vocab_size(self) -> int:
-        return target_vocab_size(self.model)
+        """The vocabulary shared with the target: the model's, less a mask row appended past it."""
+        v = target_vocab_size(self.model)
+        return v - 1 if self.mask_token_id == v - 1 and self._appended_mask else v
 
     def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        # a mask token added after the shared vocabulary (one extra row) is allowed: its logit is dropped
+        self._appended_mask = self.mask_token_id == target_vocab_size(target) == target_vocab_size(self.model) - 1
         check_vocab_compatible(self.vocab_size, target, self.name)
         self.model.to(target.device)
 
@@ -78,7 +87,9 @@ class MaskedDiffusionDrafter(Drafter):
         def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
             block = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
             logits = self.model(input_ids=torch.cat([context, block], dim=1)).logits[:, -length:].float()  # (B, L, V)
-            logits[..., self.mask_token_id] = float("-inf")
+            logits = logits[..., : self.vocab_size].clone()
+            if self.mask_token_id < self.vocab_size:
+                logits[..., self.mask_token_id] = float("-inf")
             return logits
 
         return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator,

@@ -136,7 +136,7 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     _fake_distill(tmp_path / "data", target)
     cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=6, batch_size=4,
                       max_steps=40, warmup_steps=5, eval_every=20, checkpoint_every=10, eval_sequences=8, heldout_mod=6, lr=3e-3)
-    best = train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg)
+    best = train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg, feature_root=tmp_path / "features")
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
     assert last < first * 0.8, (first, last)
@@ -146,7 +146,7 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     DiffusionSpeculator(target, None, drafter)  # loads and binds
     # resume: a longer budget continues from the saved step instead of starting over
     cfg2 = TrainConfig(**{**cfg.__dict__, "max_steps": 45})
-    train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg2)
+    train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg2, feature_root=tmp_path / "features")
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 45 and steps.count(41) == 1
 
@@ -183,3 +183,51 @@ def test_build_drafter_loads_a_checkpoint_directory_with_steps(target, tmp_path)
     assert build_drafter(str(tmp_path / "ckpt"), target).steps == 1
     with pytest.raises(ValueError, match="unknown drafter"):
         build_drafter("no-such-drafter", target)
+
+
+def test_feature_cache_matches_the_target_and_is_recomputed_when_data_change(target, tmp_path):
+    from dllm_spec.training.features import FeatureStore, compute_features
+
+    rows = [[0, 5, 9, 14, 5], [0, 7, 7, 2, 3, 4, 8, 11]]
+    store = FeatureStore(tmp_path, target, [1, 2])
+    store.build({"shard-a": rows}, show_progress=False)
+    ref = compute_features(target, torch.tensor([rows[1]]), torch.ones(1, len(rows[1]), dtype=torch.long), [1, 2])[0]
+    torch.testing.assert_close(store.get("shard-a", 1, 8), ref, atol=2e-3, rtol=2e-3)  # float16 storage
+    padded = store.batch([("shard-a", 0), ("shard-a", 1)], [5, 8])
+    assert padded.shape == (2, 8, 2 * target.config.hidden_size) and padded[0, 5:].abs().sum() == 0
+    with pytest.raises(ValueError, match="cached positions"):
+        store.get("shard-a", 0, 6)
+    before = (tmp_path / "shard-a.f16").stat().st_mtime_ns
+    store.build({"shard-a": rows}, show_progress=False)  # unchanged: reused
+    assert (tmp_path / "shard-a.f16").stat().st_mtime_ns == before
+    changed = [rows[0], rows[1][:-1] + [12]]
+    fresh = FeatureStore(tmp_path, target, [1, 2])
+    fresh.build({"shard-a": changed}, show_progress=False)  # same shard name, other ids: recomputed
+    ref2 = compute_features(target, torch.tensor([changed[1]]), torch.ones(1, 8, dtype=torch.long), [1, 2])[0]
+    torch.testing.assert_close(fresh.get("shard-a", 1, 8), ref2, atol=2e-3, rtol=2e-3)
+
+
+def test_training_forward_gives_the_drafter_what_drafting_gives_it(target):
+    """The training forward (many anchors at once under a block-sparse mask, features from the
+    cache layout) matches drafting: for each anchor, propose()'s one-step greedy drafts and
+    confidences equal those read off the training states (catches off-by-one context, position
+    or last-context-injection errors)."""
+    from dllm_spec.training.block_diffusion import BlockBatch, Sequence, TrainConfig, block_states
+    from dllm_spec.training.features import compute_features
+
+    drafter = make_drafter(target, 1)
+    with torch.no_grad():
+        drafter.model.last_context_proj.weight.normal_(0, 0.5)  # make the injected state matter
+    DiffusionSpeculator(target, None, drafter)  # binds
+    ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4]
+    anchors = [3, 6, 8]
+    batch = BlockBatch([Sequence(ids, prompt_len=3, greedy=True)], TrainConfig(block_size=6, anchors_per_seq=3),
+                       torch.arange(VOCAB), random.Random(0), noised=False, anchors=[anchors])
+    feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(drafter.target_layer_ids))
+    with torch.no_grad():
+        logits = block_states(drafter.model, batch, feats, target.get_input_embeddings(), 6) @ target.lm_head.weight.T  # (1, A, 5, V)
+    for k, a in enumerate(anchors):
+        drafter.begin(torch.tensor([ids[: a + 1]]), feats[:, :a])  # as after the prefill: features of all but the last token
+        proposal = drafter.propose(torch.tensor([ids[: a + 1]]), 5, SamplingParams(), None)
+        assert proposal.tokens[0].tolist() == logits[0, k].argmax(-1).tolist()
+        torch.testing.assert_close(proposal.confidence[0], logits[0, k].softmax(-1).amax(-1), atol=1e-4, rtol=1e-4)

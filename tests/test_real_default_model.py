@@ -7,7 +7,7 @@ import pytest
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
-from drafters import AutoregressiveDrafter, PromptLookupDrafter
+from drafters import AutoregressiveDrafter, PromptLookupDrafter, build_drafter
 
 pytestmark = pytest.mark.real_model
 
@@ -23,10 +23,12 @@ def _drafters(target):
         "prompt-lookup": (PromptLookupDrafter(), 8),
         "early-exit": (AutoregressiveDrafter.from_target_layers(target, 24), 3),
         "self": (AutoregressiveDrafter(target, name="self"), 6),  # oracle: the target drafts for itself
+        "block-diffusion:1": (build_drafter("block-diffusion:1", target), 15),  # the shipped drafter, one step
+        "block-diffusion:2": (build_drafter("block-diffusion:2", target), 7),
     }
 
 
-@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self"])
+@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self", "block-diffusion:1", "block-diffusion:2"])
 def test_greedy_output_equals_target_generate_in_fp32(real_spec, name):
     drafter, block = _drafters(real_spec.target)[name]
     policy = CostAwarePolicy(max_k=block) if name == "prompt-lookup" else FixedLength(block)
@@ -38,6 +40,8 @@ def test_greedy_output_equals_target_generate_in_fp32(real_spec, name):
         assert out.token_ids[0].tolist() == ref.tolist(), f"{name} diverged on {prompt!r}"
         if name == "self":
             assert out.stats.tau > 4
+        if name.startswith("block-diffusion"):
+            assert out.stats.draft_forwards > 0 and out.stats.target_forwards < 48  # it drafts, and some drafts land
 
 
 def test_default_model_streams_text_and_stops_at_eos(real_spec):
@@ -107,6 +111,7 @@ def test_drafter_training_runs_under_accelerate_with_two_processes(real_spec, tm
                  "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--target", str(tmp_path / "target"),
                  "--block-size", "6", "--num-layers", "1", "--num-target-layers", "2", "--draft-vocab-size", "40",
                  "--anchors-per-seq", "4", "--batch-size", "2", "--max-steps", "6", "--eval-every", "3",
-                 "--checkpoint-every", "3", "--eval-sequences", "4", "--heldout-mod", "4"], tmp_path)
+                 "--checkpoint-every", "3", "--eval-sequences", "4", "--heldout-mod", "4",
+                 "--feature-dir", str(tmp_path / "features")], tmp_path)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and (tmp_path / "run" / "best" / "config.json").is_file()

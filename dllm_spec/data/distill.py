@@ -44,12 +44,17 @@ class DistillConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-def read_shards(directory: str | os.PathLike) -> Iterator[dict]:
-    """Yield every record of every complete shard in ``directory``."""
+def iter_shards(directory: str | os.PathLike) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (shard name, its records) for every complete shard in ``directory``, in name order."""
     for path in sorted(Path(directory).glob("shard-*.jsonl.gz")):
         with gzip.open(path, "rt") as fh:
-            for line in fh:
-                yield json.loads(line)
+            yield path.name.removesuffix(".jsonl.gz"), [json.loads(line) for line in fh]
+
+
+def read_shards(directory: str | os.PathLike) -> Iterator[dict]:
+    """Yield every record of every complete shard in ``directory``."""
+    for _, records in iter_shards(directory):
+        yield from records
 
 
 def _done_keys(directory: Path) -> set[tuple[str, int]]:

@@ -2,8 +2,9 @@
 training code was never released).
 
 Per batch of target-generated sequences (prompt + response):
-1. the frozen target runs once over the sequences and its hidden states at the drafter's
-   ``target_layer_ids`` are taken (computed in the loop, never stored: they are large);
+1. the frozen target runs once over every sequence and its hidden states at the drafter's
+   ``target_layer_ids`` are cached on disk (:mod:`dllm_spec.training.features`), so epochs,
+   evaluations and resumed runs never re-run the target;
 2. ``anchors_per_seq`` random anchor positions a are drawn in each response; anchor a's block is
    [token a, MASK x (B-1)] with labels tokens a+1..a+B-1 (same-position labels) and it sees only
    the target features of positions < a (a block-sparse attention mask), like at inference;
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from dllm_spec.data.distill import read_shards
+from dllm_spec.data.distill import iter_shards
+from dllm_spec.training.features import FeatureStore, feature_dir
 from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
@@ -82,19 +84,25 @@ class Sequence:
     ids: list[int]
     prompt_len: int
     greedy: bool
+    shard: str = ""
+    row: int = 0
 
 
 def load_sequences(data_dir: str | os.PathLike, max_len: int, heldout_mod: int) -> tuple[list[Sequence], list[Sequence]]:
-    """(train, held-out) sequences from distillation shards; held out by prompt-id hash."""
+    """(train, held-out) sequences from distillation shards; held out by prompt-id hash. Each
+    sequence remembers its (shard, row) for the feature cache."""
     train, held = [], []
-    for r in read_shards(data_dir):
-        if not r["response_ids"]:
-            continue
-        seq = Sequence((r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0)
-        if seq.prompt_len >= len(seq.ids) - 1:
-            continue
-        bucket = int(hashlib.sha1(r["prompt_id"].encode()).hexdigest()[:8], 16) % heldout_mod
-        (held if bucket == 0 else train).append(seq)
+    for shard, records in iter_shards(data_dir):
+        row = 0
+        for r in records:
+            if not r["response_ids"]:
+                continue
+            seq = Sequence((r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0, shard, row)
+            if seq.prompt_len >= len(seq.ids) - 1:
+                continue
+            row += 1
+            bucket = int(hashlib.sha1(r["prompt_id"].encode()).hexdigest()[:8], 16) % heldout_mod
+            (held if bucket == 0 else train).append(seq)
     if not train:
         raise ValueError(f"no training sequences found in {data_dir}")
     return train, held
@@ -107,11 +115,17 @@ def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
-def target_features(target: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
-    """Hidden states of ``layer_ids`` for a right-padded batch (N, T) -> (N, T, n * H)."""
-    with torch.no_grad():
-        out = target.model(input_ids=ids, attention_mask=attention, output_hidden_states=True, use_cache=False)
-    return torch.cat([out.hidden_states[i] for i in layer_ids], dim=-1)
+def shard_rows(sequences: list[Sequence]) -> dict[str, list[list[int]]]:
+    """Token ids of ``sequences`` grouped by shard, in row order (what the feature cache stores)."""
+    shards: dict[str, dict[int, list[int]]] = {}
+    for s in sequences:
+        shards.setdefault(s.shard, {})[s.row] = s.ids
+    return {name: [rows[i] for i in sorted(rows)] for name, rows in sorted(shards.items())}
+
+
+def sequence_features(store: FeatureStore, seqs: list[Sequence], device: torch.device | str) -> torch.Tensor:
+    """Cached target features of a batch of sequences, right-padded: (N, T, n * H)."""
+    return store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs], device)
 
 
 class BlockBatch:
@@ -173,9 +187,9 @@ class BlockBatch:
         return torch.cat([ctx, blk], dim=-1).unsqueeze(1)
 
 
-def block_logits(model: BlockDiffusionModel, batch: BlockBatch, features: torch.Tensor, embed: torch.nn.Module,
-                 head: torch.Tensor, block: int) -> torch.Tensor:
-    """Logits over the draft vocabulary for every block body position: (N, A, B-1, V_draft)."""
+def block_states(model: BlockDiffusionModel, batch: BlockBatch, features: torch.Tensor, embed: torch.nn.Module,
+                 block: int) -> torch.Tensor:
+    """Final drafter states of every block body position: (N, A, B-1, H)."""
     n, A = batch.anchor.shape
     width = features.shape[1]
     dev = features.device
@@ -184,23 +198,29 @@ def block_logits(model: BlockDiffusionModel, batch: BlockBatch, features: torch.
     first = embed(batch.first_tokens.to(dev)).unsqueeze(2)  # (N, A, 1, H)
     body = torch.where(batch.masked.to(dev).unsqueeze(-1), model.mask_embedding.to(first.dtype),
                        embed(batch.body_tokens.to(dev)))  # (N, A, B-1, H)
-    x = torch.cat([first, body], dim=2).view(n, A * block, -1)  # (N, A*B, H)
+    last = fused.gather(1, (batch.anchor.to(dev) - 1).clamp_min(0).unsqueeze(-1).expand(n, A, fused.shape[-1]))  # (N, A, H)
+    last = last * (batch.anchor.to(dev) > 0).unsqueeze(-1)  # no context before position 0
+    x = model.block_inputs(torch.cat([first, body], dim=2), last).view(n, A * block, -1)  # (N, A, B, H) -> (N, A*B, H)
     mask = batch.attention_mask(width, block).to(dev)
     hidden = model.block_hidden(x, ctx_kv, batch.positions.to(dev), mask).view(n, A, block, -1)
-    return hidden[:, :, 1:] @ head.T
+    return hidden[:, :, 1:]
 
 
-def weighted_loss(logits: torch.Tensor, batch: BlockBatch, gamma: float) -> torch.Tensor:
-    n, A, L, V = logits.shape
-    dev = logits.device
-    ce = F.cross_entropy(logits.reshape(-1, V).float(), batch.labels.to(dev).clamp_min(0).reshape(-1), reduction="none").view(n, A, L)
-    w = torch.exp(-torch.arange(L, device=dev, dtype=torch.float32) / gamma).view(1, 1, L) * batch.loss_mask.to(dev)
+def weighted_loss(states: torch.Tensor, batch: BlockBatch, head: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Position-decayed cross-entropy over the loss positions only (the LM head, a third of a
+    step's compute, runs on those rows alone): weight exp(-(j-1)/gamma) at block position j."""
+    n, A, L, _ = states.shape
+    dev = states.device
+    selected = batch.loss_mask.to(dev)  # (N, A, L)
+    w = torch.exp(-torch.arange(L, device=dev, dtype=torch.float32) / gamma).expand(n, A, L)[selected]  # (M,)
+    logits = states[selected] @ head.T  # (M, V_draft)
+    ce = F.cross_entropy(logits.float(), batch.labels.to(dev)[selected], reduction="none")
     return (ce * w).sum() / w.sum().clamp_min(1e-6)
 
 
 @torch.no_grad()
 def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head: torch.Tensor, vocab: torch.Tensor,
-                layer_ids: list[int], anchors: int = 24) -> float:
+                store: FeatureStore, anchors: int = 24) -> float:
     """Greedy tau the drafter would reach with one denoising step and a full block, measured on
     held-out greedy sequences (which are the target's own greedy continuations): 1 + mean number
     of leading drafted tokens equal to the continuation."""
@@ -216,8 +236,8 @@ def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head
     for i in range(0, len(seqs), cfg.batch_size):
         chunk = seqs[i: i + cfg.batch_size]
         batch = BlockBatch(chunk, ecfg, vocab_map, rng, noised=False)
-        feats = target_features(target, batch.ids.to(target.device), batch.attention.to(target.device), layer_ids)
-        logits = block_logits(model, batch, feats, target.get_input_embeddings(), head, cfg.block_size)
+        feats = sequence_features(store, chunk, target.device)
+        logits = block_states(model, batch, feats, target.get_input_embeddings(), cfg.block_size) @ head.T  # (N, A, B-1, V_draft)
         pred = vocab.to(logits.device)[logits.argmax(-1)]  # (N, A, L) target ids
         match = (pred.cpu() == batch.body_tokens) & batch.label_valid
         full_valid = batch.label_valid.all(-1)  # only blocks with a full continuation
@@ -252,8 +272,11 @@ def train_block_diffusion(
     eos_token_id: int | None = None,
     accelerator=None,
     time_budget_s: float | None = None,
+    feature_root: str | os.PathLike | None = None,
 ) -> Path:
-    """Train (or resume training) a block-diffusion drafter for ``target``; returns the best checkpoint's path."""
+    """Train (or resume training) a block-diffusion drafter for ``target``; returns the best checkpoint's path.
+
+    ``feature_root``: where target features are cached (default ``<dllm-spec cache>/features``)."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
@@ -276,6 +299,14 @@ def train_block_diffusion(
             model.init_from_target(target)
     model.to(dtype=torch.float32).train()
     layer_ids = list(model.config.target_layer_ids)
+    if feature_root is None:
+        from dllm_spec.target import cache_root
+
+        feature_root = cache_root() / "features"
+    store = FeatureStore(feature_dir(feature_root, target, layer_ids), target, layer_ids)
+    if acc.is_main_process:
+        store.build(shard_rows(train + held))
+    acc.wait_for_everyone()
     head = target.get_output_embeddings().weight[vocab].detach()
     embed = target.get_input_embeddings()
     vocab_map = torch.full((target_vocab_size(target),), -1, dtype=torch.long)
@@ -316,9 +347,8 @@ def train_block_diffusion(
         order = order[len(take):]
         seqs = [train[i] for i in take[acc.process_index:: acc.num_processes]]
         batch = BlockBatch(seqs, cfg, vocab_map, rng)
-        feats = target_features(target, batch.ids.to(target.device), batch.attention.to(target.device), layer_ids)
-        logits = block_logits(raw, batch, feats.to(acc.device), embed, head, cfg.block_size)
-        loss = weighted_loss(logits, batch, cfg.gamma)
+        feats = sequence_features(store, seqs, acc.device)
+        loss = weighted_loss(block_states(raw, batch, feats, embed, cfg.block_size), batch, head, cfg.gamma)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -331,7 +361,7 @@ def train_block_diffusion(
         record = {"step": state["step"], "loss": loss.item(), "tokens": state["tokens"], "time_s": time.perf_counter() - start}
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
             if acc.is_main_process:
-                tau = offline_tau(raw, target, held, cfg, head, vocab, layer_ids)
+                tau = offline_tau(raw, target, held, cfg, head, vocab, store)
                 record["heldout_tau"] = tau
                 if tau > state["best_tau"]:
                     state["best_tau"], state["bad_evals"] = tau, 0
@@ -350,7 +380,7 @@ def train_block_diffusion(
         if not (out / "best" / "config.json").is_file():
             _save_checkpoint(out, "best", raw)
         best_model = BlockDiffusionModel.from_pretrained(out / "best").to(acc.device)
-        final = offline_tau(best_model, target, held, cfg, head, vocab, layer_ids)
+        final = offline_tau(best_model, target, held, cfg, head, vocab, store)
         summary = {"final_heldout_tau": final, "steps": state["step"], "train_tokens_seen": state["tokens"],
                    "train_sequences": len(train), "heldout_sequences": len(held),
                    "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train)}

@@ -1,4 +1,9 @@
-"""Command line of the drafter-training pipeline (``dllm-spec train`` / ``scripts/train_drafter.py``)."""
+"""Command line of the drafter-training pipeline (``dllm-spec train`` / ``scripts/train_drafter.py``).
+
+``--drafter block-diffusion`` (default) trains the target-conditioned block-diffusion drafter;
+``--drafter ar`` / ``--drafter mdlm`` train the token-only comparison drafters on the same data.
+Every field of the matching config dataclass is a flag (``--block-size``, ``--max-steps``, ...).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,24 @@ from dataclasses import fields
 import torch
 
 from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
+from dllm_spec.training.token_drafters import OBJECTIVES, TokenDrafterConfig, train_token_drafter
+
+CONFIGS = {"block-diffusion": TrainConfig, "ar": TokenDrafterConfig, "mdlm": TokenDrafterConfig}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dllm-spec train", description="Train a block-diffusion drafter on self-distillation data.")
+def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dllm-spec train", description="Train a drafter on self-distillation data.")
+    p.add_argument("--drafter", choices=sorted(CONFIGS), default="block-diffusion",
+                   help="block-diffusion (default), or the token-only comparison drafters ar / mdlm")
     p.add_argument("--data", required=True, help="directory of distillation shards (scripts/generate_distill_data.py)")
     p.add_argument("--out", required=True, help="run directory: checkpoint/ (resume), best/ (the drafter), train_log.jsonl")
     p.add_argument("--target", default=None, help="HF id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--time-budget-min", type=float, default=None, help="stop (after a checkpoint) when this many minutes have passed")
     p.add_argument("--threads", type=int, default=None)
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
+    p.add_argument("--feature-dir", default=None, help="cache of the target's hidden-state features (default: <DLLM_SPEC_CACHE>/features)")
+    defaults = CONFIGS[drafter]()
+    for f in fields(defaults):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -30,18 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--drafter", choices=sorted(CONFIGS), default="block-diffusion")
+    drafter = pre.parse_known_args(argv)[0].drafter
+    args = build_parser(drafter).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
 
     from dllm_spec.target import load_target
 
+    budget = None if args.time_budget_min is None else 60 * args.time_budget_min
+    config_cls = CONFIGS[drafter]
+    cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+    if drafter != "block-diffusion":
+        target, tokenizer = load_target(args.target, dtype=args.dtype)
+        best = train_token_drafter(OBJECTIVES[drafter](), target, tokenizer, args.data, args.out, cfg, time_budget_s=budget)
+        print(f"best drafter: {best}")
+        return
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=accelerator.device)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     best = train_block_diffusion(target, args.data, args.out, cfg, eos_token_id=tokenizer.eos_token_id, accelerator=accelerator,
-                                 time_budget_s=None if args.time_budget_min is None else 60 * args.time_budget_min)
+                                 time_budget_s=budget, feature_root=args.feature_dir)
     if accelerator.is_main_process:
         print(f"best drafter: {best}")
 
