@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -38,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dllm_spec.data.distill import iter_shards
+from dllm_spec.training.common import warmup_cosine, write_dir_atomic
 from dllm_spec.training.features import FeatureStore, feature_dir
 from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
@@ -248,20 +247,16 @@ def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head
 
 
 def _save_checkpoint(out: Path, name: str, model: BlockDiffusionModel, extra: dict | None = None, optimizer=None, scheduler=None) -> None:
-    """Write ``out/name`` atomically (temporary directory + rename)."""
-    tmp = out / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    drafter = BlockDiffusionDrafter(model)
-    drafter.save_pretrained(tmp)
-    model.train()
-    model.requires_grad_(True)
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(extra or {})}, tmp / "trainer_state.pt")
-    final = out / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Write ``out/name`` atomically: the drafter, plus the trainer state when an optimizer is given."""
+
+    def write(tmp: Path) -> None:
+        BlockDiffusionDrafter(model).save_pretrained(tmp)
+        model.train()  # the drafter wrapper froze it for inference
+        model.requires_grad_(True)
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(extra or {})}, tmp / "trainer_state.pt")
+
+    write_dir_atomic(out, name, write)
 
 
 def train_block_diffusion(
@@ -313,13 +308,7 @@ def train_block_diffusion(
     vocab_map[vocab] = torch.arange(len(vocab))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    def lr_lambda(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
     state = {"step": 0, "best_tau": 0.0, "bad_evals": 0, "tokens": 0}
     if (resume / "trainer_state.pt").is_file():
         saved = torch.load(resume / "trainer_state.pt", weights_only=False)

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
-import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -48,6 +46,7 @@ from transformers import (
 )
 
 from dllm_spec.training.block_diffusion import Sequence, load_sequences
+from dllm_spec.training.common import warmup_cosine, write_dir_atomic
 from drafters.base import target_vocab_size
 
 MASK_TOKEN = "<|mask|>"
@@ -278,17 +277,13 @@ def token_offline_tau(objective: Objective, model: PreTrainedModel, held: list[S
 
 
 def _save(model: PreTrainedModel, objective: Objective, tokenizer, out: Path, name: str, trainer: dict | None = None) -> None:
-    tmp = out / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    objective.save_tokenizer(tokenizer, tmp)
-    if trainer is not None:
-        torch.save(trainer, tmp / "trainer_state.pt")
-    final = out / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        objective.save_tokenizer(tokenizer, tmp)
+        if trainer is not None:
+            torch.save(trainer, tmp / "trainer_state.pt")
+
+    write_dir_atomic(out, name, write)
 
 
 def train_token_drafter(
@@ -311,13 +306,7 @@ def train_token_drafter(
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    def lr_lambda(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
     state = {"step": 0, "best_tau": 0.0, "tokens": 0}
     if (resume / "trainer_state.pt").is_file():
         saved = torch.load(resume / "trainer_state.pt", weights_only=False)
