@@ -188,22 +188,50 @@ class CostAwarePolicy(BlockLengthPolicy):
     expensive ones draft only what is likely to pay off; the verified length is then cut per cycle
     from the actual confidences.
 
+    When drafting costs something (more than ``free_draft_fraction`` of a one-token step) and the
+    drafted cycles have been committing fewer tokens per second than a plain one-token step would
+    (an EMA of (accepted + 1) / (verify latency + draft time), relative to the one-token latency:
+    a weak or costly drafter, or a target whose multi-token forward costs much more than a
+    one-token one, as on CPUs), the policy skips drafting (``draft_length() == 0``: the cycle is a
+    plain autoregressive step). A near-free drafter (prompt lookup) is never skipped: ``choose()``
+    can already decline to verify its proposal at no cost, and skipping would only miss its
+    matches. While skipping it still drafts every ``probe_every``-th cycle to keep its estimates fresh, doubling that interval (up to ``max_probe_every``) while probes keep losing
+    and resetting it when one wins, so a drafter that starts to pay off (a repetitive stretch for
+    prompt lookup, say) is picked up again.
+
     Args:
         max_k: longest draft.
         latency: target latency curve; ``None`` measures (or loads the cached) curve on ``bind``.
-        min_draft: never draft fewer than this (block drafters trained at a size should keep it:
-            set ``min_draft = max_k`` to always draft the trained block and only truncate what is verified).
+        min_draft: when drafting, never draft fewer than this (block drafters trained at a size
+            should keep it: set ``min_draft = max_k`` to always draft the trained block and only
+            truncate what is verified).
+        allow_skip: skip drafting when it does not pay (see above); ``False`` always drafts.
+        free_draft_fraction: drafting cheaper than this fraction of a one-token step is never skipped.
+        probe_every, max_probe_every: the probing interval while skipping (cycles).
     """
 
-    def __init__(self, max_k: int = 16, latency: LatencyCurve | None = None, min_draft: int = 1, momentum: float = 0.9) -> None:
+    def __init__(self, max_k: int = 16, latency: LatencyCurve | None = None, min_draft: int = 1, momentum: float = 0.9,
+                 allow_skip: bool = True, probe_every: int = 4, max_probe_every: int = 64, free_draft_fraction: float = 0.05) -> None:
         if max_k < 1 or not 1 <= min_draft <= max_k:
             raise ValueError(f"need max_k >= 1 and 1 <= min_draft <= max_k, got max_k={max_k}, min_draft={min_draft}")
+        if not 1 <= probe_every <= max_probe_every:
+            raise ValueError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
         self.max_k = max_k
         self.min_draft = min_draft
         self.latency = latency
         self.momentum = momentum
+        self.allow_skip = allow_skip
+        self.free_draft_fraction = free_draft_fraction
+        self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self._interval = probe_every
+        self._since_draft = 0
+        self.skipped = 0  # cycles run without drafting (for stats and tests)
         self.calibrator = AcceptanceCalibrator()
         self.draft_cost_per_token = 0.0  # seconds, EMA
+        self.draft_cost_per_call: float | None = None  # seconds, EMA (a block drafter's cost barely depends on k)
+        self.draft_gain: float | None = None  # EMA of drafted cycles' tokens/s over a plain step's
+        self.gain_momentum = 0.7
         self.accept_rate = 0.6  # conditional acceptance, EMA (for choosing the draft length)
         self.name = "adaptive"
         self.last_prediction = None
@@ -222,7 +250,15 @@ class CostAwarePolicy(BlockLengthPolicy):
         ks = torch.arange(self.max_k + 1, dtype=torch.float32)
         expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(self.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
         rate = self._rate(expected, self.max_k, self.draft_cost_per_token * ks)
-        return max(self.min_draft, int(rate[1:].argmax()) + 1)
+        k = max(self.min_draft, int(rate[1:].argmax()) + 1)
+        costly = self.draft_cost_per_call is not None and self.draft_cost_per_call > self.free_draft_fraction * self.latency(1)
+        losing = self.draft_gain is not None and self.draft_gain < 1.0
+        if self.allow_skip and costly and losing and self._since_draft + 1 < self._interval:
+            self._since_draft += 1
+            self.skipped += 1
+            return 0
+        self._since_draft = 0
+        return k
 
     def choose(self, proposal: DraftProposal) -> int:
         k_max = proposal.length
@@ -241,6 +277,15 @@ class CostAwarePolicy(BlockLengthPolicy):
         if proposal.length:
             m = self.momentum
             self.draft_cost_per_token = m * self.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
+            prev = self.draft_cost_per_call
+            self.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
+            if self.latency is not None:
+                # this drafted cycle's tokens/s relative to a plain step (from the latency curve, less noisy than one timing)
+                gain = (accepted + 1) / (self.latency(verified + 1) + draft_time_s) * self.latency(1)
+                g = self.gain_momentum
+                self.draft_gain = gain if self.draft_gain is None else g * self.draft_gain + (1 - g) * gain
+                # back off probing while drafts lose to a plain step, reset when one wins
+                self._interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * self._interval)
         if verified:
             self.calibrator.update(proposal.confidence[0], verified, accepted)
             tested = min(verified, accepted + 1)

@@ -140,7 +140,7 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
     assert last < first * 0.8, (first, last)
-    assert any("heldout_tau" in r for r in log)
+    assert any("heldout_tau" in r and "train_tau" in r for r in log)
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["final_heldout_tau"] >= 1.0
     drafter = BlockDiffusionDrafter.from_pretrained(best)
     DiffusionSpeculator(target, None, drafter)  # loads and binds
@@ -231,3 +231,86 @@ def test_training_forward_gives_the_drafter_what_drafting_gives_it(target):
         proposal = drafter.propose(torch.tensor([ids[: a + 1]]), 5, SamplingParams(), None)
         assert proposal.tokens[0].tolist() == logits[0, k].argmax(-1).tolist()
         torch.testing.assert_close(proposal.confidence[0], logits[0, k].softmax(-1).amax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_cache_is_the_targets_next_token_distribution_aligned_with_block_labels(target, tmp_path):
+    """On greedy continuations the cached teacher's top-1 at every response label is the label
+    itself (the alignment distillation relies on), and the cached log-probs are the target's."""
+    from dllm_spec.training.block_diffusion import BlockBatch, Sequence, TrainConfig, block_teacher
+    from dllm_spec.training.features import TeacherStore
+
+    prompt = [0, 5, 9, 14]
+    ids = target.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=1)[0].tolist()
+    store = TeacherStore(tmp_path, target, k=4)
+    store.build({"s": [ids]}, show_progress=False)
+    logp = torch.log_softmax(target(torch.tensor([ids])).logits[0].float(), -1)
+    top = logp.topk(4, -1)
+    cached = store.get("s", 0, len(ids))
+    assert cached[:, :4].long().tolist() == top.indices.tolist()
+    torch.testing.assert_close(cached[:, 4:], top.values, atol=1e-5, rtol=1e-5)
+    seq = Sequence(ids, prompt_len=len(prompt), greedy=True, shard="s", row=0)
+    batch = BlockBatch([seq], TrainConfig(block_size=6, anchors_per_seq=4), torch.arange(VOCAB), random.Random(0), noised=False)
+    teacher = block_teacher(store, [seq], batch, "cpu")  # (1, A, 5, 8)
+    valid = batch.label_valid
+    assert valid.any()
+    assert torch.equal(teacher[..., 0].long()[valid], batch.body_tokens[valid])
+
+
+def test_distillation_to_a_one_hot_teacher_is_plain_cross_entropy(target):
+    from dllm_spec.training.block_diffusion import BlockBatch, Sequence, TrainConfig, weighted_loss
+
+    ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4]
+    batch = BlockBatch([Sequence(ids, prompt_len=3, greedy=True)], TrainConfig(block_size=6, anchors_per_seq=3),
+                       torch.arange(VOCAB), random.Random(0), noised=False)
+    states = torch.randn(1, 3, 5, 8)
+    head = torch.randn(VOCAB, 8)
+    k = 3
+    one_hot = torch.cat([batch.body_tokens.unsqueeze(-1).float(), torch.zeros(1, 3, 5, k - 1),  # ids: label, then 0s
+                         torch.zeros(1, 3, 5, 1), torch.full((1, 3, 5, k - 1), -1e9)], dim=-1)  # log-probs: 0, -inf
+    plain = weighted_loss(states, batch, head, 7.0)
+    torch.testing.assert_close(weighted_loss(states, batch, head, 7.0, one_hot, 1.0, torch.arange(VOCAB)), plain)
+    soft = one_hot.clone()
+    soft[..., k + 1] = 0.0  # half the mass on token 0: the loss changes
+    assert not torch.allclose(weighted_loss(states, batch, head, 7.0, soft, 1.0, torch.arange(VOCAB)), plain)
+
+
+def test_drafts_after_skipped_cycles_equal_drafts_of_a_fresh_drafter(target, small_drafter_model):
+    """When the policy skips drafting, the drafter only sees commit() calls; its next proposal must
+    be the one a freshly started drafter makes on the same committed sequence."""
+    from dllm_spec.training.features import compute_features
+    from drafters import AutoregressiveDrafter
+
+    ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4, 8, 19]
+    for make in (lambda: make_drafter(target, 2), lambda: AutoregressiveDrafter(small_drafter_model, name="small-ar")):
+        drafter, fresh = make(), make()
+        DiffusionSpeculator(target, None, drafter)
+        DiffusionSpeculator(target, None, fresh)
+        layers = list(drafter.target_layer_ids)
+        feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layers) if layers else None
+        cut = lambda a, b: None if feats is None else feats[:, a:b]  # noqa: E731
+        drafter.begin(torch.tensor([ids[:5]]), cut(0, 4))
+        drafter.propose(torch.tensor([ids[:5]]), 4, SamplingParams(), None)
+        prev = 5
+        for end in (7, 8, 12):  # three committed cycles, no proposal in between; the target wrote positions prev-1 .. end-2
+            drafter.commit(torch.tensor([ids[:end]]), cut(prev - 1, end - 1))
+            prev = end
+        fresh.begin(torch.tensor([ids[:12]]), cut(0, 11))
+        got = drafter.propose(torch.tensor([ids[:12]]), 4, SamplingParams(), None)
+        want = fresh.propose(torch.tensor([ids[:12]]), 4, SamplingParams(), None)
+        assert got.tokens.tolist() == want.tokens.tolist()
+        torch.testing.assert_close(got.confidence, want.confidence, atol=1e-5, rtol=1e-5)
+
+
+def test_training_curve_reads_evaluations_and_shifts_warm_started_runs(tmp_path):
+    from dllm_spec.training.curves import heldout_points, main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "loss": 3.0, "tokens": 100}, {"step": 2, "loss": 2.5, "tokens": 200, "heldout_tau": 1.2},
+        {"step": 3, "loss": 2.0, "tokens": 300, "heldout_tau": 1.3}]) + "\n")
+    assert heldout_points(run / "train_log.jsonl") == [(200, 1.2), (300, 1.3)]
+    main([f"a={run}", "--offset", "a=1e6", "--break-even", "2.2", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main([f"a={run}", "--offset", "b=5", "--out", str(tmp_path / "d.png")])

@@ -249,6 +249,48 @@ def test_cost_aware_policy_verifies_more_when_confident_and_less_when_not():
     assert flat.choose(confident) == 16  # verification is free: verify everything
 
 
+def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_when_they_win():
+    """On a CPU-like latency curve (a 2-token forward costs 1.7 one-token ones) a drafter whose
+    drafts are all rejected is mostly skipped (plain steps), still probed now and then; one whose
+    drafts are all accepted is never skipped; nor is a free one (it costs nothing to look);
+    ``allow_skip=False`` always drafts."""
+    from dllm_spec.latency import LatencyCurve
+
+    def run(policy, accept_all: bool, cycles: int = 200, draft_s: float = 0.01) -> list[int]:
+        lengths = []
+        for _ in range(cycles):
+            k = policy.draft_length()
+            lengths.append(k)
+            if k:
+                proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.5))
+                verified = policy.choose(proposal) or k  # the oracle case verifies what it drafted
+                policy.observe(proposal, verified, verified if accept_all else 0, draft_s, 0.1)
+        return lengths
+
+    curve = {1: 0.06, 2: 0.105, 8: 0.13, 16: 0.14}
+    losing = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))
+    lengths = run(losing, accept_all=False)
+    probes = sum(k > 0 for k in lengths[50:])
+    assert 0 < probes < 10 and losing.skipped == lengths.count(0)  # backed off to rare probes
+    winning = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))
+    assert all(k > 0 for k in run(winning, accept_all=True)) and winning.skipped == 0
+    always = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0), allow_skip=False)
+    assert all(k > 0 for k in run(always, accept_all=False))
+    free = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))  # prompt-lookup-like: drafting is free
+    assert all(k > 0 for k in run(free, accept_all=False, draft_s=1e-5))
+
+
+def test_skipped_drafting_cycles_keep_greedy_output_exact(target, small_drafter_model):
+    from dllm_spec.latency import LatencyCurve
+
+    ref = reference(target, PROMPTS[0], 40)
+    for drafter in (OracleDrafter(target, wrong=True), AutoregressiveDrafter(small_drafter_model, name="small-ar")):
+        policy = CostAwarePolicy(max_k=6, latency=LatencyCurve({1: 0.001, 2: 1.0}, momentum=1.0))  # drafting never pays
+        out = DiffusionSpeculator(target, None, drafter, policy=policy).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=40)
+        assert out.token_ids[0].tolist() == ref
+        assert policy.skipped > 0
+
+
 def test_stats_record_policy_predictions_for_calibration(target):
     spec = DiffusionSpeculator(target, None, OracleDrafter(target), policy=CostAwarePolicy(max_k=8))
     out = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=30)

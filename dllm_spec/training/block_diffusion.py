@@ -11,11 +11,16 @@ Per batch of target-generated sequences (prompt + response):
 3. a mixture of noise levels: with probability ``full_mask_prob`` every block position is masked
    (one-step drafting), otherwise each is masked with probability t ~ U(t_min, 1) and the unmasked
    ones are given (multi-step denoising);
-4. cross-entropy on masked positions, weighted exp(-(j-1)/gamma) along the block.
+4. cross-entropy on masked positions, weighted exp(-(j-1)/gamma) along the block; optionally
+   (``distill_weight`` > 0) mixed with a soft cross-entropy to the target's own top-k next-token
+   distribution at that position (cached once, :class:`~dllm_spec.training.features.TeacherStore`):
+   on sampled responses the sampled token is a noisy stand-in for what the target prefers, and the
+   greedy acceptance test asks exactly for the target's argmax.
 
 AdamW with warm-up + cosine decay, gradient clipping, periodic checkpoints (resume from the latest),
 held-out evaluation of the offline greedy tau (leading drafts equal to the target's own greedy
-continuation, one denoising step, full block), early stopping, and the best checkpoint kept. Runs
+continuation, one denoising step, full block; the same on training sequences, logged as
+``train_tau``: their gap measures overfitting), early stopping, and the best checkpoint kept. Runs
 unchanged under ``accelerate launch`` (data split across processes, gradients averaged).
 """
 
@@ -37,7 +42,7 @@ from transformers import PreTrainedModel
 
 from dllm_spec.data.distill import iter_shards
 from dllm_spec.training.common import warmup_cosine, write_dir_atomic
-from dllm_spec.training.features import FeatureStore, feature_dir
+from dllm_spec.training.features import FeatureStore, TeacherStore, feature_dir, teacher_dir
 from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
@@ -67,6 +72,8 @@ class TrainConfig:
     heldout_mod: int = 20
     seed: int = 0
     init_from_target: bool = True
+    distill_weight: float = 0.0
+    teacher_top_k: int = 8
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_layers", "anchors_per_seq", "batch_size", "max_steps", "eval_every", "checkpoint_every"):
@@ -74,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.block_size < 2:
             raise ValueError("block_size must be >= 2")
+        if not 0 <= self.distill_weight <= 1 or self.teacher_top_k < 1:
+            raise ValueError(f"distill_weight must be in [0, 1] and teacher_top_k >= 1, got {self.distill_weight}, {self.teacher_top_k}")
         if not 0 <= self.full_mask_prob <= 1 or not 0 < self.t_min <= 1:
             raise ValueError("full_mask_prob must be in [0, 1] and t_min in (0, 1]")
 
@@ -115,16 +124,32 @@ def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -
 
 
 def shard_rows(sequences: list[Sequence]) -> dict[str, list[list[int]]]:
-    """Token ids of ``sequences`` grouped by shard, in row order (what the feature cache stores)."""
+    """Token ids of ``sequences`` grouped by shard, in row order (what the feature cache stores).
+    Every row of a shard must be present (pass train + held-out): the caches are indexed by row."""
     shards: dict[str, dict[int, list[int]]] = {}
     for s in sequences:
         shards.setdefault(s.shard, {})[s.row] = s.ids
+    for name, rows in shards.items():
+        if sorted(rows) != list(range(len(rows))):
+            raise ValueError(f"shard {name}: rows {sorted(set(range(max(rows) + 1)) - set(rows))[:5]}... are missing; "
+                             "the caches are indexed by row, so pass every sequence of the shard")
     return {name: [rows[i] for i in sorted(rows)] for name, rows in sorted(shards.items())}
 
 
 def sequence_features(store: FeatureStore, seqs: list[Sequence], device: torch.device | str) -> torch.Tensor:
     """Cached target features of a batch of sequences, right-padded: (N, T, n * H)."""
     return store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs], device)
+
+
+def block_teacher(store: TeacherStore, seqs: list[Sequence], batch: "BlockBatch", device: torch.device | str) -> torch.Tensor:
+    """The target's cached top-k distribution of every block body label: (N, A, B-1, 2k). Body
+    position j of anchor a is token a + j, predicted by the target at position a + j - 1."""
+    table = store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs])  # (N, T, 2k)
+    n, A = batch.anchor.shape
+    L = batch.body_tokens.shape[-1]
+    pos = (batch.anchor.unsqueeze(-1) + torch.arange(L)).clamp(max=table.shape[1] - 1)  # (N, A, L)
+    gathered = table.gather(1, pos.view(n, A * L, 1).expand(n, A * L, table.shape[-1]))  # (N, A*L, 2k)
+    return gathered.view(n, A, L, -1).to(device)
 
 
 class BlockBatch:
@@ -205,15 +230,31 @@ def block_states(model: BlockDiffusionModel, batch: BlockBatch, features: torch.
     return hidden[:, :, 1:]
 
 
-def weighted_loss(states: torch.Tensor, batch: BlockBatch, head: torch.Tensor, gamma: float) -> torch.Tensor:
+def weighted_loss(states: torch.Tensor, batch: BlockBatch, head: torch.Tensor, gamma: float,
+                  teacher: torch.Tensor | None = None, distill_weight: float = 0.0, vocab_map: torch.Tensor | None = None) -> torch.Tensor:
     """Position-decayed cross-entropy over the loss positions only (the LM head, a third of a
-    step's compute, runs on those rows alone): weight exp(-(j-1)/gamma) at block position j."""
+    step's compute, runs on those rows alone): weight exp(-(j-1)/gamma) at block position j.
+
+    With ``teacher`` (N, A, L, 2k) from :func:`block_teacher` and ``distill_weight`` w > 0 the
+    per-position loss is (1 - w) * CE(label) + w * CE(teacher top-k renormalised over the draft
+    vocabulary) (``vocab_map``: target id -> draft id, -1 outside)."""
     n, A, L, _ = states.shape
     dev = states.device
     selected = batch.loss_mask.to(dev)  # (N, A, L)
     w = torch.exp(-torch.arange(L, device=dev, dtype=torch.float32) / gamma).expand(n, A, L)[selected]  # (M,)
     logits = states[selected] @ head.T  # (M, V_draft)
     ce = F.cross_entropy(logits.float(), batch.labels.to(dev)[selected], reduction="none")
+    if teacher is not None and distill_weight > 0:
+        if vocab_map is None:
+            raise ValueError("distillation needs vocab_map (target id -> draft id)")
+        k = teacher.shape[-1] // 2
+        rows = teacher[selected]  # (M, 2k)
+        ids = vocab_map.to(dev)[rows[:, :k].long()]  # (M, k) draft ids, -1 outside the draft vocabulary
+        p = torch.where(ids >= 0, rows[:, k:].exp(), torch.zeros_like(rows[:, k:]))
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+        logq = torch.log_softmax(logits.float(), dim=-1).gather(1, ids.clamp_min(0))  # (M, k)
+        soft = -(p * logq).sum(-1)
+        ce = (1 - distill_weight) * ce + distill_weight * soft
     return (ce * w).sum() / w.sum().clamp_min(1e-6)
 
 
@@ -299,8 +340,14 @@ def train_block_diffusion(
 
         feature_root = cache_root() / "features"
     store = FeatureStore(feature_dir(feature_root, target, layer_ids), target, layer_ids)
+    teachers = None
+    if cfg.distill_weight > 0:
+        teachers = TeacherStore(teacher_dir(feature_root, target, cfg.teacher_top_k), target, cfg.teacher_top_k)
     if acc.is_main_process:
-        store.build(shard_rows(train + held))
+        rows = shard_rows(train + held)
+        store.build(rows)
+        if teachers is not None:
+            teachers.build(rows)
     acc.wait_for_everyone()
     head = target.get_output_embeddings().weight[vocab].detach()
     embed = target.get_input_embeddings()
@@ -337,7 +384,10 @@ def train_block_diffusion(
         seqs = [train[i] for i in take[acc.process_index:: acc.num_processes]]
         batch = BlockBatch(seqs, cfg, vocab_map, rng)
         feats = sequence_features(store, seqs, acc.device)
-        loss = weighted_loss(block_states(raw, batch, feats, embed, cfg.block_size), batch, head, cfg.gamma)
+        teacher = block_teacher(teachers, seqs, batch, acc.device) if teachers is not None else None
+        with acc.autocast():  # bf16 on CPU/GPU under Accelerator(mixed_precision="bf16"), else a no-op
+            loss = weighted_loss(block_states(raw, batch, feats, embed, cfg.block_size), batch, head, cfg.gamma,
+                                 teacher, cfg.distill_weight, vocab_map)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -352,6 +402,8 @@ def train_block_diffusion(
             if acc.is_main_process:
                 tau = offline_tau(raw, target, held, cfg, head, vocab, store)
                 record["heldout_tau"] = tau
+                # the same measure on training sequences: the gap to held-out is the overfitting (data-limit) signal
+                record["train_tau"] = offline_tau(raw, target, train, cfg, head, vocab, store)
                 if tau > state["best_tau"]:
                     state["best_tau"], state["bad_evals"] = tau, 0
                     _save_checkpoint(out, "best", raw)
@@ -370,7 +422,8 @@ def train_block_diffusion(
             _save_checkpoint(out, "best", raw)
         best_model = BlockDiffusionModel.from_pretrained(out / "best").to(acc.device)
         final = offline_tau(best_model, target, held, cfg, head, vocab, store)
-        summary = {"final_heldout_tau": final, "steps": state["step"], "train_tokens_seen": state["tokens"],
+        summary = {"final_heldout_tau": final, "final_train_tau": offline_tau(best_model, target, train, cfg, head, vocab, store),
+                   "steps": state["step"], "train_tokens_seen": state["tokens"],
                    "train_sequences": len(train), "heldout_sequences": len(held),
                    "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train)}
         (out / "eval.json").write_text(json.dumps(summary, indent=1))

@@ -28,6 +28,8 @@ def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--time-budget-min", type=float, default=None, help="stop (after a checkpoint) when this many minutes have passed")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                   help="bf16 autocast for the drafter's forward (block diffusion; fast on CPUs with avx512_bf16 and on GPUs)")
     p.add_argument("--feature-dir", default=None, help="cache of the target's hidden-state features (default: <DLLM_SPEC_CACHE>/features)")
     defaults = CONFIGS[drafter]()
     for f in fields(defaults):
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         best = train_token_drafter(OBJECTIVES[drafter](), target, tokenizer, args.data, args.out, cfg, time_budget_s=budget)
         print(f"best drafter: {best}")
         return
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=accelerator.device)
     best = train_block_diffusion(target, args.data, args.out, cfg, eos_token_id=tokenizer.eos_token_id, accelerator=accelerator,
                                  time_budget_s=budget, feature_root=args.feature_dir)

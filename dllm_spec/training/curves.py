@@ -18,8 +18,11 @@ def heldout_points(log: str | os.PathLike) -> list[tuple[int, float]]:
     return points
 
 
-def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike, break_even: float | None = None) -> Path:
-    """One line per run (label -> run directory or log file); optional horizontal break-even line."""
+def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike, break_even: float | None = None,
+                     offsets: dict[str, int] | None = None) -> Path:
+    """One line per run (label -> run directory or log file); optional horizontal break-even line.
+    ``offsets`` (label -> tokens) shifts a run warm-started from another one's weights to where
+    that run stopped, so the x axis stays "tokens seen by these weights"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,8 +32,9 @@ def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike,
     for label, path in runs.items():
         log = Path(path) / "train_log.jsonl" if Path(path).is_dir() else Path(path)
         pts = heldout_points(log)
+        shift = (offsets or {}).get(label, 0)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] + shift for p in pts], [p[1] for p in pts], marker="o", label=label)
     if break_even is not None:
         ax.axhline(break_even, color="grey", linestyle="--", label=f"break-even tau {break_even:g}")
     ax.set_xlabel("training tokens seen (sequence tokens)")
@@ -53,9 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", help="LABEL=PATH (run directory or train_log.jsonl)")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--break-even", type=float, default=None)
+    p.add_argument("--offset", action="append", default=[], metavar="LABEL=TOKENS",
+                   help="shift a warm-started run by the tokens its starting weights had seen (repeatable)")
     args = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in args.runs)
-    print(plot_heldout_tau(runs, args.out, args.break_even))
+    offsets = {label: int(float(n)) for label, n in (o.split("=", 1) for o in args.offset)}
+    unknown = set(offsets) - set(runs)
+    if unknown:
+        p.error(f"--offset names runs that are not plotted: {sorted(unknown)}")
+    print(plot_heldout_tau(runs, args.out, args.break_even, offsets))
 
 
 if __name__ == "__main__":

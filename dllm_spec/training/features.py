@@ -1,10 +1,16 @@
-"""On-disk cache of the target's hidden-state features for the distillation sequences.
+"""On-disk caches of per-position target outputs for the distillation sequences: hidden-state
+features (:class:`FeatureStore`) and the teacher's top-k next-token log-probabilities
+(:class:`TeacherStore`).
 
 Training step (b) of the recipe: the frozen target runs once over every (prompt + response)
 sequence and the hidden states of the drafter's ``target_layer_ids`` are stored (float16, one raw
 memory-mapped file per data shard plus a JSON index), so every later epoch, evaluation and resumed
 run reads them instead of re-running the target. On the 2-core CPU this turns a ~8 s training step
 (dominated by the target's forward) into ~1-2 s.
+
+:class:`TeacherStore` does the same for step (c)'s optional distillation: the target's top-k
+next-token log-probabilities at every position (ids and log-probs, float32), so the drafter can
+learn the target's own distribution, not only the sampled token.
 
 Each shard's index records the sequence lengths and a SHA-1 of the token ids, so a changed shard
 or a different target/layer set is recomputed instead of silently reused. Files are written
@@ -48,24 +54,26 @@ def compute_features(target: PreTrainedModel, ids: torch.Tensor, attention: torc
     return torch.cat([out.hidden_states[i] for i in layer_ids], dim=-1)
 
 
-class FeatureStore:
-    """Features of the sequences of every data shard, computed once and memory-mapped.
+class PositionStore:
+    """Per-position arrays of every data shard's sequences, computed once and memory-mapped.
 
-    Args:
-        directory: from :func:`feature_dir` (one target and layer set).
-        target: the frozen target.
-        layer_ids: hidden-state indices to store, concatenated in this order.
-    """
+    Subclasses set ``width``, ``dtype``, ``suffix`` and implement :meth:`compute` (a right-padded
+    batch (N, T) -> (N, T, width))."""
 
-    def __init__(self, directory: str | os.PathLike, target: PreTrainedModel, layer_ids: list[int]) -> None:
+    width: int
+    dtype: type = np.float16
+    suffix: str = ".f16"
+
+    def __init__(self, directory: str | os.PathLike, target: PreTrainedModel) -> None:
         self.dir = Path(directory)
         self.target = target
-        self.layer_ids = list(layer_ids)
-        self.width = len(self.layer_ids) * target.config.hidden_size
-        self._maps: dict[str, tuple[np.memmap, list[list[int]]]] = {}
+        self._maps: dict[str, tuple[np.memmap, list[int]]] = {}
+
+    def compute(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _paths(self, shard: str) -> tuple[Path, Path]:
-        return self.dir / f"{shard}.f16", self.dir / f"{shard}.json"
+        return self.dir / f"{shard}{self.suffix}", self.dir / f"{shard}.json"
 
     def _valid(self, shard: str, rows: list[list[int]]) -> bool:
         data, index = self._paths(shard)
@@ -80,13 +88,13 @@ class FeatureStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         todo = {s: rows for s, rows in shards.items() if not self._valid(s, rows)}
         total = sum(len(ids) for rows in todo.values() for ids in rows)
-        bar = tqdm(total=total, desc="target features", unit="tok", disable=not show_progress or not total)
+        bar = tqdm(total=total, desc=f"target {type(self).__name__}", unit="tok", disable=not show_progress or not total)
         device = self.target.device
         for shard, rows in todo.items():
             offsets = np.cumsum([0] + [len(r) for r in rows])
             data_path, index_path = self._paths(shard)
-            tmp = data_path.with_suffix(".f16.tmp")
-            out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(int(offsets[-1]), self.width))
+            tmp = data_path.with_name(data_path.name + ".tmp")
+            out = np.memmap(tmp, dtype=self.dtype, mode="w+", shape=(int(offsets[-1]), self.width))
             order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # limit padding
             for b in range(0, len(order), batch_size):
                 idx = order[b: b + batch_size]
@@ -96,41 +104,97 @@ class FeatureStore:
                 for j, i in enumerate(idx):
                     ids[j, : len(rows[i])] = torch.tensor(rows[i])
                     attention[j, : len(rows[i])] = 1
-                feats = compute_features(self.target, ids.to(device), attention.to(device), self.layer_ids).float().cpu()
-                peak = float(feats.abs().max())
-                if peak > FLOAT16_MAX:
-                    raise OverflowError(f"target features reach {peak:.0f}, beyond float16; cannot cache them as float16")
+                feats = self.compute(ids.to(device), attention.to(device)).float().cpu()
+                if self.dtype == np.float16:
+                    peak = float(feats.abs().max())
+                    if peak > FLOAT16_MAX:
+                        raise OverflowError(f"target outputs reach {peak:.0f}, beyond float16; cannot cache them as float16")
                 for j, i in enumerate(idx):
-                    out[offsets[i]: offsets[i + 1]] = feats[j, : len(rows[i])].numpy().astype(np.float16)
+                    out[offsets[i]: offsets[i + 1]] = feats[j, : len(rows[i])].numpy().astype(self.dtype)
                 bar.update(int(attention.sum()))
             out.flush()
             del out
             os.replace(tmp, data_path)
-            meta = {"ids_sha1": _ids_digest(rows), "width": self.width, "offsets": offsets.tolist(), "layer_ids": self.layer_ids}
+            meta = {"ids_sha1": _ids_digest(rows), "width": self.width, "offsets": offsets.tolist(), "kind": type(self).__name__}
             index_tmp = index_path.with_suffix(".json.tmp")
             index_tmp.write_text(json.dumps(meta))
             os.replace(index_tmp, index_path)
         bar.close()
 
     def get(self, shard: str, row: int, length: int) -> torch.Tensor:
-        """Features of the first ``length`` positions of one sequence: (length, n * H) float32."""
+        """The first ``length`` positions of one sequence: (length, width) float32."""
         if shard not in self._maps:
             data_path, index_path = self._paths(shard)
             if not index_path.is_file():
                 raise FileNotFoundError(f"no cached features for shard {shard} in {self.dir}; call build() first")
             offsets = json.loads(index_path.read_text())["offsets"]
-            arr = np.memmap(data_path, dtype=np.float16, mode="r", shape=(offsets[-1], self.width))
+            arr = np.memmap(data_path, dtype=self.dtype, mode="r", shape=(offsets[-1], self.width))
             self._maps[shard] = (arr, offsets)
         arr, offsets = self._maps[shard]
         start, end = offsets[row], offsets[row + 1]
         if length > end - start:
             raise ValueError(f"sequence {shard}:{row} has {end - start} cached positions, {length} requested")
-        return torch.from_numpy(np.asarray(arr[start: start + length], dtype=np.float32))
+        return torch.from_numpy(np.array(arr[start: start + length], dtype=np.float32))  # a writable float32 copy
 
     def batch(self, keys: list[tuple[str, int]], lengths: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Right-padded features of several sequences: (N, max length, n * H) float32."""
+        """Right-padded arrays of several sequences: (N, max length, width) float32."""
         width = max(lengths)
         out = torch.zeros((len(keys), width, self.width))
         for j, ((shard, row), n) in enumerate(zip(keys, lengths)):
             out[j, :n] = self.get(shard, row, n)
         return out.to(device)
+
+
+class FeatureStore(PositionStore):
+    """Hidden states of the drafter's ``layer_ids`` (float16, width n * H).
+
+    Args:
+        directory: from :func:`feature_dir` (one target and layer set).
+        target: the frozen target.
+        layer_ids: hidden-state indices to store, concatenated in this order.
+    """
+
+    def __init__(self, directory: str | os.PathLike, target: PreTrainedModel, layer_ids: list[int]) -> None:
+        super().__init__(directory, target)
+        self.layer_ids = list(layer_ids)
+        self.width = len(self.layer_ids) * target.config.hidden_size
+
+    def compute(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return compute_features(self.target, ids, attention, self.layer_ids)
+
+
+@torch.no_grad()
+def compute_teacher_topk(target: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """The target's top-k next-token log-probabilities at every position of a right-padded batch:
+    (N, T) -> (N, T, 2k), token ids (exact as float32) then their log-probabilities."""
+    hidden = target.model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state  # (N, T, H)
+    head = target.get_output_embeddings()
+    out = []
+    for row in hidden:  # one sequence at a time: (T, V) logits, not (N, T, V)
+        logp = torch.log_softmax(head(row).float(), dim=-1)
+        top = logp.topk(k, dim=-1)
+        out.append(torch.cat([top.indices.float(), top.values], dim=-1))
+    return torch.stack(out)
+
+
+class TeacherStore(PositionStore):
+    """The target's top-``k`` next-token log-probabilities at every position (float32, width 2k):
+    position t holds the target's distribution of token t + 1 given tokens <= t."""
+
+    dtype = np.float32
+    suffix = ".f32"
+
+    def __init__(self, directory: str | os.PathLike, target: PreTrainedModel, k: int = 8) -> None:
+        if k < 1:
+            raise ValueError(f"teacher top-k must be >= 1, got {k}")
+        super().__init__(directory, target)
+        self.k = k
+        self.width = 2 * k
+
+    def compute(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return compute_teacher_topk(self.target, ids, attention, self.k)
+
+
+def teacher_dir(root: str | os.PathLike, target: PreTrainedModel, k: int) -> Path:
+    """Cache directory of one target's top-k teacher outputs: ``root/<target digest>/teacher-top<k>``."""
+    return feature_dir(root, target, []).with_name(f"teacher-top{k}")
