@@ -195,9 +195,9 @@ class CostAwarePolicy(BlockLengthPolicy):
     one-token one, as on CPUs), the policy skips drafting (``draft_length() == 0``: the cycle is a
     plain autoregressive step). A near-free drafter (prompt lookup) is never skipped: ``choose()``
     can already decline to verify its proposal at no cost, and skipping would only miss its
-    matches. While skipping it still drafts every ``probe_every``-th cycle to keep its estimates fresh, doubling that interval (up to ``max_probe_every``) while probes keep losing
-    and resetting it when one wins, so a drafter that starts to pay off (a repetitive stretch for
-    prompt lookup, say) is picked up again.
+    matches. While skipping it still drafts every ``probe_every``-th cycle to keep its estimates
+    fresh, doubling that interval (up to ``max_probe_every``) while probes keep losing and resetting
+    it when one wins, so a drafter that starts to pay off is picked up again.
 
     Args:
         max_k: longest draft.
@@ -247,10 +247,6 @@ class CostAwarePolicy(BlockLengthPolicy):
         return expected / (verify + draft_cost)
 
     def draft_length(self) -> int:
-        ks = torch.arange(self.max_k + 1, dtype=torch.float32)
-        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(self.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
-        rate = self._rate(expected, self.max_k, self.draft_cost_per_token * ks)
-        k = max(self.min_draft, int(rate[1:].argmax()) + 1)
         costly = self.draft_cost_per_call is not None and self.draft_cost_per_call > self.free_draft_fraction * self.latency(1)
         losing = self.draft_gain is not None and self.draft_gain < 1.0
         if self.allow_skip and costly and losing and self._since_draft + 1 < self._interval:
@@ -258,7 +254,10 @@ class CostAwarePolicy(BlockLengthPolicy):
             self.skipped += 1
             return 0
         self._since_draft = 0
-        return k
+        ks = torch.arange(self.max_k + 1, dtype=torch.float32)
+        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(self.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
+        rate = self._rate(expected, self.max_k, self.draft_cost_per_token * ks)
+        return max(self.min_draft, int(rate[1:].argmax()) + 1)
 
     def choose(self, proposal: DraftProposal) -> int:
         k_max = proposal.length

@@ -123,6 +123,13 @@ def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
+def draft_vocab_map(vocab: torch.Tensor, size: int) -> torch.Tensor:
+    """Target id -> draft id for the sorted draft vocabulary ``vocab`` (-1 outside it): (size,)."""
+    mapping = torch.full((size,), -1, dtype=torch.long)
+    mapping[vocab] = torch.arange(len(vocab))
+    return mapping
+
+
 def shard_rows(sequences: list[Sequence]) -> dict[str, list[list[int]]]:
     """Token ids of ``sequences`` grouped by shard, in row order (what the feature cache stores).
     Every row of a shard must be present (pass train + held-out): the caches are indexed by row."""
@@ -270,8 +277,7 @@ def offline_tau(model, target, sequences: list[Sequence], cfg: TrainConfig, head
     if not seqs:
         return float("nan")
     accepted = []
-    vocab_map = torch.full((target_vocab_size(target),), -1, dtype=torch.long)
-    vocab_map[vocab] = torch.arange(len(vocab))
+    vocab_map = draft_vocab_map(vocab, target_vocab_size(target))
     ecfg = TrainConfig(**{**asdict(cfg), "anchors_per_seq": anchors})
     for i in range(0, len(seqs), cfg.batch_size):
         chunk = seqs[i: i + cfg.batch_size]
@@ -351,8 +357,7 @@ def train_block_diffusion(
     acc.wait_for_everyone()
     head = target.get_output_embeddings().weight[vocab].detach()
     embed = target.get_input_embeddings()
-    vocab_map = torch.full((target_vocab_size(target),), -1, dtype=torch.long)
-    vocab_map[vocab] = torch.arange(len(vocab))
+    vocab_map = draft_vocab_map(vocab, target_vocab_size(target))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
