@@ -29,11 +29,11 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temporary file + rename)."""
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Replace ``path`` with ``text`` (or raw bytes) atomically (temporary file + rename)."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w") as fh:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

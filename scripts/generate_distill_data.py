@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/distill")
     parser.add_argument("--target", default=None, help="HF id or path; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64, help="64 with the static cache: ~185 new tokens/s on 2 CPU cores")
     parser.add_argument("--max-new-tokens", type=int, default=320)
     parser.add_argument("--shard-size", type=int, default=128, help="responses per shard (the unit lost if killed)")
     parser.add_argument("--max-shards", type=int, default=None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -149,6 +150,15 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg2, feature_root=tmp_path / "features")
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 45 and steps.count(41) == 1
+    # warm start (weights, no trainer state) on the same data: the incoming weights are scored at
+    # step 0, and the run's best/ is never worse than them
+    shutil.copytree(best, tmp_path / "warm" / "checkpoint")
+    cfg3 = TrainConfig(**{**cfg.__dict__, "max_steps": 4, "eval_every": 4, "lr": 0.5})  # a harmful step size
+    train_block_diffusion(target, tmp_path / "data", tmp_path / "warm", cfg3, feature_root=tmp_path / "features")
+    warm = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
+    first_eval = json.loads((tmp_path / "run" / "eval.json").read_text())["final_heldout_tau"]
+    assert warm[0]["step"] == 0 and warm[0]["heldout_tau"] == pytest.approx(first_eval, abs=1e-9)
+    assert json.loads((tmp_path / "warm" / "eval.json").read_text())["final_heldout_tau"] >= warm[0]["heldout_tau"] - 1e-9
 
 
 # ---- standalone masked-diffusion drafter ------------------------------------------------------------
@@ -254,6 +264,31 @@ def test_teacher_cache_is_the_targets_next_token_distribution_aligned_with_block
     valid = batch.label_valid
     assert valid.any()
     assert torch.equal(teacher[..., 0].long()[valid], batch.body_tokens[valid])
+
+
+def test_feature_and_teacher_caches_fill_from_one_target_forward(target, tmp_path):
+    """build_stores runs the target once per batch for both caches, and each cache equals the one
+    built on its own."""
+    from dllm_spec.training.features import FeatureStore, TeacherStore, build_stores
+
+    rows = {"a": [[0, 5, 9, 14, 5], [0, 7, 7, 2, 3, 4, 8, 11]], "b": [[3, 1, 4, 1, 5, 9, 2]]}
+    calls = []
+    handle = target.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        feats, teach = FeatureStore(tmp_path / "f", target, [1, 2]), TeacherStore(tmp_path / "t", target, k=3)
+        build_stores([feats, teach], rows, batch_size=8, show_progress=False)
+        assert len(calls) == 2  # one batch per shard, shared by both stores
+        build_stores([feats, teach], rows, show_progress=False)
+        assert len(calls) == 2  # all cached: nothing recomputed
+    finally:
+        handle.remove()
+    alone_f, alone_t = FeatureStore(tmp_path / "f2", target, [1, 2]), TeacherStore(tmp_path / "t2", target, k=3)
+    alone_f.build(rows, show_progress=False)
+    alone_t.build(rows, show_progress=False)
+    for shard, seqs in rows.items():
+        for r, ids in enumerate(seqs):
+            assert torch.equal(feats.get(shard, r, len(ids)), alone_f.get(shard, r, len(ids)))
+            assert torch.equal(teach.get(shard, r, len(ids)), alone_t.get(shard, r, len(ids)))
 
 
 def test_distillation_to_a_one_hot_teacher_is_plain_cross_entropy(target):

@@ -21,13 +21,17 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dllm_spec.data.prompts import Prompt
+from dllm_spec.jsonl import write_atomic
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """How responses are generated.
 
-    ``temperatures``: one response per entry per prompt; 0.0 means greedy.
+    ``temperatures``: one response per entry per prompt; 0.0 means greedy. ``static_cache``
+    pre-allocates the KV cache (HF's ``cache_implementation="static"``): the default dynamic cache
+    concatenates every layer's keys and values at every step, which was two thirds of a batch-64
+    decode step on CPU; the outputs are the same.
     """
 
     temperatures: tuple[float, ...] = (0.0, 0.8)
@@ -35,6 +39,7 @@ class DistillConfig:
     batch_size: int = 32
     shard_size: int = 128
     seed: int = 0
+    static_cache: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperatures or any(t < 0 for t in self.temperatures):
@@ -61,12 +66,8 @@ def _done_keys(directory: Path) -> set[tuple[str, int]]:
     return {(r["prompt_id"], r["variant"]) for r in read_shards(directory)}
 
 
-def _write_atomic(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with gzip.open(tmp, "wt") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+def _write_shard(path: Path, records: list[dict]) -> None:
+    write_atomic(path, gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 @torch.inference_mode()
@@ -77,6 +78,7 @@ def _generate_batch(
     temperature: float,
     max_new_tokens: int,
     seed: int,
+    static_cache: bool = True,
 ) -> list[list[int]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)
@@ -87,6 +89,8 @@ def _generate_batch(
         attention[row, width - len(ids):] = 1
     torch.manual_seed(seed)  # HF generate samples from the global generator
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
         max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kwargs,
@@ -134,7 +138,7 @@ def generate_distillation_data(
                 batch_seed = config.seed * 1_000_003 + (next_index + shard_no) * 1009 + variant * 31 + b
                 responses = _generate_batch(
                     model, tokenizer, [encoded[i] for i in idx], config.temperatures[variant],
-                    config.max_new_tokens, batch_seed,
+                    config.max_new_tokens, batch_seed, config.static_cache,
                 )
                 for i, response in zip(idx, responses):
                     records.append({
@@ -144,6 +148,6 @@ def generate_distillation_data(
                     tokens += len(response)
                 bar.update(len(idx))
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", tokens=tokens)
-        _write_atomic(out / f"shard-{next_index + shard_no:05d}.jsonl.gz", records)
+        _write_shard(out / f"shard-{next_index + shard_no:05d}.jsonl.gz", records)
     bar.close()
     return out

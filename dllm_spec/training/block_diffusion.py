@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 
 from dllm_spec.data.distill import iter_shards
 from dllm_spec.training.common import warmup_cosine, write_dir_atomic
-from dllm_spec.training.features import FeatureStore, TeacherStore, feature_dir, teacher_dir
+from dllm_spec.training.features import FeatureStore, TeacherStore, build_stores, feature_dir, teacher_dir
 from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
@@ -328,6 +328,7 @@ def train_block_diffusion(
     torch.manual_seed(cfg.seed)
     train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
     resume = out / "checkpoint"
+    warm_start = (resume / "config.json").is_file() and not (resume / "trainer_state.pt").is_file()
     if (resume / "config.json").is_file():
         model = BlockDiffusionModel.from_pretrained(resume)
         vocab = model.draft_vocab.clone()
@@ -350,10 +351,7 @@ def train_block_diffusion(
     if cfg.distill_weight > 0:
         teachers = TeacherStore(teacher_dir(feature_root, target, cfg.teacher_top_k), target, cfg.teacher_top_k)
     if acc.is_main_process:
-        rows = shard_rows(train + held)
-        store.build(rows)
-        if teachers is not None:
-            teachers.build(rows)
+        build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held))
     acc.wait_for_everyone()
     head = target.get_output_embeddings().weight[vocab].detach()
     embed = target.get_input_embeddings()
@@ -371,6 +369,16 @@ def train_block_diffusion(
     raw = acc.unwrap_model(model)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = out / "train_log.jsonl"
+    if warm_start and acc.is_main_process:
+        # weights without trainer state (a warm start, e.g. on more data): score them first, so the
+        # curve starts from the incoming drafter on this run's held-out set and best/ never regresses
+        tau0 = offline_tau(raw, target, held, cfg, head, vocab, store)
+        state["best_tau"] = tau0
+        _save_checkpoint(out, "best", raw)
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0,
+                                 "train_tau": offline_tau(raw, target, train, cfg, head, vocab, store)}) + "\n")
+        tqdm.write(f"warm start: held-out offline tau of the incoming weights {tau0:.3f}")
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train drafter", disable=not acc.is_main_process)
     order: list[int] = []

@@ -12,6 +12,8 @@ run reads them instead of re-running the target. On the 2-core CPU this turns a 
 next-token log-probabilities at every position (ids and log-probs, float32), so the drafter can
 learn the target's own distribution, not only the sampled token.
 
+When both caches are missing, :func:`build_stores` fills them from one target forward.
+
 Each shard's index records the sequence lengths and a SHA-1 of the token ids, so a changed shard
 or a different target/layer set is recomputed instead of silently reused. Files are written
 atomically (temporary name + rename): a kill loses at most the shard in flight.
@@ -57,8 +59,9 @@ def compute_features(target: PreTrainedModel, ids: torch.Tensor, attention: torc
 class PositionStore:
     """Per-position arrays of every data shard's sequences, computed once and memory-mapped.
 
-    Subclasses set ``width``, ``dtype``, ``suffix`` and implement :meth:`compute` (a right-padded
-    batch (N, T) -> (N, T, width))."""
+    Subclasses set ``width``, ``dtype``, ``suffix`` and implement :meth:`from_hidden` (the target's
+    hidden states of a right-padded batch -> (N, T, width)), so several stores are filled from one
+    target forward (:func:`build_stores`)."""
 
     width: int
     dtype: type = np.float16
@@ -69,7 +72,9 @@ class PositionStore:
         self.target = target
         self._maps: dict[str, tuple[np.memmap, list[int]]] = {}
 
-    def compute(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def from_hidden(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``hidden_states`` as returned by ``target.model(..., output_hidden_states=True)``
+        (embeddings, then every layer's output, the last one normed), each (N, T, H) -> (N, T, width)."""
         raise NotImplementedError
 
     def _paths(self, shard: str) -> tuple[Path, Path]:
@@ -83,43 +88,9 @@ class PositionStore:
         return meta.get("ids_sha1") == _ids_digest(rows) and meta.get("width") == self.width
 
     def build(self, shards: dict[str, list[list[int]]], batch_size: int = 8, show_progress: bool = True) -> None:
-        """Compute and store the features of every shard not cached yet. ``shards`` maps a shard
+        """Compute and store the arrays of every shard not cached yet. ``shards`` maps a shard
         name to its sequences' token ids (in row order)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        todo = {s: rows for s, rows in shards.items() if not self._valid(s, rows)}
-        total = sum(len(ids) for rows in todo.values() for ids in rows)
-        bar = tqdm(total=total, desc=f"target {type(self).__name__}", unit="tok", disable=not show_progress or not total)
-        device = self.target.device
-        for shard, rows in todo.items():
-            offsets = np.cumsum([0] + [len(r) for r in rows])
-            data_path, index_path = self._paths(shard)
-            tmp = data_path.with_name(data_path.name + ".tmp")
-            out = np.memmap(tmp, dtype=self.dtype, mode="w+", shape=(int(offsets[-1]), self.width))
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # limit padding
-            for b in range(0, len(order), batch_size):
-                idx = order[b: b + batch_size]
-                width = max(len(rows[i]) for i in idx)
-                ids = torch.zeros((len(idx), width), dtype=torch.long)  # (n, T), right-padded
-                attention = torch.zeros_like(ids)
-                for j, i in enumerate(idx):
-                    ids[j, : len(rows[i])] = torch.tensor(rows[i])
-                    attention[j, : len(rows[i])] = 1
-                feats = self.compute(ids.to(device), attention.to(device)).float().cpu()
-                if self.dtype == np.float16:
-                    peak = float(feats.abs().max())
-                    if peak > FLOAT16_MAX:
-                        raise OverflowError(f"target outputs reach {peak:.0f}, beyond float16; cannot cache them as float16")
-                for j, i in enumerate(idx):
-                    out[offsets[i]: offsets[i + 1]] = feats[j, : len(rows[i])].numpy().astype(self.dtype)
-                bar.update(int(attention.sum()))
-            out.flush()
-            del out
-            os.replace(tmp, data_path)
-            meta = {"ids_sha1": _ids_digest(rows), "width": self.width, "offsets": offsets.tolist(), "kind": type(self).__name__}
-            index_tmp = index_path.with_suffix(".json.tmp")
-            index_tmp.write_text(json.dumps(meta))
-            os.replace(index_tmp, index_path)
-        bar.close()
+        build_stores([self], shards, batch_size, show_progress)
 
     def get(self, shard: str, row: int, length: int) -> torch.Tensor:
         """The first ``length`` positions of one sequence: (length, width) float32."""
@@ -159,15 +130,13 @@ class FeatureStore(PositionStore):
         self.layer_ids = list(layer_ids)
         self.width = len(self.layer_ids) * target.config.hidden_size
 
-    def compute(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        return compute_features(self.target, ids, attention, self.layer_ids)
+    def from_hidden(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([hidden_states[i] for i in self.layer_ids], dim=-1)
 
 
-@torch.no_grad()
-def compute_teacher_topk(target: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
-    """The target's top-k next-token log-probabilities at every position of a right-padded batch:
-    (N, T) -> (N, T, 2k), token ids (exact as float32) then their log-probabilities."""
-    hidden = target.model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state  # (N, T, H)
+def teacher_topk(target: PreTrainedModel, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k next-token log-probabilities from the target's final (normed) hidden states:
+    (N, T, H) -> (N, T, 2k), token ids (exact as float32) then their log-probabilities."""
     head = target.get_output_embeddings()
     out = []
     for row in hidden:  # one sequence at a time: (T, V) logits, not (N, T, V)
@@ -191,10 +160,73 @@ class TeacherStore(PositionStore):
         self.k = k
         self.width = 2 * k
 
-    def compute(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        return compute_teacher_topk(self.target, ids, attention, self.k)
+    def from_hidden(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return teacher_topk(self.target, hidden_states[-1], self.k)
 
 
 def teacher_dir(root: str | os.PathLike, target: PreTrainedModel, k: int) -> Path:
     """Cache directory of one target's top-k teacher outputs: ``root/<target digest>/teacher-top<k>``."""
     return feature_dir(root, target, []).with_name(f"teacher-top{k}")
+
+
+def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offsets: np.ndarray) -> None:
+    meta = {"ids_sha1": _ids_digest(rows), "width": store.width, "offsets": offsets.tolist(), "kind": type(store).__name__}
+    index_path = store._paths(shard)[1]
+    index_tmp = index_path.with_suffix(".json.tmp")
+    index_tmp.write_text(json.dumps(meta))
+    os.replace(index_tmp, index_path)
+
+
+def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8,
+                 show_progress: bool = True) -> None:
+    """Fill every store's missing shards from one target forward per batch (not one per store).
+
+    All stores must share one target. ``shards`` maps a shard name to its sequences' token ids (in
+    row order); a shard every store already holds is skipped, so a rerun after a kill resumes.
+    """
+    if not stores:
+        return
+    target = stores[0].target
+    if any(s.target is not target for s in stores):
+        raise ValueError("build_stores needs stores of one target")
+    for store in stores:
+        store.dir.mkdir(parents=True, exist_ok=True)
+    todo = {name: [s for s in stores if not s._valid(name, rows)] for name, rows in shards.items()}
+    todo = {name: need for name, need in todo.items() if need}
+    total = sum(len(ids) for name in todo for ids in shards[name])
+    label = "+".join(type(s).__name__ for s in stores)
+    bar = tqdm(total=total, desc=f"target {label}", unit="tok", disable=not show_progress or not total)
+    device = target.device
+    for shard, need in todo.items():
+        rows = shards[shard]
+        offsets = np.cumsum([0] + [len(r) for r in rows])
+        tmps = [s._paths(shard)[0].with_name(s._paths(shard)[0].name + ".tmp") for s in need]
+        outs = [np.memmap(t, dtype=s.dtype, mode="w+", shape=(int(offsets[-1]), s.width)) for s, t in zip(need, tmps)]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # limit padding
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.zeros((len(idx), width), dtype=torch.long)  # (n, T), right-padded
+            attention = torch.zeros_like(ids)
+            for j, i in enumerate(idx):
+                ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                attention[j, : len(rows[i])] = 1
+            with torch.no_grad():
+                hidden = target.model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                                      output_hidden_states=True, use_cache=False).hidden_states
+                for store, out in zip(need, outs):
+                    arr = store.from_hidden(hidden).float().cpu()  # (n, T, width)
+                    if store.dtype == np.float16:
+                        peak = float(arr.abs().max())
+                        if peak > FLOAT16_MAX:
+                            raise OverflowError(f"target outputs reach {peak:.0f}, beyond float16; cannot cache them as float16")
+                    for j, i in enumerate(idx):
+                        out[offsets[i]: offsets[i + 1]] = arr[j, : len(rows[i])].numpy().astype(store.dtype)
+            bar.update(int(attention.sum()))
+        for store, out, tmp in zip(need, outs, tmps):
+            out.flush()
+            del out
+            os.replace(tmp, store._paths(shard)[0])
+            _write_index(store, shard, rows, offsets)
+        del outs
+    bar.close()
