@@ -78,7 +78,7 @@ def _generate_batch(
     temperature: float,
     max_new_tokens: int,
     seed: int,
-    static_cache: bool = True,
+    static_cache: bool,
 ) -> list[list[int]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dllm_spec.data.distill import iter_shards
+from dllm_spec.jsonl import append_record
 from dllm_spec.training.common import warmup_cosine, write_dir_atomic
 from dllm_spec.training.features import FeatureStore, TeacherStore, build_stores, feature_dir, teacher_dir
 from drafters.base import target_vocab_size
@@ -375,9 +376,8 @@ def train_block_diffusion(
         tau0 = offline_tau(raw, target, held, cfg, head, vocab, store)
         state["best_tau"] = tau0
         _save_checkpoint(out, "best", raw)
-        with open(log, "a") as fh:
-            fh.write(json.dumps({"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0,
-                                 "train_tau": offline_tau(raw, target, train, cfg, head, vocab, store)}) + "\n")
+        append_record(log, {"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0,
+                            "train_tau": offline_tau(raw, target, train, cfg, head, vocab, store)})
         tqdm.write(f"warm start: held-out offline tau of the incoming weights {tau0:.3f}")
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train drafter", disable=not acc.is_main_process)
@@ -425,8 +425,7 @@ def train_block_diffusion(
                 bar.write(f"step {state['step']}: held-out offline tau {tau:.3f} (best {state['best_tau']:.3f})")
             state["bad_evals"] = int(acc.gather(torch.tensor([state["bad_evals"]], device=acc.device)).max()) if acc.num_processes > 1 else state["bad_evals"]
         if acc.is_main_process:
-            with open(log, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_record(log, record)
             if state["step"] % cfg.checkpoint_every == 0:
                 _save_checkpoint(out, "checkpoint", raw, state, optimizer, scheduler)
     if acc.is_main_process:

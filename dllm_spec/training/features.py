@@ -31,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from dllm_spec.jsonl import write_atomic
+
 FLOAT16_MAX = 65504.0
 
 
@@ -171,10 +173,7 @@ def teacher_dir(root: str | os.PathLike, target: PreTrainedModel, k: int) -> Pat
 
 def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offsets: np.ndarray) -> None:
     meta = {"ids_sha1": _ids_digest(rows), "width": store.width, "offsets": offsets.tolist(), "kind": type(store).__name__}
-    index_path = store._paths(shard)[1]
-    index_tmp = index_path.with_suffix(".json.tmp")
-    index_tmp.write_text(json.dumps(meta))
-    os.replace(index_tmp, index_path)
+    write_atomic(store._paths(shard)[1], json.dumps(meta))
 
 
 def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8,

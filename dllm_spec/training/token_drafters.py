@@ -45,6 +45,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dllm_spec.jsonl import append_record
 from dllm_spec.training.block_diffusion import Sequence, load_sequences
 from dllm_spec.training.common import warmup_cosine, write_dir_atomic
 from drafters.base import target_vocab_size
@@ -344,8 +345,7 @@ def train_token_drafter(
                 state["best_tau"] = tau
                 _save(model, objective, tokenizer, out, "best")
             bar.write(f"step {state['step']}: held-out offline tau {tau:.3f} (best {state['best_tau']:.3f})")
-        with open(log, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_record(log, record)
         if state["step"] % cfg.checkpoint_every == 0:
             _save(model, objective, tokenizer, out, "checkpoint",
                   {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state})
