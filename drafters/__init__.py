@@ -7,12 +7,14 @@ from transformers import PreTrainedModel
 from drafters.autoregressive import AutoregressiveDrafter
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.base import Drafter, DraftProposal, NullDrafter
+from drafters.fallback import FallbackDrafter
 from drafters.masked_diffusion import MaskedDiffusionDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
 
 __all__ = [
     "Drafter", "DraftProposal", "NullDrafter", "PromptLookupDrafter", "AutoregressiveDrafter",
-    "BlockDiffusionDrafter", "BlockDiffusionModel", "BlockDiffusionConfig", "MaskedDiffusionDrafter", "build_drafter",
+    "BlockDiffusionDrafter", "BlockDiffusionModel", "BlockDiffusionConfig", "MaskedDiffusionDrafter", "FallbackDrafter",
+    "build_drafter",
 ]
 
 
@@ -20,9 +22,15 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     """A drafter from a short spec: ``none``, ``prompt-lookup[:MAX_NGRAM]``, ``early-exit[:N]``,
     ``ar:<HF id or path>``, ``block-diffusion[:STEPS]`` (the shipped drafter), or a checkpoint
     directory ``<dir>[:STEPS]`` (a block-diffusion drafter, or else a causal LM used as AR drafter).
-    Specs never contain ``@``, which the CLI uses to attach a block-length policy."""
+    ``A+B`` asks A first and B when A has nothing good (:class:`FallbackDrafter`), e.g.
+    ``prompt-lookup+block-diffusion``. Specs never contain ``@``, which the CLI uses to attach a
+    block-length policy."""
     import json
     import os
+
+    if "+" in spec:
+        first, _, rest = spec.partition("+")
+        return FallbackDrafter(build_drafter(first, target), build_drafter(rest, target))
 
     name, _, arg = spec.partition(":")
     if name in ("none", "ar-baseline"):
@@ -50,5 +58,5 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         return AutoregressiveDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
     raise ValueError(
         f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "
-        "'block-diffusion[:STEPS]' or a checkpoint directory '<dir>[:STEPS]'"
+        "'block-diffusion[:STEPS]', a checkpoint directory '<dir>[:STEPS]', or 'A+B' (A first, B as fallback)"
     )

@@ -349,3 +349,112 @@ def test_training_curve_reads_evaluations_and_shifts_warm_started_runs(tmp_path)
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main([f"a={run}", "--offset", "b=5", "--out", str(tmp_path / "d.png")])
+
+
+def test_resident_stores_equal_the_disk_caches(target, tmp_path):
+    """ResidentStore (features computed once into memory, for GPU runs) serves the same arrays as
+    the on-disk caches, padded with zeros, fills all stores from one target forward per batch, and
+    rejects sequences it does not hold."""
+    from dllm_spec.training.features import FeatureStore, ResidentStore, TeacherStore, build_stores
+
+    rows = {"a": [[0, 5, 9, 14, 5], [0, 7, 7, 2, 3, 4, 8, 11]], "b": [[3, 1, 4, 1, 5, 9, 2]]}
+    feats, teach = FeatureStore(tmp_path / "f", target, [1, 2]), TeacherStore(tmp_path / "t", target, k=3)
+    build_stores([feats, teach], rows, show_progress=False)
+    keys, lengths = [("b", 0), ("a", 1), ("a", 0)], [7, 8, 4]
+    calls = []
+    handle = target.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        residents = ResidentStore.fill([feats, teach], rows, device="cpu", batch_size=2, show_progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # shard a: one batch of 2, shard b: one of 1; shared by both stores
+    for disk, resident in zip((feats, teach), residents):
+        got = resident.batch(keys, lengths)
+        torch.testing.assert_close(got, disk.batch(keys, lengths), atol=0, rtol=0)
+        assert got.shape == (3, 8, disk.width) and not got[2, 4:].any()
+    with pytest.raises(KeyError, match="c:0"):
+        resident.batch([("c", 0)], [3])
+    with pytest.raises(ValueError, match="positions"):
+        resident.batch([("a", 0)], [6])
+
+
+def test_training_with_resident_features_follows_the_disk_cache_run(target, tmp_path):
+    """Same data, config and seed: resident features (and teacher) give the disk-cache run's losses
+    step for step, and write nothing to the disk cache."""
+    from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
+
+    _fake_distill(tmp_path / "data", target)
+    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=6, batch_size=4,
+                      max_steps=12, warmup_steps=3, eval_every=6, checkpoint_every=6, eval_sequences=8, heldout_mod=6,
+                      lr=3e-3, distill_weight=0.5, teacher_top_k=4)
+    logs = {}
+    for name, resident in (("disk", False), ("resident", True)):
+        train_block_diffusion(target, tmp_path / "data", tmp_path / name, cfg, feature_root=tmp_path / f"cache-{name}",
+                              resident_features=resident)
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "cache-resident").exists()
+    torch.testing.assert_close([r["loss"] for r in logs["resident"]], [r["loss"] for r in logs["disk"]])
+    assert [r.get("heldout_tau") for r in logs["resident"]] == [r.get("heldout_tau") for r in logs["disk"]]
+
+
+def test_time_budget_paces_the_learning_rate_schedule():
+    """With a time budget the cosine decay follows whichever of steps or time is further along."""
+    from dllm_spec.training.common import warmup_cosine
+
+    spent = {"fraction": 0.0}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=2, max_steps=1000, time_fraction=lambda: spent["fraction"])
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] > 0.99  # early in steps and in time: the peak
+    spent["fraction"] = 1.0
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.05)  # the budget is spent: the floor
+
+
+# ---- prompt lookup first, block diffusion as fallback ----------------------------------------------
+def test_fallback_drafter_uses_the_free_drafter_when_it_matches_and_keeps_greedy_output(target):
+    """Prompt lookup's proposal when it matches an n-gram of >= 2 tokens, the block-diffusion
+    drafter's otherwise (and then exactly what a block-diffusion drafter alone proposes, although
+    it sat out earlier cycles); greedy output equals plain greedy under both policies."""
+    from dllm_spec.training.features import compute_features
+    from drafters import FallbackDrafter, NullDrafter, PromptLookupDrafter, build_drafter
+
+    lone, hybrid = make_drafter(target, 1), FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1))
+    assert hybrid.name == f"prompt-lookup+{lone.name}" and hybrid.target_layer_ids == lone.target_layer_ids
+    DiffusionSpeculator(target, None, hybrid)  # binds both
+    DiffusionSpeculator(target, None, lone)
+    ids = [0, 5, 9, 14, 5, 9, 31]  # "5 9" repeats: a 2-gram match after 6 tokens; nothing matches after 31
+    feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(lone.target_layer_ids))
+    for d in (hybrid, lone):
+        d.begin(torch.tensor([ids[:6]]), feats[:, :5])
+    got = hybrid.propose(torch.tensor([ids[:6]]), 4, SamplingParams(), None)
+    assert hybrid.last_source == "prompt-lookup" and got.tokens.tolist() == [[14, 5, 9]] and got.q is None
+    for d in (hybrid, lone):
+        d.commit(torch.tensor([ids]), feats[:, 5:6])  # the target wrote position 5
+    got = hybrid.propose(torch.tensor([ids]), 4, SamplingParams(), None)
+    want = lone.propose(torch.tensor([ids]), 4, SamplingParams(), None)
+    assert hybrid.last_source == lone.name and got.tokens.tolist() == want.tokens.tolist()
+    for policy in (FixedLength(5), CostAwarePolicy(max_k=5)):
+        spec = DiffusionSpeculator(target, None, FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)), policy=policy)
+        prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
+        ref = target.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=1)[0, 8:]
+        assert spec.generate(prompt, max_new_tokens=30).token_ids[0].tolist() == ref.tolist()
+    built = build_drafter("prompt-lookup+none", target)
+    assert isinstance(built, FallbackDrafter) and isinstance(built.fallback, NullDrafter)
+    with pytest.raises(ValueError, match="put it second"):
+        FallbackDrafter(make_drafter(target, 1), PromptLookupDrafter())
+
+
+def test_sampling_with_prompt_lookup_then_block_diffusion_keeps_target_distribution():
+    """Proposals alternate between prompt lookup (no q: match acceptance) and block diffusion (its
+    q) within one sequence; the sampled tokens still follow the target's joint distribution."""
+    from drafters import FallbackDrafter, PromptLookupDrafter
+
+    target = sampling_target()
+    hybrid = FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1), min_confidence=0.0)
+    spec = DiffusionSpeculator(target, None, hybrid, policy=FixedLength(3))
+    tv = two_token_total_variation(spec, target, draws=1500, prompt=(0, 2, 3, 2))  # "2" recurs: lookup proposes first
+    assert tv < 0.1, f"TV {tv:.3f}"

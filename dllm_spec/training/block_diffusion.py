@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 from dllm_spec.data.distill import iter_shards
 from dllm_spec.jsonl import append_record
 from dllm_spec.training.common import warmup_cosine, write_dir_atomic
-from dllm_spec.training.features import FeatureStore, TeacherStore, build_stores, feature_dir, teacher_dir
+from dllm_spec.training.features import FeatureStore, ResidentStore, TeacherStore, build_stores, feature_dir, teacher_dir
 from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
@@ -144,18 +144,18 @@ def shard_rows(sequences: list[Sequence]) -> dict[str, list[list[int]]]:
     return {name: [rows[i] for i in sorted(rows)] for name, rows in sorted(shards.items())}
 
 
-def sequence_features(store: FeatureStore, seqs: list[Sequence], device: torch.device | str) -> torch.Tensor:
+def sequence_features(store: FeatureStore | ResidentStore, seqs: list[Sequence], device: torch.device | str) -> torch.Tensor:
     """Cached target features of a batch of sequences, right-padded: (N, T, n * H)."""
     return store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs], device)
 
 
-def block_teacher(store: TeacherStore, seqs: list[Sequence], batch: "BlockBatch", device: torch.device | str) -> torch.Tensor:
+def block_teacher(store: TeacherStore | ResidentStore, seqs: list[Sequence], batch: "BlockBatch", device: torch.device | str) -> torch.Tensor:
     """The target's cached top-k distribution of every block body label: (N, A, B-1, 2k). Body
     position j of anchor a is token a + j, predicted by the target at position a + j - 1."""
     table = store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs])  # (N, T, 2k)
     n, A = batch.anchor.shape
     L = batch.body_tokens.shape[-1]
-    pos = (batch.anchor.unsqueeze(-1) + torch.arange(L)).clamp(max=table.shape[1] - 1)  # (N, A, L)
+    pos = (batch.anchor.unsqueeze(-1) + torch.arange(L)).clamp(max=table.shape[1] - 1).to(table.device)  # (N, A, L)
     gathered = table.gather(1, pos.view(n, A * L, 1).expand(n, A * L, table.shape[-1]))  # (N, A*L, 2k)
     return gathered.view(n, A, L, -1).to(device)
 
@@ -316,10 +316,15 @@ def train_block_diffusion(
     accelerator=None,
     time_budget_s: float | None = None,
     feature_root: str | os.PathLike | None = None,
+    resident_features: bool = False,
 ) -> Path:
     """Train (or resume training) a block-diffusion drafter for ``target``; returns the best checkpoint's path.
 
-    ``feature_root``: where target features are cached (default ``<dllm-spec cache>/features``)."""
+    ``feature_root``: where target features are cached (default ``<dllm-spec cache>/features``).
+    ``resident_features``: compute the target features (and teacher outputs) once into memory on
+    the target's device instead of the disk cache: for GPU runs (~6 KB per token in float16).
+    ``time_budget_s``: stop after this many seconds of training; the learning-rate schedule is
+    paced by whichever of steps or time runs out first, so a budgeted run still anneals."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
@@ -351,7 +356,11 @@ def train_block_diffusion(
     teachers = None
     if cfg.distill_weight > 0:
         teachers = TeacherStore(teacher_dir(feature_root, target, cfg.teacher_top_k), target, cfg.teacher_top_k)
-    if acc.is_main_process:
+    if resident_features:  # every process holds its own copy, computed on its own device
+        resident = ResidentStore.fill([store] if teachers is None else [store, teachers], shard_rows(train + held),
+                                      show_progress=acc.is_main_process)
+        store, teachers = resident[0], (resident[1] if teachers is not None else None)
+    elif acc.is_main_process:
         build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held))
     acc.wait_for_everyone()
     head = target.get_output_embeddings().weight[vocab].detach()
@@ -359,7 +368,12 @@ def train_block_diffusion(
     vocab_map = draft_vocab_map(vocab, target_vocab_size(target))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
+    clock = {"start": None}  # set at the first step: a time budget paces the schedule from there
+
+    def time_fraction() -> float:
+        return 0.0 if clock["start"] is None else (time.perf_counter() - clock["start"]) / time_budget_s
+
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, time_fraction if time_budget_s else None)
     state = {"step": 0, "best_tau": 0.0, "bad_evals": 0, "tokens": 0}
     if (resume / "trainer_state.pt").is_file():
         saved = torch.load(resume / "trainer_state.pt", weights_only=False)
@@ -379,7 +393,7 @@ def train_block_diffusion(
         append_record(log, {"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0,
                             "train_tau": offline_tau(raw, target, train, cfg, head, vocab, store)})
         tqdm.write(f"warm start: held-out offline tau of the incoming weights {tau0:.3f}")
-    start = time.perf_counter()
+    start = clock["start"] = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train drafter", disable=not acc.is_main_process)
     order: list[int] = []
     while state["step"] < cfg.max_steps and state["bad_evals"] < cfg.patience:

@@ -19,10 +19,11 @@ def heldout_points(log: str | os.PathLike) -> list[tuple[int, float]]:
 
 
 def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike, break_even: float | None = None,
-                     offsets: dict[str, int] | None = None) -> Path:
+                     offsets: dict[str, int] | None = None, log_x: bool = False) -> Path:
     """One line per run (label -> run directory or log file); optional horizontal break-even line.
     ``offsets`` (label -> tokens) shifts a run warm-started from another one's weights to where
-    that run stopped, so the x axis stays "tokens seen by these weights"."""
+    that run stopped, so the x axis stays "tokens seen by these weights". ``log_x``: a log-scale
+    token axis (for runs that differ in compute by orders of magnitude)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,6 +38,8 @@ def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike,
             ax.plot([p[0] + shift for p in pts], [p[1] for p in pts], marker="o", label=label)
     if break_even is not None:
         ax.axhline(break_even, color="grey", linestyle="--", label=f"break-even tau {break_even:g}")
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel("training tokens seen (sequence tokens)")
     ax.set_ylabel("held-out offline greedy tau")
     ax.set_title("Drafter quality vs training tokens (held-out prompts)")
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", help="LABEL=PATH (run directory or train_log.jsonl)")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--break-even", type=float, default=None)
+    p.add_argument("--log-x", action="store_true", help="log-scale token axis")
     p.add_argument("--offset", action="append", default=[], metavar="LABEL=TOKENS",
                    help="shift a warm-started run by the tokens its starting weights had seen (repeatable)")
     args = p.parse_args(argv)
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(offsets) - set(runs)
     if unknown:
         p.error(f"--offset names runs that are not plotted: {sorted(unknown)}")
-    print(plot_heldout_tau(runs, args.out, args.break_even, offsets))
+    print(plot_heldout_tau(runs, args.out, args.break_even, offsets, args.log_x))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -176,31 +177,21 @@ def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offset
     write_atomic(store._paths(shard)[1], json.dumps(meta))
 
 
-def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8,
-                 show_progress: bool = True) -> None:
-    """Fill every store's missing shards from one target forward per batch (not one per store).
+def _target_outputs(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int,
+                    show_progress: bool) -> Iterator[tuple[str, np.ndarray, Iterator[tuple[list[int], list[torch.Tensor]]]]]:
+    """Run the stores' shared target once per batch over every shard of ``shards``.
 
-    All stores must share one target. ``shards`` maps a shard name to its sequences' token ids (in
-    row order); a shard every store already holds is skipped, so a rerun after a kill resumes.
-    """
-    if not stores:
-        return
+    Yields ``(shard, offsets, batches)`` per shard: ``offsets`` (rows + 1,) the cumulative sequence
+    lengths, ``batches`` an iterator (consume it before the next shard) of ``(rows, arrays)``:
+    the batch's row numbers and one (n, T, width) float32 tensor per store, on the target's device."""
     target = stores[0].target
     if any(s.target is not target for s in stores):
         raise ValueError("build_stores needs stores of one target")
-    for store in stores:
-        store.dir.mkdir(parents=True, exist_ok=True)
-    todo = {name: [s for s in stores if not s._valid(name, rows)] for name, rows in shards.items()}
-    todo = {name: need for name, need in todo.items() if need}
-    total = sum(len(ids) for name in todo for ids in shards[name])
+    total = sum(len(ids) for rows in shards.values() for ids in rows)
     label = "+".join(type(s).__name__ for s in stores)
     bar = tqdm(total=total, desc=f"target {label}", unit="tok", disable=not show_progress or not total)
-    device = target.device
-    for shard, need in todo.items():
-        rows = shards[shard]
-        offsets = np.cumsum([0] + [len(r) for r in rows])
-        tmps = [s._paths(shard)[0].with_name(s._paths(shard)[0].name + ".tmp") for s in need]
-        outs = [np.memmap(t, dtype=s.dtype, mode="w+", shape=(int(offsets[-1]), s.width)) for s, t in zip(need, tmps)]
+
+    def batches(rows: list[list[int]]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # limit padding
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
@@ -211,21 +202,103 @@ def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]]
                 ids[j, : len(rows[i])] = torch.tensor(rows[i])
                 attention[j, : len(rows[i])] = 1
             with torch.no_grad():
-                hidden = target.model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                hidden = target.model(input_ids=ids.to(target.device), attention_mask=attention.to(target.device),
                                       output_hidden_states=True, use_cache=False).hidden_states
-                for store, out in zip(need, outs):
-                    arr = store.from_hidden(hidden).float().cpu()  # (n, T, width)
-                    if store.dtype == np.float16:
-                        peak = float(arr.abs().max())
-                        if peak > FLOAT16_MAX:
-                            raise OverflowError(f"target outputs reach {peak:.0f}, beyond float16; cannot cache them as float16")
-                    for j, i in enumerate(idx):
-                        out[offsets[i]: offsets[i + 1]] = arr[j, : len(rows[i])].numpy().astype(store.dtype)
+                arrays = [store.from_hidden(hidden).float() for store in stores]  # each (n, T, width)
+            for store, arr in zip(stores, arrays):
+                if store.dtype == np.float16 and float(arr.abs().max()) > FLOAT16_MAX:
+                    raise OverflowError(f"target outputs reach {float(arr.abs().max()):.0f}, beyond float16; cannot cache them as float16")
+            yield idx, arrays
             bar.update(int(attention.sum()))
-        for store, out, tmp in zip(need, outs, tmps):
-            out.flush()
-            del out
-            os.replace(tmp, store._paths(shard)[0])
-            _write_index(store, shard, rows, offsets)
-        del outs
+
+    for shard, rows in shards.items():
+        yield shard, np.cumsum([0] + [len(r) for r in rows]), batches(rows)
     bar.close()
+
+
+def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8,
+                 show_progress: bool = True) -> None:
+    """Fill every store's missing shards from one target forward per batch (not one per store).
+
+    All stores must share one target. ``shards`` maps a shard name to its sequences' token ids (in
+    row order); a shard every store already holds is skipped, so a rerun after a kill resumes.
+    """
+    if not stores:
+        return
+    for store in stores:
+        store.dir.mkdir(parents=True, exist_ok=True)
+    # group the missing shards by the stores that lack them: each group runs the target once per batch
+    groups: dict[tuple[int, ...], dict[str, list[list[int]]]] = {}
+    for name, rows in shards.items():
+        missing = tuple(i for i, s in enumerate(stores) if not s._valid(name, rows))
+        if missing:
+            groups.setdefault(missing, {})[name] = rows
+    for key, todo in groups.items():
+        group = [stores[i] for i in key]
+        for shard, offsets, batches in _target_outputs(group, todo, batch_size, show_progress):
+            tmps = [s._paths(shard)[0].with_name(s._paths(shard)[0].name + ".tmp") for s in group]
+            outs = [np.memmap(t, dtype=s.dtype, mode="w+", shape=(int(offsets[-1]), s.width)) for s, t in zip(group, tmps)]
+            for idx, arrays in batches:
+                for store, out, arr in zip(group, outs, arrays):
+                    arr = arr.cpu()
+                    for j, i in enumerate(idx):
+                        out[offsets[i]: offsets[i + 1]] = arr[j, : offsets[i + 1] - offsets[i]].numpy().astype(store.dtype)
+            for store, out, tmp in zip(group, outs, tmps):
+                out.flush()
+                os.replace(tmp, store._paths(shard)[0])
+                _write_index(store, shard, todo[shard], offsets)
+            del outs
+
+
+class ResidentStore:
+    """A :class:`PositionStore`'s arrays held in memory on ``device`` instead of on disk: the
+    choice on a GPU, where the target's forward over the whole data set takes seconds and a disk
+    cache would take tens of GB. Same :meth:`batch` as the on-disk store. Build them with
+    :meth:`fill`, which runs the target once per batch for all of them.
+    """
+
+    def __init__(self, width: int, data: torch.Tensor, start: dict[tuple[str, int], tuple[int, int]]) -> None:
+        self.width = width
+        self.data = data  # (total positions, width): every position of every sequence
+        self.device = data.device
+        self.start = start  # (shard, row) -> (first position in data, length)
+
+    @classmethod
+    def fill(cls, stores: list[PositionStore], shards: dict[str, list[list[int]]], device: torch.device | str | None = None,
+             batch_size: int = 32, show_progress: bool = True) -> list["ResidentStore"]:
+        """Resident copies of ``stores`` (their ``from_hidden``, ``width`` and ``dtype``; their
+        directories are never touched) for the sequences of ``shards`` (name -> token ids in row
+        order), on ``device`` (default: the target's)."""
+        device = torch.device(device) if device is not None else stores[0].target.device
+        total = sum(len(ids) for rows in shards.values() for ids in rows)
+        dtypes = [torch.float16 if s.dtype == np.float16 else torch.float32 for s in stores]
+        datas = [torch.empty((total, s.width), dtype=d, device=device) for s, d in zip(stores, dtypes)]
+        start: dict[tuple[str, int], tuple[int, int]] = {}
+        base = 0
+        for shard, offsets, batches in _target_outputs(stores, shards, batch_size, show_progress):
+            for row in range(len(offsets) - 1):
+                start[(shard, row)] = (base + int(offsets[row]), int(offsets[row + 1] - offsets[row]))
+            for idx, arrays in batches:
+                for data, arr in zip(datas, arrays):
+                    arr = arr.to(device, data.dtype)
+                    for j, i in enumerate(idx):
+                        first, n = start[(shard, i)]
+                        data[first: first + n] = arr[j, :n]
+            base += int(offsets[-1])
+        return [cls(s.width, data, start) for s, data in zip(stores, datas)]
+
+    def batch(self, keys: list[tuple[str, int]], lengths: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """Right-padded arrays of several sequences: (N, max length, width) float32, on ``device``
+        (default: where the arrays live)."""
+        for key, n in zip(keys, lengths):
+            if key not in self.start:
+                raise KeyError(f"sequence {key[0]}:{key[1]} is not in this resident store")
+            if n > self.start[key][1]:
+                raise ValueError(f"sequence {key[0]}:{key[1]} has {self.start[key][1]} positions, {n} requested")
+        width = max(lengths)
+        first = torch.tensor([self.start[k][0] for k in keys]).unsqueeze(1)  # (N, 1)
+        steps = torch.arange(width).unsqueeze(0)  # (1, T)
+        valid = steps < torch.tensor(lengths).unsqueeze(1)  # (N, T)
+        index = torch.where(valid, first + steps, 0).to(self.device)
+        out = self.data[index].float() * valid.to(self.device).unsqueeze(-1)  # (N, T, width)
+        return out if device is None else out.to(device)

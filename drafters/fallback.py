@@ -1,0 +1,71 @@
+"""A free drafter first, a model drafter when it has nothing good: prompt lookup, then block diffusion.
+
+Copying from the context costs nothing and, where it matches (repeated code, quoted text, lists),
+proposes long and reliable drafts; a model drafter costs a forward per cycle but drafts anywhere.
+:class:`FallbackDrafter` asks the free one first and calls the model drafter only when the free
+proposal is empty or its confidence is below ``min_confidence``. Both stay in step with the
+committed sequence (``begin``/``commit`` reach both every cycle), so the model drafter drafts
+after cycles it sat out exactly as a fresh drafter would.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from drafters.base import Drafter, DraftProposal
+from verify.sampling import SamplingParams
+
+
+class FallbackDrafter(Drafter):
+    """``primary`` (cheap, e.g. prompt lookup) when it proposes with confidence >= ``min_confidence``
+    at its first token, else ``fallback`` (e.g. the block-diffusion drafter).
+
+    Each proposal comes whole from one drafter, with that drafter's q (``None`` for prompt lookup:
+    match acceptance, exact for a deterministic draft) and confidences, so verification stays
+    lossless. ``last_source`` says which drafter made the last proposal (for stats and tests).
+
+    Args:
+        primary: the drafter asked first; it must need no target features.
+        fallback: the drafter asked when the primary has nothing good.
+        min_confidence: the primary's first-token confidence needed to use its proposal (prompt
+            lookup's confidence is n / max_ngram for a match on an n-gram: 0.5 with the default
+            max_ngram 3 asks for a match on at least 2 tokens).
+    """
+
+    def __init__(self, primary: Drafter, fallback: Drafter, min_confidence: float = 0.5) -> None:
+        if primary.target_layer_ids:
+            raise ValueError(f"the primary drafter '{primary.name}' needs target features; put it second")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        self.primary = primary
+        self.fallback = fallback
+        self.min_confidence = min_confidence
+        self.target_layer_ids = fallback.target_layer_ids
+        self.name = f"{primary.name}+{fallback.name}"
+        self.last_source: str | None = None
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.fallback.vocab_size
+
+    def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        self.primary.bind(target, tokenizer)
+        self.fallback.bind(target, tokenizer)
+
+    def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        self.primary.begin(input_ids, None)
+        self.fallback.begin(input_ids, features)
+
+    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams,
+                generator: torch.Generator | None) -> DraftProposal:
+        first = self.primary.propose(input_ids, max_tokens, sampling, generator)
+        if first.length and float(first.confidence[:, 0].min()) >= self.min_confidence:
+            self.last_source = self.primary.name
+            return first
+        self.last_source = self.fallback.name
+        return self.fallback.propose(input_ids, max_tokens, sampling, generator)
+
+    def commit(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        self.primary.commit(input_ids, None)
+        self.fallback.commit(input_ids, features)
