@@ -29,7 +29,7 @@ def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     for label, path in runs.items():
         log = Path(path) / "train_log.jsonl" if Path(path).is_dir() else Path(path)
         pts = heldout_points(log)
@@ -44,7 +44,7 @@ def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike,
     ax.set_ylabel("held-out offline greedy tau")
     ax.set_title("Drafter quality vs training tokens (held-out prompts)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
