@@ -41,6 +41,10 @@ class BlockLengthPolicy:
         """How many of the proposed tokens to verify."""
         return proposal.length
 
+    def should_draft(self, source: str) -> bool:
+        """Whether a composite drafter should run its (costly) part ``source`` this cycle."""
+        return True
+
     def observe(self, proposal: DraftProposal, verified: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
         """Feedback after a cycle: ``proposal`` is everything drafted, of which the first ``verified``
         tokens were verified and the first ``accepted`` accepted."""
@@ -199,6 +203,12 @@ class CostAwarePolicy(BlockLengthPolicy):
     fresh, doubling that interval (up to ``max_probe_every``) while probes keep losing and resetting
     it when one wins, so a drafter that starts to pay off is picked up again.
 
+    Everything it learns (calibration, costs, gain, acceptance rate, probing) is kept per draft
+    source (``DraftProposal.source``): a composite drafter such as prompt lookup with a
+    block-diffusion fallback gets one calibration per confidence scale, is skipped as a whole only
+    when every source loses, and asks :meth:`should_draft` before running its costly part, so a
+    losing fallback is skipped while the free lookups go on.
+
     Args:
         max_k: longest draft.
         latency: target latency curve; ``None`` measures (or loads the cached) curve on ``bind``.
@@ -224,15 +234,9 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.free_draft_fraction = free_draft_fraction
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
-        self._interval = probe_every
-        self._since_draft = 0
+        self.sources: dict[str | None, SourceStats] = {}
         self.skipped = 0  # cycles run without drafting (for stats and tests)
-        self.calibrator = AcceptanceCalibrator()
-        self.draft_cost_per_token = 0.0  # seconds, EMA
-        self.draft_cost_per_call: float | None = None  # seconds, EMA (a block drafter's cost barely depends on k)
-        self.draft_gain: float | None = None  # EMA of drafted cycles' tokens/s over a plain step's
         self.gain_momentum = 0.7
-        self.accept_rate = 0.6  # conditional acceptance, EMA (for choosing the draft length)
         self.name = "adaptive"
         self.last_prediction = None
 
@@ -240,57 +244,97 @@ class CostAwarePolicy(BlockLengthPolicy):
         if self.latency is None:
             self.latency = load_or_measure(target)
 
+    def stats(self, source: str | None = None) -> "SourceStats":
+        """What the policy has learnt about one draft source (``None``: a single drafter)."""
+        if source not in self.sources:
+            self.sources[source] = SourceStats(interval=self.probe_every)
+        return self.sources[source]
+
     def _rate(self, expected: torch.Tensor, k_max: int, draft_cost: torch.Tensor) -> torch.Tensor:
         """Tokens per second for verifying k = 0..k_max drafts: E (k_max+1,), cost (k_max+1,)."""
         assert self.latency is not None, "bind() the policy to a target first"
         verify = torch.tensor([self.latency(k + 1) for k in range(k_max + 1)])
         return expected / (verify + draft_cost)
 
+    def _losing(self, st: "SourceStats") -> bool:
+        costly = st.draft_cost_per_call is not None and st.draft_cost_per_call > self.free_draft_fraction * self.latency(1)
+        return self.allow_skip and costly and st.draft_gain is not None and st.draft_gain < 1.0
+
+    def _sit_out(self, st: "SourceStats") -> bool:
+        """Skip this source this cycle? (a losing source drafts only every ``interval``-th cycle)"""
+        if self._losing(st) and st.since_draft + 1 < st.interval:
+            st.since_draft += 1
+            return True
+        st.since_draft = 0
+        return False
+
     def draft_length(self) -> int:
-        costly = self.draft_cost_per_call is not None and self.draft_cost_per_call > self.free_draft_fraction * self.latency(1)
-        losing = self.draft_gain is not None and self.draft_gain < 1.0
-        if self.allow_skip and costly and losing and self._since_draft + 1 < self._interval:
-            self._since_draft += 1
+        known = list(self.sources.values()) or [self.stats()]
+        if len(known) == 1:
+            skip = self._sit_out(known[0])
+        else:  # skipped as a whole only when every source loses (a free one never does)
+            skip = all(self._losing(st) for st in known) and all([self._sit_out(st) for st in known])
+        if skip:
             self.skipped += 1
             return 0
-        self._since_draft = 0
         ks = torch.arange(self.max_k + 1, dtype=torch.float32)
-        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(self.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
-        rate = self._rate(expected, self.max_k, self.draft_cost_per_token * ks)
-        return max(self.min_draft, int(rate[1:].argmax()) + 1)
+        best = self.min_draft
+        for st in known:  # the longest draft any source would make (choose() cuts each proposal)
+            expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
+            rate = self._rate(expected, self.max_k, st.draft_cost_per_token * ks)
+            best = max(best, int(rate[1:].argmax()) + 1)
+        return best
+
+    def should_draft(self, source: str) -> bool:
+        return not self._sit_out(self.stats(source))
 
     def choose(self, proposal: DraftProposal) -> int:
         k_max = proposal.length
         if k_max == 0:
             self.last_prediction = 0.0
             return 0
-        a = self.calibrator(proposal.confidence[0])
+        st = self.stats(proposal.source)
+        a = st.calibrator(proposal.confidence[0])
         survival = torch.cumprod(a, 0)
         expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(survival, 0)])  # E(k), k = 0..k_max
-        sunk = torch.full((k_max + 1,), self.draft_cost_per_token * k_max)
+        sunk = torch.full((k_max + 1,), st.draft_cost_per_token * k_max)
         k = int(self._rate(expected, k_max, sunk).argmax())
         self.last_prediction = float(expected[k] - 1)
         return k
 
     def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+        st = self.stats(proposal.source)
         if proposal.length:
             m = self.momentum
-            self.draft_cost_per_token = m * self.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
-            prev = self.draft_cost_per_call
-            self.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
+            st.draft_cost_per_token = m * st.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
+            prev = st.draft_cost_per_call
+            st.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
             if self.latency is not None:
                 # this drafted cycle's tokens/s relative to a plain step (from the latency curve, less noisy than one timing)
                 gain = (accepted + 1) / (self.latency(verified + 1) + draft_time_s) * self.latency(1)
                 g = self.gain_momentum
-                self.draft_gain = gain if self.draft_gain is None else g * self.draft_gain + (1 - g) * gain
+                st.draft_gain = gain if st.draft_gain is None else g * st.draft_gain + (1 - g) * gain
                 # back off probing while drafts lose to a plain step, reset when one wins
-                self._interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * self._interval)
+                st.interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * st.interval)
         if verified:
-            self.calibrator.update(proposal.confidence[0], verified, accepted)
+            st.calibrator.update(proposal.confidence[0], verified, accepted)
             tested = min(verified, accepted + 1)
-            self.accept_rate = min(0.98, max(0.02, self.momentum * self.accept_rate + (1 - self.momentum) * accepted / tested))
+            st.accept_rate = min(0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted / tested))
         if self.latency is not None:
             self.latency.observe(verified + 1, verify_time_s)
+
+
+@dataclass
+class SourceStats:
+    """What :class:`CostAwarePolicy` learns about one source of drafts."""
+
+    calibrator: AcceptanceCalibrator = field(default_factory=AcceptanceCalibrator)
+    draft_cost_per_token: float = 0.0  # seconds, EMA
+    draft_cost_per_call: float | None = None  # seconds, EMA (a block drafter's cost barely depends on k)
+    draft_gain: float | None = None  # EMA of drafted cycles' tokens/s over a plain step's
+    accept_rate: float = 0.6  # conditional acceptance, EMA (for choosing the draft length)
+    interval: int = 4  # probing interval while this source loses (cycles)
+    since_draft: int = 0  # cycles this source sat out since it last drafted
 
 
 def build_policy(spec: str, default_k: int = 16) -> BlockLengthPolicy:

@@ -20,6 +20,7 @@ no layers get ``None``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,15 @@ class DraftProposal:
     tokens: (B, k) long. q: (B, k, V) float, the distribution each token was drawn from (``None``
     when the drafter has none: the verifier then uses match acceptance). confidence: (B, k) in
     [0, 1], the drafter's belief that the token will be accepted (for block-length policies).
-    forwards: how many drafter forward passes produced it.
+    forwards: how many drafter forward passes produced it. source: which part of a composite
+    drafter made it (``None`` for a single drafter): policies keep their statistics per source.
     """
 
     tokens: torch.Tensor
     q: torch.Tensor | None
     confidence: torch.Tensor
     forwards: int = 0
+    source: str | None = None
 
     @property
     def length(self) -> int:
@@ -58,7 +61,8 @@ class DraftProposal:
         """The first k positions (a proposal of the first k tokens is a valid proposal on its own)."""
         if k >= self.length:
             return self
-        return DraftProposal(self.tokens[:, :k], None if self.q is None else self.q[:, :k], self.confidence[:, :k], self.forwards)
+        return DraftProposal(self.tokens[:, :k], None if self.q is None else self.q[:, :k], self.confidence[:, :k], self.forwards,
+                             self.source)
 
 
 class Drafter(ABC):
@@ -80,6 +84,10 @@ class Drafter(ABC):
 
     def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         """Start a new sequence after the target's prefill."""
+
+    def attach_gate(self, gate: Callable[[str], bool] | None) -> None:
+        """Receive the block-length policy's ``should_draft(source)``: a composite drafter asks it
+        before running a costly part. Single drafters ignore it (the policy gates them as a whole)."""
 
     @abstractmethod
     def propose(

@@ -248,6 +248,21 @@ class BlockDiffusionModel(PreTrainedModel):
                 norm.weight.copy_(src)
 
 
+def target_mismatches(cfg: BlockDiffusionConfig, target: PreTrainedModel) -> list[str]:
+    """Why a drafter with config ``cfg`` cannot serve ``target`` (empty when it can)."""
+    tc = target.config
+    problems = []
+    if cfg.target_hidden_size != tc.hidden_size:
+        problems.append(f"hidden size {cfg.target_hidden_size} vs the target's {tc.hidden_size}")
+    if cfg.target_num_layers != tc.num_hidden_layers:
+        problems.append(f"{cfg.target_num_layers} target layers vs the target's {tc.num_hidden_layers} (layer ids {cfg.target_layer_ids})")
+    if cfg.target_vocab_size != target_vocab_size(target):
+        problems.append(f"vocabulary {cfg.target_vocab_size} vs the target's {target_vocab_size(target)}")
+    if cfg.hidden_size != target.get_input_embeddings().weight.shape[1]:
+        problems.append(f"drafter hidden size {cfg.hidden_size} differs from the target's embedding width")
+    return problems
+
+
 class BlockDiffusionDrafter(Drafter):
     """Drafter protocol around :class:`BlockDiffusionModel`.
 
@@ -270,6 +285,7 @@ class BlockDiffusionDrafter(Drafter):
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ctx_len = 0
         self._last_fused: torch.Tensor | None = None  # (B, H) fused state of the last context position
+        self._pending: list[torch.Tensor] = []  # features of committed positions not projected yet, each (B, t, F)
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -301,16 +317,7 @@ class BlockDiffusionDrafter(Drafter):
         return int(self.scheduler.config.num_inference_steps)
 
     def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        cfg, tc = self.config, target.config
-        problems = []
-        if cfg.target_hidden_size != tc.hidden_size:
-            problems.append(f"hidden size {cfg.target_hidden_size} vs the target's {tc.hidden_size}")
-        if cfg.target_num_layers != tc.num_hidden_layers:
-            problems.append(f"{cfg.target_num_layers} target layers vs the target's {tc.num_hidden_layers} (layer ids {cfg.target_layer_ids})")
-        if cfg.target_vocab_size != target_vocab_size(target):
-            problems.append(f"vocabulary {cfg.target_vocab_size} vs the target's {target_vocab_size(target)}")
-        if cfg.hidden_size != target.get_input_embeddings().weight.shape[1]:
-            problems.append(f"drafter hidden size {cfg.hidden_size} differs from the target's embedding width")
+        problems = target_mismatches(self.config, target)
         if problems:
             raise ValueError("this block-diffusion drafter was trained for another target: " + "; ".join(problems))
         self.model.to(device=target.device, dtype=target.dtype)
@@ -327,11 +334,20 @@ class BlockDiffusionDrafter(Drafter):
         self._ctx_kv = [(empty, empty) for _ in range(cfg.num_hidden_layers)]
         self._ctx_len = 0
         self._last_fused = None
-        if features is not None and features.shape[1] > 0:
-            self._extend(features)
+        self._pending = []
+        self.commit(input_ids, features)
 
     def commit(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Queue the features of newly committed positions; they are projected into the context
+        cache in one batch when the drafter next drafts, so cycles it sits out (the cost-aware
+        policy skipping it, or prompt lookup proposing in front of it) cost nothing."""
         if features is not None and features.shape[1] > 0:
+            self._pending.append(features)
+
+    def _flush(self) -> None:
+        if self._pending:
+            features = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=1)  # (B, new, F)
+            self._pending = []
             self._extend(features)
 
     @torch.inference_mode()
@@ -359,6 +375,7 @@ class BlockDiffusionDrafter(Drafter):
             return DraftProposal.empty(input_ids.shape[0], input_ids.device)
         if self._ctx_kv is None:
             raise RuntimeError("propose() before begin(): the drafter has no target context")
+        self._flush()
         batch = input_ids.shape[0]
         length = self.config.block_size - 1  # always draft the trained block; the policy truncates what is verified
         start = input_ids.shape[1] - 1  # position of the last committed token

@@ -3,12 +3,17 @@
 Copying from the context costs nothing and, where it matches (repeated code, quoted text, lists),
 proposes long and reliable drafts; a model drafter costs a forward per cycle but drafts anywhere.
 :class:`FallbackDrafter` asks the free one first and calls the model drafter only when the free
-proposal is empty or its confidence is below ``min_confidence``. Both stay in step with the
-committed sequence (``begin``/``commit`` reach both every cycle), so the model drafter drafts
-after cycles it sat out exactly as a fresh drafter would.
+proposal is empty or its confidence is below ``min_confidence``, and only when the block-length
+policy's gate says the model drafter pays (the cost-aware policy keeps its statistics per source, so
+it can stop calling a losing model drafter without also stopping the free lookups). Both stay in
+step with the committed sequence (``begin``/``commit`` reach both every cycle), so the model
+drafter drafts after cycles it sat out exactly as a fresh drafter would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,7 +28,8 @@ class FallbackDrafter(Drafter):
 
     Each proposal comes whole from one drafter, with that drafter's q (``None`` for prompt lookup:
     match acceptance, exact for a deterministic draft) and confidences, so verification stays
-    lossless. ``last_source`` says which drafter made the last proposal (for stats and tests).
+    lossless. Proposals carry their ``source`` (the sub-drafter's name); ``last_source`` says which
+    drafter made the last one (for stats and tests).
 
     Args:
         primary: the drafter asked first; it must need no target features.
@@ -44,6 +50,10 @@ class FallbackDrafter(Drafter):
         self.target_layer_ids = fallback.target_layer_ids
         self.name = f"{primary.name}+{fallback.name}"
         self.last_source: str | None = None
+        self.gate: Callable[[str], bool] | None = None
+
+    def attach_gate(self, gate: Callable[[str], bool] | None) -> None:
+        self.gate = gate
 
     @property
     def vocab_size(self) -> int | None:
@@ -59,12 +69,13 @@ class FallbackDrafter(Drafter):
 
     def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams,
                 generator: torch.Generator | None) -> DraftProposal:
-        first = self.primary.propose(input_ids, max_tokens, sampling, generator)
-        if first.length and float(first.confidence[:, 0].min()) >= self.min_confidence:
+        first = replace(self.primary.propose(input_ids, max_tokens, sampling, generator), source=self.primary.name)
+        good = first.length and float(first.confidence[:, 0].min()) >= self.min_confidence
+        if good or (self.gate is not None and not self.gate(self.fallback.name)):
             self.last_source = self.primary.name
-            return first
+            return first  # a weak or empty lookup is still free to offer: the policy may verify none of it
         self.last_source = self.fallback.name
-        return self.fallback.propose(input_ids, max_tokens, sampling, generator)
+        return replace(self.fallback.propose(input_ids, max_tokens, sampling, generator), source=self.fallback.name)
 
     def commit(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         self.primary.commit(input_ids, None)

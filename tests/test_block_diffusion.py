@@ -436,7 +436,11 @@ def test_fallback_drafter_uses_the_free_drafter_when_it_matches_and_keeps_greedy
         d.commit(torch.tensor([ids]), feats[:, 5:6])  # the target wrote position 5
     got = hybrid.propose(torch.tensor([ids]), 4, SamplingParams(), None)
     want = lone.propose(torch.tensor([ids]), 4, SamplingParams(), None)
-    assert hybrid.last_source == lone.name and got.tokens.tolist() == want.tokens.tolist()
+    assert hybrid.last_source == lone.name and got.tokens.tolist() == want.tokens.tolist() and got.source == lone.name
+    asked = []
+    hybrid.attach_gate(lambda source: asked.append(source) or False)  # the policy says the fallback does not pay
+    got = hybrid.propose(torch.tensor([ids]), 4, SamplingParams(), None)
+    assert asked == [lone.name] and hybrid.last_source == "prompt-lookup" and got.length == 0
     for policy in (FixedLength(5), CostAwarePolicy(max_k=5)):
         spec = DiffusionSpeculator(target, None, FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)), policy=policy)
         prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])

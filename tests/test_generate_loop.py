@@ -304,3 +304,37 @@ def test_stats_record_policy_predictions_for_calibration(target):
 def test_invalid_policy_settings_raise(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+def test_cost_aware_policy_skips_a_losing_fallback_but_not_the_free_lookups():
+    """Per-source statistics: with a free source 'lookup' and a costly source 'diffusion' whose
+    drafts are all rejected, the policy never skips drafting as a whole (the lookups go on) and
+    gates the costly source down to rare probes; each source keeps its own calibration."""
+    from dllm_spec.latency import LatencyCurve
+
+    policy = CostAwarePolicy(max_k=8, latency=LatencyCurve({1: 0.06, 2: 0.105, 8: 0.13, 16: 0.14}, momentum=1.0))
+    gated = []
+    for cycle in range(200):
+        k = policy.draft_length()
+        assert k > 0
+        source = "lookup" if cycle % 3 == 0 else "diffusion"
+        if source == "diffusion":
+            allowed = policy.should_draft("diffusion")
+            gated.append(allowed)
+            if not allowed:
+                source = "lookup"
+        cost, accepted = (1e-5, 2) if source == "lookup" else (0.02, 0)
+        proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.9), source=source)
+        verified = max(1, policy.choose(proposal))
+        policy.observe(proposal, verified, min(accepted, verified), cost, 0.1)
+    assert 0 < sum(gated[60:]) < 10  # the losing fallback is probed rarely
+    assert policy.skipped == 0
+    assert policy.stats("lookup").draft_gain > 1.0 > policy.stats("diffusion").draft_gain
+    assert float(policy.stats("diffusion").calibrator(torch.tensor([0.9]))[0]) < float(
+        policy.stats("lookup").calibrator(torch.tensor([0.9]))[0])  # same confidence, learnt apart
+
+
+def test_default_drafter_is_prompt_lookup_for_a_target_the_shipped_drafter_does_not_fit(target):
+    from drafters import PromptLookupDrafter
+
+    assert type(DiffusionSpeculator(target, None).drafter) is PromptLookupDrafter  # the tiny target: other sizes

@@ -115,3 +115,21 @@ def test_drafter_training_runs_under_accelerate_with_two_processes(real_spec, tm
                  "--feature-dir", str(tmp_path / "features")], tmp_path)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and (tmp_path / "run" / "best" / "config.json").is_file()
+
+
+def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_exact(real_spec):
+    """With no drafter given, the embedded target gets prompt lookup with the shipped
+    block-diffusion drafter behind it (a target the shipped drafter does not fit gets prompt lookup
+    alone, see test_generate_loop); its greedy output is the target's, token for token, in fp32,
+    under the default cost-aware policy and under a fixed block that always drafts."""
+    from drafters import BlockDiffusionDrafter, FallbackDrafter
+
+    spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer)
+    assert isinstance(spec.drafter, FallbackDrafter) and isinstance(spec.drafter.fallback, BlockDiffusionDrafter)
+    for policy in (None, FixedLength(7)):
+        spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, policy=policy)
+        for prompt in PROMPTS:
+            ids = spec.encode(prompt)
+            ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
+            out = spec.generate(prompt, max_new_tokens=48)
+            assert out.token_ids[0].tolist() == ref.tolist(), f"default drafter diverged on {prompt!r}"
