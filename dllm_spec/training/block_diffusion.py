@@ -45,7 +45,8 @@ from dllm_spec.jsonl import append_record
 from dllm_spec.training.common import warmup_cosine, write_dir_atomic
 from dllm_spec.training.features import FeatureStore, ResidentStore, TeacherStore, build_stores, feature_dir, teacher_dir
 from drafters.base import target_vocab_size
-from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionModel
+from drafters.schedulers import ConfidenceUnmaskingScheduler
 
 
 @dataclass(frozen=True)
@@ -298,9 +299,8 @@ def _save_checkpoint(out: Path, name: str, model: BlockDiffusionModel, extra: di
     """Write ``out/name`` atomically: the drafter, plus the trainer state when an optimizer is given."""
 
     def write(tmp: Path) -> None:
-        BlockDiffusionDrafter(model).save_pretrained(tmp)
-        model.train()  # the drafter wrapper froze it for inference
-        model.requires_grad_(True)
+        model.save_pretrained(tmp)  # plus the default unmasking schedule, as BlockDiffusionDrafter.save_pretrained writes it
+        ConfidenceUnmaskingScheduler(num_inference_steps=model.config.num_inference_steps).save_pretrained(tmp)
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(extra or {})}, tmp / "trainer_state.pt")
 
