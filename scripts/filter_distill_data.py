@@ -13,13 +13,11 @@ whose backticked subject (`os.path.join`, `tar`) is the subject of a local held-
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import re
+from pathlib import Path
 
-from dllm_spec.data.distill import iter_shards
+from dllm_spec.data.distill import iter_shards, write_shard
 from dllm_spec.data.prompts import build_prompts
-from dllm_spec.jsonl import write_atomic
 from dllm_spec.target import load_target
 
 SUBJECT = re.compile(r"`([^`]+)`")
@@ -43,8 +41,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             keep.append(r)
         if len(keep) < len(records) and not args.dry_run:
-            path = f"{args.data}/{shard}.jsonl.gz"
-            write_atomic(path, gzip.compress("".join(json.dumps(r) + "\n" for r in keep).encode()))
+            write_shard(Path(args.data) / f"{shard}.jsonl.gz", keep)
 
 
 if __name__ == "__main__":

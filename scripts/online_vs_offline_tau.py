@@ -18,15 +18,14 @@ from dllm_spec.target import cache_root, load_target
 from dllm_spec.training.block_diffusion import TrainConfig, load_sequences, offline_tau
 from dllm_spec.training.features import FeatureStore, feature_dir
 from drafters.block_diffusion import BlockDiffusionDrafter, BlockDiffusionModel
-
-SHIPPED = "drafters/assets/block-diffusion-smollm2-135m"
+from drafters.shipped import shipped_drafter_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sequences", type=int, nargs="?", default=8, help="how many held-out greedy sequences")
     p.add_argument("--data", default="data/distill")
-    p.add_argument("--drafter", default=SHIPPED, help="a block-diffusion drafter checkpoint directory")
+    p.add_argument("--drafter", default=None, help="a block-diffusion drafter checkpoint directory (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(eval_sequences=args.sequences)
     _, held = load_sequences(args.data, cfg.max_len, cfg.heldout_mod)
     seqs = [s for s in held if s.greedy][: args.sequences]
-    model = BlockDiffusionModel.from_pretrained(args.drafter).float().eval()
+    model = BlockDiffusionModel.from_pretrained(args.drafter or shipped_drafter_dir()).float().eval()
     layers = list(model.config.target_layer_ids)
     store = FeatureStore(feature_dir(cache_root() / "features", target, layers), target, layers)
     head = target.get_output_embeddings().weight[model.draft_vocab].detach()

@@ -66,7 +66,8 @@ def _done_keys(directory: Path) -> set[tuple[str, int]]:
     return {(r["prompt_id"], r["variant"]) for r in read_shards(directory)}
 
 
-def _write_shard(path: Path, records: list[dict]) -> None:
+def write_shard(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write ``records`` as a gzip'd JSONL shard, atomically."""
     write_atomic(path, gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
@@ -148,6 +149,6 @@ def generate_distillation_data(
                     tokens += len(response)
                 bar.update(len(idx))
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", tokens=tokens)
-        _write_shard(out / f"shard-{next_index + shard_no:05d}.jsonl.gz", records)
+        write_shard(out / f"shard-{next_index + shard_no:05d}.jsonl.gz", records)
     bar.close()
     return out
