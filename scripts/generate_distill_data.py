@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from dllm_spec.data.distill import DistillConfig, generate_distillation_data
-from dllm_spec.data.prompts import build_prompts
+from dllm_spec.data.prompts import training_prompts
 from dllm_spec.target import load_target
 
 
@@ -21,12 +21,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=128, help="responses per shard (the unit lost if killed)")
     parser.add_argument("--max-shards", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--temperatures", default="0.0,0.8",
+                        help="comma-separated, one response per prompt each (0 = greedy); append new ones to grow a data set")
+    parser.add_argument("--compile", action="store_true", help="let HF's generate compile the forward (GPU, static cache)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, dtype=args.dtype)
-    prompts = [p for p in build_prompts() if p.split == "train"]
-    config = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size)
+    prompts = training_prompts()
+    temperatures = tuple(float(t) for t in args.temperatures.split(","))
+    config = DistillConfig(temperatures=temperatures, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           shard_size=args.shard_size, compile=args.compile)
     generate_distillation_data(model, tokenizer, prompts, args.out, config, max_shards=args.max_shards)
 
 

@@ -13,7 +13,8 @@
 # 3. exports the best checkpoint in bf16 ($OUT/drafter.tar.part-*, split to stay under 15 MB per
 #    file) and copies train_log.jsonl and eval.json to $OUT.
 # Each step runs under `timeout`, so the script ends within BUDGET_S seconds and keeps what the
-# earlier steps produced.
+# earlier steps produced: set BUDGET_S inside the limit of whatever runs the script (a remote
+# call's own timeout), or the export is what gets cut.
 set -uo pipefail
 : "${OUT:?set OUT to the directory for the results}"
 BUDGET_S=${BUDGET_S:-540}
@@ -35,6 +36,9 @@ echo "== generate (<= ${GEN_S}s): $before shards present"
 # shellcheck disable=SC2086
 timeout "$GEN_S" python3 scripts/generate_distill_data.py --out "$DATA" --dtype float32 \
     --batch-size "$GEN_BATCH" --shard-size $(( 2 * GEN_BATCH )) $GEN_ARGS
+# Records of prompts that document a held-out subject (another Python builds other "docs" prompts
+# than the reference machine; generation already skips the committed list's subjects) never train.
+timeout 120 python3 scripts/filter_distill_data.py --data "$DATA"
 new=$(ls "$DATA"/shard-*.jsonl.gz | tail -n +$(( before + 1 )))
 echo "== $(echo "$new" | grep -c shard) new shards, $(left)s left"
 [ -n "$new" ] && tar -cf "$OUT/new_shards.tar" $new

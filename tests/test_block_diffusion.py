@@ -462,3 +462,17 @@ def test_sampling_with_prompt_lookup_then_block_diffusion_keeps_target_distribut
     spec = DiffusionSpeculator(target, None, hybrid, policy=FixedLength(3))
     tv = two_token_total_variation(spec, target, draws=1500, prompt=(0, 2, 3, 2))  # "2" recurs: lookup proposes first
     assert tv < 0.1, f"TV {tv:.3f}"
+
+
+def test_capping_positions_keeps_greedy_sequences_first_and_stays_under_the_cap():
+    from dllm_spec.training.block_diffusion import Sequence, TrainConfig, cap_positions
+
+    seqs = [Sequence(list(range(10 + i)), 2, greedy=i % 2 == 0, row=i) for i in range(20)]
+    greedy_total = sum(len(s.ids) for s in seqs if s.greedy)
+    kept = cap_positions(seqs, greedy_total + 25, seed=0)
+    assert sum(len(s.ids) for s in kept) <= greedy_total + 25
+    assert {s.row for s in kept if s.greedy} == {s.row for s in seqs if s.greedy}
+    assert 0 < sum(not s.greedy for s in kept) < 10
+    assert cap_positions(seqs, 0, seed=0) == seqs
+    with pytest.raises(ValueError, match="max_positions"):
+        TrainConfig(max_positions=-1)

@@ -14,8 +14,14 @@ import importlib
 import inspect
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+# torch replaces ``inspect.getfile`` (with an undocumented wrapper) when it is imported, which
+# drops one docstring and reshuffles the whole set. Every user of the set imports torch (data
+# generation, training, the benchmark), so the set is defined with it imported, here too.
+import torch  # noqa: F401
 
 CATEGORIES = ("reasoning", "code", "explanation", "chat", "docs")
 HELDOUT_FRACTION = 0.03
@@ -180,20 +186,67 @@ def _clean_doc(doc: str, limit: int = 700) -> str:
     return doc if len(doc) <= limit else doc[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def stdlib_docs() -> list[tuple[str, str]]:
-    """(qualified name, docstring) for public functions and classes of common stdlib modules."""
+# More standard-library modules for the second part of the set (not the ones with side effects on
+# import, platform-only ones, or packaging internals).
+EXTRA_STDLIB_MODULES = [
+    "builtins", "ast", "asyncio", "atexit", "bdb", "cProfile", "cmd", "code", "codeop", "compileall",
+    "concurrent.futures", "contextvars", "copyreg", "ctypes", "dbm", "dis", "email", "email.message",
+    "email.parser", "errno", "faulthandler", "filecmp", "fileinput", "ftplib", "gc", "getopt",
+    "getpass", "graphlib", "http.client", "http.cookies", "http.server", "imaplib", "importlib",
+    "importlib.resources", "keyword", "linecache", "mailbox", "marshal", "mmap", "modulefinder",
+    "multiprocessing", "netrc", "numbers", "opcode", "optparse", "pdb", "pickle", "pickletools",
+    "pkgutil", "plistlib", "poplib", "posixpath", "profile", "pstats", "pty", "pyclbr", "pydoc",
+    "quopri", "reprlib", "resource", "rlcompleter", "runpy", "sched", "selectors", "shelve", "site",
+    "smtplib", "socketserver", "ssl", "stat", "stringprep", "symtable", "sysconfig", "tabnanny",
+    "token", "tokenize", "tomllib", "trace", "tracemalloc", "tty", "urllib.request", "urllib.error",
+    "urllib.robotparser", "venv", "wave", "wsgiref.util", "xml.dom.minidom", "xml.sax", "xmlrpc.client",
+    "zipapp", "zipimport", "zoneinfo",
+]
+
+
+def _documented(name: str, obj: object) -> str | None:
+    doc = inspect.getdoc(obj)
+    return _clean_doc(doc) if doc and len(doc) > 60 else None
+
+
+def _from_stdlib(obj: object) -> bool:
+    """False for objects defined outside the standard library (a library's patch or addition:
+    transformers adds ``logging.Logger.warning_once``), so the set does not depend on what else
+    the process imported."""
+    module = getattr(obj, "__module__", None)
+    return not isinstance(module, str) or module.split(".")[0] in sys.stdlib_module_names
+
+
+def _documentable(obj: object) -> bool:
+    return (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)) and _from_stdlib(obj)
+
+
+def stdlib_docs(modules: list[str] | None = None, methods: bool = False) -> list[tuple[str, str]]:
+    """(qualified name, docstring) for public functions and classes of ``modules`` (default:
+    :data:`STDLIB_MODULES`); with ``methods``, for the public methods of those classes instead."""
     out: list[tuple[str, str]] = []
-    for module_name in STDLIB_MODULES:
+    for module_name in STDLIB_MODULES if modules is None else modules:
         try:
             module = importlib.import_module(module_name)
         except Exception:  # noqa: BLE001 - a module missing on this platform is simply skipped
             continue
         for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+            if name.startswith("_"):
                 continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 60:
-                out.append((f"{module_name}.{name}", _clean_doc(doc)))
+            if not _documentable(obj):  # or replaced by a library: then the saved original of a hook
+                obj = vars(module).get(f"__{name}__")  # (pytest's sys.unraisablehook), else skipped
+                if not _documentable(obj):  # (torch's inspect.getfile)
+                    continue
+            if not methods:
+                if doc := _documented(name, obj):
+                    out.append((f"{module_name}.{name}", doc))
+                continue
+            if not inspect.isclass(obj) or getattr(obj, "__module__", None) != module.__name__:
+                continue  # only classes defined here, so that re-exports are not documented twice
+            for attr, member in sorted(vars(obj).items()):
+                if not attr.startswith("_") and (inspect.isfunction(member) or inspect.ismethoddescriptor(member)) and _from_stdlib(member):
+                    if doc := _documented(attr, member):
+                        out.append((f"{module_name}.{name}.{attr}", doc))
     return out
 
 
@@ -228,9 +281,36 @@ def _stable_id(category: str, text: str) -> str:
     return f"{category}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
-def build_prompts(seed: int = 0, max_docs: int = 4000, max_man: int = 2500) -> list[Prompt]:
+def build_prompts(seed: int = 0, max_docs: int = 4000, max_man: int = 2500, extended: bool = True) -> list[Prompt]:
     """Build the full prompt set (deterministic for a given seed and machine), shuffled so that any
-    prefix mixes all categories."""
+    prefix mixes all categories.
+
+    The set has two parts, each shuffled on its own: the original one, then (``extended``) the
+    documentation of :data:`EXTRA_STDLIB_MODULES` and of the public methods of the classes of both
+    module lists. Appending keeps the original part's order, so the benchmark's held-out prompts
+    (the first of each category, :func:`heldout_prompts`) stay the same as the set grows.
+    """
+    prompts = _base_prompts(seed, max_docs, max_man)
+    if extended:
+        seen = {p.text for p in prompts}
+        docs = stdlib_docs(EXTRA_STDLIB_MODULES) + stdlib_docs(STDLIB_MODULES + EXTRA_STDLIB_MODULES, methods=True)
+        texts = [("docs", DOC_TEMPLATES[j % len(DOC_TEMPLATES)].format(name=name, doc=doc)) for j, (name, doc) in enumerate(docs)]
+        extra = _unique(texts, seen)
+        random.Random(seed + 1).shuffle(extra)
+        prompts += extra
+    return prompts
+
+
+def _unique(texts: list[tuple[str, str]], seen: set[str]) -> list[Prompt]:
+    prompts = []
+    for category, text in texts:
+        if text not in seen:
+            seen.add(text)
+            prompts.append(Prompt(_stable_id(category, text), category, text))
+    return prompts
+
+
+def _base_prompts(seed: int, max_docs: int, max_man: int) -> list[Prompt]:
     rng = random.Random(seed)
     texts: list[tuple[str, str]] = []
     for i, topic in enumerate(TOPICS):
@@ -253,14 +333,46 @@ def build_prompts(seed: int = 0, max_docs: int = 4000, max_man: int = 2500) -> l
         texts.append(("docs", DOC_TEMPLATES[j % len(DOC_TEMPLATES)].format(name=name, doc=doc)))
     for j, (cmd, desc) in enumerate(man_summaries(max_man)):
         texts.append(("docs", MAN_TEMPLATES[j % len(MAN_TEMPLATES)].format(cmd=cmd, desc=desc)))
-    seen: set[str] = set()
-    prompts = []
-    for category, text in texts:
-        if text not in seen:
-            seen.add(text)
-            prompts.append(Prompt(_stable_id(category, text), category, text))
+    prompts = _unique(texts, set())
     rng.shuffle(prompts)
     return prompts
+
+
+SUBJECT = re.compile(r"`([^`]+)`")
+HELDOUT_SUBJECTS_FILE = Path(__file__).with_name("heldout_subjects.txt")
+
+
+def prompt_subject(prompt: Prompt | str) -> str | None:
+    """The documented subject of a "docs" prompt (`os.path.join`, `tar`): its first backticked
+    name. Other prompts (and plain text without one) have none."""
+    if isinstance(prompt, Prompt) and prompt.category != "docs":
+        return None
+    match = SUBJECT.search(prompt.text if isinstance(prompt, Prompt) else prompt)
+    return match.group(1) if match else None
+
+
+def heldout_subjects(prompts: list[Prompt] | None = None, listed: str | Path | None = HELDOUT_SUBJECTS_FILE) -> set[str]:
+    """Subjects that no training prompt may document: those of the held-out prompts of ``prompts``
+    (default: this machine's set) and those ``listed`` (one per line; the reference machine's).
+
+    The "docs" prompts hold the text of the local standard library, so another Python builds
+    other texts, and other held-out hashes, for the same function: a GPU box could train on a
+    function whose prompt is held out (or benchmarked) here. The committed list (written by
+    ``scripts/filter_distill_data.py --update-subjects``) carries the reference split everywhere.
+    """
+    prompts = build_prompts() if prompts is None else prompts
+    subjects = {s for p in prompts if p.split == "heldout" and (s := prompt_subject(p))}
+    if listed is not None and Path(listed).is_file():
+        subjects |= {line.strip() for line in Path(listed).read_text().splitlines() if line.strip()}
+    return subjects
+
+
+def training_prompts(seed: int = 0) -> list[Prompt]:
+    """The prompts data may be generated for: the train split, minus every prompt that documents a
+    held-out subject (:func:`heldout_subjects`)."""
+    prompts = build_prompts(seed)
+    held = heldout_subjects(prompts)
+    return [p for p in prompts if p.split == "train" and prompt_subject(p) not in held]
 
 
 def heldout_prompts(per_category: int = 4, seed: int = 0) -> list[Prompt]:

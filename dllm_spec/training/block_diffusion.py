@@ -76,6 +76,7 @@ class TrainConfig:
     init_from_target: bool = True
     distill_weight: float = 0.0
     teacher_top_k: int = 8
+    max_positions: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_layers", "anchors_per_seq", "batch_size", "max_steps", "eval_every", "checkpoint_every"):
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError("block_size must be >= 2")
         if not 0 <= self.distill_weight <= 1 or self.teacher_top_k < 1:
             raise ValueError(f"distill_weight must be in [0, 1] and teacher_top_k >= 1, got {self.distill_weight}, {self.teacher_top_k}")
+        if self.max_positions < 0:
+            raise ValueError(f"max_positions must be >= 0 (0: no cap), got {self.max_positions}")
         if not 0 <= self.full_mask_prob <= 1 or not 0 < self.t_min <= 1:
             raise ValueError("full_mask_prob must be in [0, 1] and t_min in (0, 1]")
 
@@ -116,6 +119,24 @@ def load_sequences(data_dir: str | os.PathLike, max_len: int, heldout_mod: int) 
     if not train:
         raise ValueError(f"no training sequences found in {data_dir}")
     return train, held
+
+
+def cap_positions(train: list[Sequence], max_positions: int, seed: int) -> list[Sequence]:
+    """At most ``max_positions`` token positions of ``train`` (0: all): greedy sequences first,
+    then sampled ones, each group in a seeded random order. Bounds the memory of resident features
+    (~6 KB a position) when the data outgrows the device."""
+    if max_positions <= 0 or sum(len(s.ids) for s in train) <= max_positions:
+        return train
+    rng = random.Random(seed)
+    greedy, sampled = [s for s in train if s.greedy], [s for s in train if not s.greedy]
+    rng.shuffle(greedy)
+    rng.shuffle(sampled)
+    kept, total = [], 0
+    for seq in greedy + sampled:
+        if total + len(seq.ids) <= max_positions:
+            kept.append(seq)
+            total += len(seq.ids)
+    return kept
 
 
 def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -> torch.Tensor:
@@ -333,6 +354,9 @@ def train_block_diffusion(
     rng = random.Random(cfg.seed + acc.process_index)
     torch.manual_seed(cfg.seed)
     train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
+    if len(capped := cap_positions(train, cfg.max_positions, cfg.seed)) < len(train):
+        acc.print(f"max_positions {cfg.max_positions}: training on {len(capped)} of {len(train)} sequences")
+        train = capped
     resume = out / "checkpoint"
     warm_start = (resume / "config.json").is_file() and not (resume / "trainer_state.pt").is_file()
     if (resume / "config.json").is_file():
