@@ -188,9 +188,11 @@ class CostAwarePolicy(BlockLengthPolicy):
     E(k) = 1 + sum_{i<=k} prod_{j<=i} a(c_j), with a the online-calibrated confidence -> acceptance
     map; cost(k) = drafting time + latency of a (k+1)-token target forward, from the measured curve
     (refreshed online). The draft length itself is chosen the same way from the running acceptance
-    rate and the drafter's measured cost per drafted token, so cheap drafters draft ``max_k`` and
-    expensive ones draft only what is likely to pay off; the verified length is then cut per cycle
-    from the actual confidences.
+    rate and the drafter's measured cost, per drafted token for a drafter that runs once per token
+    (``DraftProposal.forwards`` equal to its length: an AR drafter) and per call for one that drafts
+    a whole block at once (a diffusion drafter, prompt lookup), so cheap drafters draft ``max_k`` and
+    expensive token-by-token ones draft only what is likely to pay off; the verified length is then
+    cut per cycle from the actual confidences.
 
     When drafting costs something (more than ``free_draft_fraction`` of a one-token step) and the
     drafted cycles have been committing fewer tokens per second than a plain one-token step would
@@ -281,7 +283,11 @@ class CostAwarePolicy(BlockLengthPolicy):
         best = self.min_draft
         for st in known:  # the longest draft any source would make (choose() cuts each proposal)
             expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
-            rate = self._rate(expected, self.max_k, st.draft_cost_per_token * ks)
+            if st.cost_scales_with_length:
+                draft_cost = st.draft_cost_per_token * ks
+            else:  # a block drafter: one call costs the same whatever it drafts
+                draft_cost = (ks > 0).float() * (st.draft_cost_per_call or 0.0)
+            rate = self._rate(expected, self.max_k, draft_cost)
             best = max(best, int(rate[1:].argmax()) + 1)
         return best
 
@@ -309,6 +315,8 @@ class CostAwarePolicy(BlockLengthPolicy):
             st.draft_cost_per_token = m * st.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
             prev = st.draft_cost_per_call
             st.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
+            if proposal.length > 1:  # a drafter that runs once per token (AR) vs once per block (diffusion, lookup)
+                st.cost_scales_with_length = proposal.forwards >= proposal.length
             if self.latency is not None:
                 # this drafted cycle's tokens/s relative to a plain step (from the latency curve, less noisy than one timing)
                 gain = (accepted + 1) / (self.latency(verified + 1) + draft_time_s) * self.latency(1)
@@ -331,6 +339,7 @@ class SourceStats:
     calibrator: AcceptanceCalibrator = field(default_factory=AcceptanceCalibrator)
     draft_cost_per_token: float = 0.0  # seconds, EMA
     draft_cost_per_call: float | None = None  # seconds, EMA (a block drafter's cost barely depends on k)
+    cost_scales_with_length: bool = True  # one drafter forward per drafted token (from DraftProposal.forwards)
     draft_gain: float | None = None  # EMA of drafted cycles' tokens/s over a plain step's
     accept_rate: float = 0.6  # conditional acceptance, EMA (for choosing the draft length)
     interval: int = 4  # probing interval while this source loses (cycles)

@@ -338,3 +338,22 @@ def test_default_drafter_is_prompt_lookup_for_a_target_the_shipped_drafter_does_
     from drafters import PromptLookupDrafter
 
     assert type(DiffusionSpeculator(target, None).drafter) is PromptLookupDrafter  # the tiny target: other sizes
+
+
+def test_cost_aware_policy_drafts_longer_blocks_when_a_draft_costs_the_same_at_any_length():
+    """Same total draft time and acceptance: a block drafter (one forward per block) is asked for a
+    longer draft than a token-by-token drafter (one forward per token), whose cost grows with k."""
+    from dllm_spec.latency import LatencyCurve
+
+    def trained(forwards_per_token: bool) -> CostAwarePolicy:
+        policy = CostAwarePolicy(max_k=16, latency=LatencyCurve({1: 0.05, 16: 0.06}, momentum=1.0))
+        for _ in range(20):
+            k = 8
+            proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.8),
+                                     forwards=k if forwards_per_token else 1)
+            policy.observe(proposal, verified=k, accepted=5, draft_time_s=0.04, verify_time_s=0.055)
+        return policy
+
+    block, per_token = trained(False), trained(True)
+    assert block.draft_length() > per_token.draft_length()
+    assert block.draft_length() >= 12  # verification is nearly flat and the block costs one call
