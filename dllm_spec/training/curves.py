@@ -30,6 +30,7 @@ def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.2))
+    ax.set_prop_cycle(color=list(plt.cm.tab10.colors) + list(plt.cm.Dark2.colors))  # 18 distinct colours
     for label, path in runs.items():
         log = Path(path) / "train_log.jsonl" if Path(path).is_dir() else Path(path)
         pts = heldout_points(log)
