@@ -34,8 +34,9 @@ class GenerationOutput:
 def default_drafter(target: PreTrainedModel) -> Drafter:
     """The drafter used when none is given: prompt lookup with the shipped block-diffusion drafter
     behind it (``prompt-lookup+block-diffusion``) when that drafter fits the target (the embedded
-    SmolLM2-135M-Instruct), else prompt lookup alone. On 20 held-out prompts on a 2-core CPU the
-    pair ran at 1.37x plain AR (tau 1.64) against prompt lookup's 1.34x (tau 1.54)."""
+    SmolLM2-135M-Instruct), else prompt lookup alone. On 10 held-out prompts on a 2-core CPU the
+    pair ran at 1.67x plain AR in fp32 (tau 2.07) against prompt lookup's 1.46x, and 1.92x in bf16
+    (BENCHMARKS.md)."""
     from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, target_mismatches
     from drafters.fallback import FallbackDrafter
     from drafters.prompt_lookup import PromptLookupDrafter

@@ -98,7 +98,7 @@ def _generate_batch(
     max_new_tokens: int,
     seed: int,
     static_cache: bool,
-    compile: bool = False,
+    compile: bool,
 ) -> list[list[int]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)

@@ -204,7 +204,7 @@ EXTRA_STDLIB_MODULES = [
 ]
 
 
-def _documented(name: str, obj: object) -> str | None:
+def _documented(obj: object) -> str | None:
     doc = inspect.getdoc(obj)
     return _clean_doc(doc) if doc and len(doc) > 60 else None
 
@@ -238,14 +238,14 @@ def stdlib_docs(modules: list[str] | None = None, methods: bool = False) -> list
                 if not _documentable(obj):  # (torch's inspect.getfile)
                     continue
             if not methods:
-                if doc := _documented(name, obj):
+                if doc := _documented(obj):
                     out.append((f"{module_name}.{name}", doc))
                 continue
             if not inspect.isclass(obj) or getattr(obj, "__module__", None) != module.__name__:
                 continue  # only classes defined here, so that re-exports are not documented twice
             for attr, member in sorted(vars(obj).items()):
                 if not attr.startswith("_") and (inspect.isfunction(member) or inspect.ismethoddescriptor(member)) and _from_stdlib(member):
-                    if doc := _documented(attr, member):
+                    if doc := _documented(member):
                         out.append((f"{module_name}.{name}.{attr}", doc))
     return out
 
