@@ -81,9 +81,12 @@ def speculative_decode(
             if room <= 0:
                 stats.stop_reason = "context"
                 return
-            k = max(0, min(policy.draft_length(), budget - 1, room - 1))
+            k = max(0, min(policy.draft_length(), room - 1))  # tokens (tree nodes) fed to the target besides the last
+            if drafter.tree_width == 1 or budget <= 1:
+                k = min(k, budget - 1)  # a chain's length is its depth
             t0 = _timer(device)
             drafted = drafter.propose(committed, k, sampling, generator) if k > 0 else DraftProposal.empty(batch, device)
+            drafted = drafted.limit_depth(budget - 1)  # never accept past max_new_tokens
             proposal = drafted.truncate(min(k, policy.choose(drafted)))  # what is verified
             t1 = _timer(device)
             outcome = verifier.verify(committed[:, -1:], proposal, sampling, generator)
@@ -93,9 +96,9 @@ def speculative_decode(
             stats.verify_time_s += t2 - t1
             stats.draft_forwards += proposal.forwards
             stats.record_cycle(proposal.length, n, policy.last_prediction)
-            policy.observe(drafted, proposal.length, n, t1 - t0, t2 - t1)
+            policy.observe(drafted, proposal.length, n, t1 - t0, t2 - t1, path=outcome.path if proposal.is_tree else None)
 
-            new = torch.cat([proposal.tokens[:, :n], outcome.next_token[:, None]], dim=1)  # (B, n+1)
+            new = torch.cat([outcome.tokens, outcome.next_token[:, None]], dim=1)  # (B, n+1)
             cut = _first_stop(new[0], stop.stop_token_ids)
             hit_stop = cut is not None and cut < budget
             new = new[:, : min(budget, cut + 1 if hit_stop else budget)]

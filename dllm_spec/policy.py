@@ -45,9 +45,11 @@ class BlockLengthPolicy:
         """Whether a composite drafter should run its (costly) part ``source`` this cycle."""
         return True
 
-    def observe(self, proposal: DraftProposal, verified: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
+    def observe(self, proposal: DraftProposal, verified: int, accepted: int, draft_time_s: float, verify_time_s: float,
+                path: torch.Tensor | None = None) -> None:
         """Feedback after a cycle: ``proposal`` is everything drafted, of which the first ``verified``
-        tokens were verified and the first ``accepted`` accepted."""
+        tokens were verified and ``accepted`` accepted: the first ones of a chain, the nodes ``path``
+        (n,) of a draft tree."""
 
 
 @dataclass
@@ -101,7 +103,7 @@ class MovingAverageLength(BlockLengthPolicy):
     def draft_length(self) -> int:
         return max(1, min(self.max_k, math.ceil(self.average) + 1))
 
-    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, path=None) -> None:
         if verified:
             self.average = self.momentum * self.average + (1 - self.momentum) * accepted
 
@@ -121,7 +123,7 @@ class AssistedHeuristic(BlockLengthPolicy):
     def draft_length(self) -> int:
         return self.k
 
-    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, path=None) -> None:
         if verified:
             self.k = min(self.max_k, self.k + 2) if accepted == verified else max(1, self.k - 1)
 
@@ -158,14 +160,27 @@ class AcceptanceCalibrator:
         b = self._bucket(confidence.cpu())
         return (self.accepted[b] / self.trials[b]).float()
 
-    def update(self, confidence: torch.Tensor, verified: int, accepted: int) -> None:
-        """Positions < accepted were accepted; position ``accepted`` (if verified) was rejected;
-        later positions were never tested and teach nothing."""
-        tested = min(verified, accepted + 1)
-        if tested == 0:
-            return
-        b = self._bucket(confidence[:tested].cpu())
-        hits = (torch.arange(tested) < accepted).double()
+    def update(self, confidence: torch.Tensor, verified: int, accepted: int, parents: torch.Tensor | None = None,
+               path: torch.Tensor | None = None) -> None:
+        """Chain: positions < accepted were accepted; position ``accepted`` (if verified) was
+        rejected; later positions were never tested and teach nothing. Tree (``parents`` and the
+        accepted ``path``): every verified node whose parent is the root or on the path was tested
+        (given its parent was accepted), and those on the path were accepted."""
+        if parents is not None and path is not None:
+            on_path = torch.zeros(verified + 1, dtype=torch.bool)
+            on_path[0] = True
+            on_path[path.cpu() + 1] = True
+            tested_nodes = on_path[parents[:verified].cpu() + 1].nonzero().flatten()  # nodes whose parent was reached
+            if tested_nodes.numel() == 0:
+                return
+            b = self._bucket(confidence[tested_nodes.to(confidence.device)].cpu())
+            hits = on_path[tested_nodes + 1].double()
+        else:
+            tested = min(verified, accepted + 1)
+            if tested == 0:
+                return
+            b = self._bucket(confidence[:tested].cpu())
+            hits = (torch.arange(tested) < accepted).double()
         self.predicted_sum.index_add_(0, b, (self.accepted[b] / self.trials[b]))
         self.observed_hits.index_add_(0, b, hits)
         self.observed_trials.index_add_(0, b, torch.ones_like(hits))
@@ -186,13 +201,13 @@ class CostAwarePolicy(BlockLengthPolicy):
     """Verify the k that maximises expected committed tokens per second.
 
     E(k) = 1 + sum_{i<=k} prod_{j<=i} a(c_j), with a the online-calibrated confidence -> acceptance
-    map; cost(k) = drafting time + latency of a (k+1)-token target forward, from the measured curve
-    (refreshed online). The draft length itself is chosen the same way from the running acceptance
-    rate and the drafter's measured cost, per drafted token for a drafter that runs once per token
-    (``DraftProposal.forwards`` equal to its length: an AR drafter) and per call for one that drafts
-    a whole block at once (a diffusion drafter, prompt lookup), so cheap drafters draft ``max_k`` and
-    expensive token-by-token ones draft only what is likely to pay off; the verified length is then
-    cut per cycle from the actual confidences.
+    map (for a draft tree the product runs over each node's path: :func:`tree_survival`, and k
+    counts nodes); cost(k) = drafting time + latency of a (k+1)-token target forward, from the
+    measured curve (refreshed online). The draft length itself comes from the drafter's measured
+    cost: a drafter that runs once per token (``DraftProposal.forwards`` equal to its length: an AR
+    drafter) drafts the k that maximises the same rate under its running acceptance rate, one that
+    drafts a whole block per call (a diffusion drafter, prompt lookup) drafts ``max_k``, since more
+    costs it nothing; the verified length is then cut per cycle from the actual confidences.
 
     When drafting costs something (more than ``free_draft_fraction`` of a one-token step) and the
     drafted cycles have been committing fewer tokens per second than a plain one-token step would
@@ -282,6 +297,8 @@ class CostAwarePolicy(BlockLengthPolicy):
         ks = torch.arange(self.max_k + 1, dtype=torch.float32)
         best = self.min_draft
         for st in known:  # the longest draft any source would make (choose() cuts each proposal)
+            if not st.cost_scales_with_length:
+                return self.max_k  # drafting more costs nothing: let choose() cut with the actual confidences
             expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
             if st.cost_scales_with_length:
                 draft_cost = st.draft_cost_per_token * ks
@@ -301,14 +318,14 @@ class CostAwarePolicy(BlockLengthPolicy):
             return 0
         st = self.stats(proposal.source)
         a = st.calibrator(proposal.confidence[0])
-        survival = torch.cumprod(a, 0)
+        survival = torch.cumprod(a, 0) if proposal.parents is None else tree_survival(a, proposal.parents)
         expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(survival, 0)])  # E(k), k = 0..k_max
         sunk = torch.full((k_max + 1,), st.draft_cost_per_token * k_max)
         k = int(self._rate(expected, k_max, sunk).argmax())
         self.last_prediction = float(expected[k] - 1)
         return k
 
-    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s) -> None:
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, path=None) -> None:
         st = self.stats(proposal.source)
         if proposal.length:
             m = self.momentum
@@ -325,11 +342,21 @@ class CostAwarePolicy(BlockLengthPolicy):
                 # back off probing while drafts lose to a plain step, reset when one wins
                 st.interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * st.interval)
         if verified:
-            st.calibrator.update(proposal.confidence[0], verified, accepted)
+            st.calibrator.update(proposal.confidence[0], verified, accepted, proposal.parents, path)
             tested = min(verified, accepted + 1)
             st.accept_rate = min(0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted / tested))
         if self.latency is not None:
             self.latency.observe(verified + 1, verify_time_s)
+
+
+def tree_survival(accept: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    """P(node i is accepted) for a draft tree: accept (k,) per-node acceptance given its parent was
+    accepted, parents (k,) (-1 = root). The product of ``accept`` along each node's path."""
+    survival = accept.clone()
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            survival[i] = accept[i] * survival[p]
+    return survival
 
 
 @dataclass

@@ -20,8 +20,11 @@ __all__ = [
 
 def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     """A drafter from a short spec: ``none``, ``prompt-lookup[:MAX_NGRAM]``, ``early-exit[:N]``,
-    ``ar:<HF id or path>``, ``block-diffusion[:STEPS]`` (the shipped drafter), or a checkpoint
-    directory ``<dir>[:STEPS]`` (a block-diffusion drafter, or else a causal LM used as AR drafter).
+    ``ar:<HF id or path>``, ``block-diffusion[:OPTIONS]`` (the shipped drafter), or a checkpoint
+    directory ``<dir>[:OPTIONS]`` (a block-diffusion drafter, a masked LM, or else a causal LM used as
+    AR drafter). OPTIONS for the diffusion drafters, ``:``-separated: ``STEPS`` (or ``steps=S``) and
+    ``tree=M`` (``block-diffusion:tree=4``: a draft tree of each position's 4 most likely tokens;
+    ``block-diffusion:2:tree=4`` with two denoising steps).
     ``A+B`` asks A first and B when A has nothing good (:class:`FallbackDrafter`), e.g.
     ``prompt-lookup+block-diffusion``. Specs never contain ``@``, which the CLI uses to attach a
     block-length policy."""
@@ -41,22 +44,36 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         return AutoregressiveDrafter.from_target_layers(target, int(arg) if arg else None)
     if name == "ar" and arg:
         return AutoregressiveDrafter.from_pretrained(arg, dtype=target.dtype, device=target.device)
-    path, steps = spec, None
+    path, options = spec, {}
     if name == "block-diffusion":
         from drafters.shipped import shipped_drafter_dir
 
-        path, steps = str(shipped_drafter_dir()), arg or None
-    elif not os.path.isdir(spec) and arg.isdigit():
-        path, steps = name, arg
+        path, options = str(shipped_drafter_dir()), _diffusion_options(arg, spec)
+    elif not os.path.isdir(spec) and arg and os.path.isdir(name):
+        path, options = name, _diffusion_options(arg, spec)
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
         meta = json.load(open(config)) if os.path.isfile(config) else {}
         if meta.get("model_type") == BlockDiffusionConfig.model_type:
-            return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=int(steps) if steps else None)
+            return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=options.get("steps"), tree_width=options.get("tree", 1))
         if any(arch.endswith("ForMaskedLM") for arch in meta.get("architectures") or []):
-            return MaskedDiffusionDrafter.from_pretrained(path, dtype=target.dtype, **({"num_inference_steps": int(steps)} if steps else {}))
+            kwargs = {"num_inference_steps": options["steps"]} if "steps" in options else {}
+            return MaskedDiffusionDrafter.from_pretrained(path, dtype=target.dtype, tree_width=options.get("tree", 1), **kwargs)
+        if options:
+            raise ValueError(f"drafter {spec!r}: steps/tree options apply to diffusion drafters, and {path} is a causal LM")
         return AutoregressiveDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
     raise ValueError(
         f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "
         "'block-diffusion[:STEPS]', a checkpoint directory '<dir>[:STEPS]', or 'A+B' (A first, B as fallback)"
     )
+
+
+def _diffusion_options(arg: str, spec: str) -> dict[str, int]:
+    """``"2"`` -> {"steps": 2}; ``"2:tree=4"`` or ``"steps=2:tree=4"`` -> {"steps": 2, "tree": 4}; ``""`` -> {}."""
+    options: dict[str, int] = {}
+    for item in arg.split(":") if arg else []:
+        key, _, value = item.partition("=") if "=" in item else ("steps", "", item)
+        if key not in ("steps", "tree") or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"drafter {spec!r}: options are STEPS, steps=S and tree=M (positive integers, ':'-separated), got {item!r}")
+        options[key] = int(value)
+    return options

@@ -38,6 +38,11 @@ class DraftProposal:
     [0, 1], the drafter's belief that the token will be accepted (for block-length policies).
     forwards: how many drafter forward passes produced it. source: which part of a composite
     drafter made it (``None`` for a single drafter): policies keep their statistics per source.
+    parents: ``None`` for a chain (token i follows token i-1); else a draft *tree*, (k,) long with
+    ``parents[i]`` the index of token i's parent and -1 for a child of the last committed token, in
+    topological order (see :mod:`verify.tree`). A tree carries no q (its candidates are
+    deterministic: the verifier uses :func:`verify.tree.sampling_tree_accept`), and its
+    confidence[i] is the drafter's probability of token i given its parent's path.
     """
 
     tokens: torch.Tensor
@@ -45,6 +50,14 @@ class DraftProposal:
     confidence: torch.Tensor
     forwards: int = 0
     source: str | None = None
+    parents: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.parents is not None:
+            if self.q is not None:
+                raise ValueError("a draft tree carries no q: its candidates must be deterministic")
+            if self.parents.shape != self.tokens.shape[1:]:
+                raise ValueError(f"parents {tuple(self.parents.shape)} must have one entry per drafted token {tuple(self.tokens.shape)}")
 
     @property
     def length(self) -> int:
@@ -57,12 +70,30 @@ class DraftProposal:
             confidence=torch.zeros((batch, 0), device=device),
         )
 
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
+
+    def limit_depth(self, depth: int) -> "DraftProposal":
+        """Drop every token more than ``depth`` drafts deep (a chain keeps its first ``depth``)."""
+        if self.parents is None:
+            return self.truncate(depth)
+        from verify.tree import tree_depths
+
+        keep = tree_depths(self.parents) < depth
+        if bool(keep.all()):
+            return self
+        index = torch.cumsum(keep.long(), 0) - 1  # old node -> new node (parents of kept nodes are kept)
+        parents = self.parents[keep]
+        parents = torch.where(parents < 0, parents, index[parents.clamp_min(0)])
+        return DraftProposal(self.tokens[:, keep], None, self.confidence[:, keep], self.forwards, self.source, parents)
+
     def truncate(self, k: int) -> "DraftProposal":
-        """The first k positions (a proposal of the first k tokens is a valid proposal on its own)."""
+        """The first k tokens (a valid proposal on its own: a tree's nodes come after their parents)."""
         if k >= self.length:
             return self
         return DraftProposal(self.tokens[:, :k], None if self.q is None else self.q[:, :k], self.confidence[:, :k], self.forwards,
-                             self.source)
+                             self.source, None if self.parents is None else self.parents[:k])
 
 
 class Drafter(ABC):
@@ -72,6 +103,10 @@ class Drafter(ABC):
     target_layer_ids: tuple[int, ...] = ()
     #: short name used in stats, CLI and benchmarks.
     name: str = "drafter"
+
+    #: m > 1 when the drafter proposes draft trees of m candidates per position: ``max_tokens`` then
+    #: counts tree nodes, not depth (the loop caps the depth itself)
+    tree_width: int = 1
 
     @property
     def vocab_size(self) -> int | None:

@@ -270,16 +270,23 @@ class BlockDiffusionDrafter(Drafter):
         model: the drafter weights.
         scheduler: unmasking strategy; default confidence order with ``config.num_inference_steps`` steps.
         num_inference_steps: S (overrides the config's default).
+        tree_width: 1 drafts a chain; m > 1 drafts a tree of each position's m most likely tokens
+            (as many nodes as the policy asks for, verified in one target forward: see
+            :mod:`verify.tree`).
     """
 
-    def __init__(self, model: BlockDiffusionModel, scheduler: UnmaskingScheduler | None = None, num_inference_steps: int | None = None) -> None:
+    def __init__(self, model: BlockDiffusionModel, scheduler: UnmaskingScheduler | None = None, num_inference_steps: int | None = None,
+                 tree_width: int = 1) -> None:
+        if tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        self.tree_width = tree_width
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.config: BlockDiffusionConfig = model.config
         steps = num_inference_steps or self.config.num_inference_steps
         self.scheduler = scheduler or ConfidenceUnmaskingScheduler(num_inference_steps=steps)
         self.target_layer_ids = tuple(self.config.target_layer_ids)
-        self.name = f"block-diffusion-s{steps}"
+        self.name = f"block-diffusion-s{steps}" + (f"-tree{tree_width}" if tree_width > 1 else "")
         self._embed: nn.Module | None = None
         self._head: torch.Tensor | None = None  # (V_draft, H) rows of the target's LM head
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -289,7 +296,8 @@ class BlockDiffusionDrafter(Drafter):
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, num_inference_steps: int | None = None, **kwargs) -> "BlockDiffusionDrafter":
+    def from_pretrained(cls, path: str | os.PathLike, num_inference_steps: int | None = None, tree_width: int = 1,
+                        **kwargs) -> "BlockDiffusionDrafter":
         p = Path(path)
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"no block-diffusion drafter checkpoint at {p} (config.json missing)")
@@ -302,7 +310,7 @@ class BlockDiffusionDrafter(Drafter):
             scheduler = sched_cls.from_config(cfg)
             if num_inference_steps:
                 scheduler.register_to_config(num_inference_steps=num_inference_steps)
-        return cls(model, scheduler, num_inference_steps or (scheduler.config.num_inference_steps if scheduler else None))
+        return cls(model, scheduler, num_inference_steps or (scheduler.config.num_inference_steps if scheduler else None), tree_width)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
@@ -392,4 +400,4 @@ class BlockDiffusionDrafter(Drafter):
             return self._logits(hidden[:, 1:])  # (B, L, V_draft): block position j predicts token start + j
 
         return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator, batch, input_ids.device, max_tokens,
-                             vocab=vocab, target_vocab_size=self.config.target_vocab_size)
+                             vocab=vocab, target_vocab_size=self.config.target_vocab_size, tree_width=self.tree_width)

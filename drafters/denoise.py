@@ -1,5 +1,7 @@
 """The few-step denoising loop shared by the masked-diffusion drafters: fill a block of masked
-positions in S scheduler steps and return the proposal with the q each token was drawn from."""
+positions in S scheduler steps and return the proposal with the q each token was drawn from, or,
+with ``tree_width`` m > 1, a draft tree grown best-first from every position's m most likely
+tokens (:func:`verify.tree.build_tree`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from drafters.base import DraftProposal
 from drafters.schedulers import UnmaskingScheduler
 from verify.sampling import SamplingParams
+from verify.tree import build_tree
 
 #: (tokens (B, L), masked (B, L)) -> logits (B, L, V): over the target vocabulary, or over the
 #: draft vocabulary when ``denoise_block`` is given ``vocab`` (tokens are then draft ids too)
@@ -28,8 +31,15 @@ def denoise_block(
     max_tokens: int,
     vocab: torch.Tensor | None = None,
     target_vocab_size: int | None = None,
+    tree_width: int = 1,
 ) -> DraftProposal:
     """Denoise ``length`` masked positions in ``steps`` steps; propose the first ``max_tokens``.
+
+    With ``tree_width`` m > 1 the proposal is a draft tree of ``max_tokens`` nodes instead (depth
+    at most ``length``): each position's m most likely tokens under the drafter's distribution at
+    the step that committed it (deterministic, so the proposal has no q and the tree's
+    verification is lossless at any temperature), combined best-first by path probability; the
+    denoising itself commits the argmax, as the chain's does. Batch 1 only.
 
     q is returned only when it is exact (temperature > 0 and S = 1 or left-to-right unmasking: see
     :mod:`drafters.schedulers`); otherwise the draft is deterministic (argmax) and q is None.
@@ -39,19 +49,36 @@ def denoise_block(
     the proposal is mapped back to target ids and q scattered into the ``target_vocab_size`` ids
     (zero outside the draft vocabulary: the same q as -inf logits there would give).
     """
-    exact_q = scheduler.left_to_right or steps == 1
+    if tree_width < 1:
+        raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+    tree = tree_width > 1
+    if tree and batch != 1:
+        raise ValueError(f"draft trees support batch size 1, got {batch}")
+    exact_q = (scheduler.left_to_right or steps == 1) and not tree
     scheduler.set_timesteps(steps, length)
     tokens = torch.zeros((batch, length), dtype=torch.long, device=device)
     masked = torch.ones((batch, length), dtype=torch.bool, device=device)
     confidence = torch.zeros((batch, length), device=device)
     q = None
+    cand = cand_p = None  # (B, L, m) each position's top-m tokens and their probabilities
     for step in range(scheduler.num_inference_steps):
         logits = logits_fn(tokens, masked)
         out = scheduler.step(logits, step, tokens, masked, sampling, generator, deterministic=not exact_q)
         confidence = torch.where(out.committed, out.confidence, confidence)
         if not sampling.greedy and exact_q:
             q = out.probs if q is None else torch.where(out.committed.unsqueeze(-1), out.probs, q)
+        if tree:
+            top_p, top_i = logits.float().softmax(-1).topk(min(tree_width, logits.shape[-1]), dim=-1)  # (B, L, m)
+            sel = out.committed.unsqueeze(-1)
+            cand = top_i if cand is None else torch.where(sel, top_i, cand)
+            cand_p = top_p if cand_p is None else torch.where(sel, top_p, cand_p)
         tokens, masked = out.tokens, out.masked
+    if tree:
+        if vocab is not None:
+            cand = vocab[cand]  # draft ids -> target ids
+        nodes, parents, node_probs = build_tree(cand[0], cand_p[0], max_tokens)
+        return DraftProposal(nodes.unsqueeze(0), None, node_probs.unsqueeze(0), forwards=scheduler.num_inference_steps,
+                             parents=parents)
     n = min(max_tokens, length)
     tokens, q = tokens[:, :n], None if q is None else q[:, :n]
     if vocab is not None:

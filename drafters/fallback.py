@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from drafters.base import Drafter, DraftProposal
 from verify.sampling import SamplingParams
+from verify.tree import graft_chain
 
 
 class FallbackDrafter(Drafter):
@@ -48,6 +49,7 @@ class FallbackDrafter(Drafter):
         self.fallback = fallback
         self.min_confidence = min_confidence
         self.target_layer_ids = fallback.target_layer_ids
+        self.tree_width = max(primary.tree_width, fallback.tree_width)
         self.name = f"{primary.name}+{fallback.name}"
         self.last_source: str | None = None
         self.gate: Callable[[str], bool] | None = None
@@ -70,8 +72,23 @@ class FallbackDrafter(Drafter):
     def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams,
                 generator: torch.Generator | None) -> DraftProposal:
         first = replace(self.primary.propose(input_ids, max_tokens, sampling, generator), source=self.primary.name)
+
+        def allowed() -> bool:  # asked only when the answer matters: the gate counts the cycles a source sits out
+            return self.gate is None or self.gate(self.fallback.name)
+
+        if self.fallback.tree_width > 1:  # merge: the lookup's chain becomes one more branch of the tree
+            if first.parents is not None or not allowed():
+                self.last_source = self.primary.name
+                return first
+            self.last_source = self.fallback.name
+            tree = self.fallback.propose(input_ids, max_tokens, sampling, generator)
+            if not tree.is_tree or not first.length:
+                return replace(tree, source=self.fallback.name)
+            tokens, parents, scores = graft_chain(tree.tokens[0], tree.parents, tree.confidence[0], first.tokens[0], first.confidence[0])
+            merged = DraftProposal(tokens.unsqueeze(0), None, scores.unsqueeze(0), tree.forwards, self.fallback.name, parents)
+            return merged.truncate(max_tokens)
         good = first.length and float(first.confidence[:, 0].min()) >= self.min_confidence
-        if good or (self.gate is not None and not self.gate(self.fallback.name)):
+        if good or not allowed():
             self.last_source = self.primary.name
             return first  # a weak or empty lookup is still free to offer: the policy may verify none of it
         self.last_source = self.fallback.name

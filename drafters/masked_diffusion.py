@@ -27,6 +27,7 @@ class MaskedDiffusionDrafter(Drafter):
         num_inference_steps: denoising steps S.
         window: how many trailing context tokens the model sees.
         scheduler: unmasking strategy (default: confidence order).
+        tree_width: 1 drafts a chain; m > 1 a draft tree of each position's m most likely tokens.
     """
 
     def __init__(
@@ -38,9 +39,11 @@ class MaskedDiffusionDrafter(Drafter):
         window: int = 256,
         scheduler: UnmaskingScheduler | None = None,
         name: str | None = None,
+        tree_width: int = 1,
     ) -> None:
-        if block_size < 1 or window < 1:
-            raise ValueError(f"block_size and window must be >= 1, got {block_size}, {window}")
+        if block_size < 1 or window < 1 or tree_width < 1:
+            raise ValueError(f"block_size, window and tree_width must be >= 1, got {block_size}, {window}, {tree_width}")
+        self.tree_width = tree_width
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.mask_token_id = int(mask_token_id)
@@ -48,7 +51,7 @@ class MaskedDiffusionDrafter(Drafter):
         self.window = window
         self.scheduler = scheduler or ConfidenceUnmaskingScheduler(num_inference_steps=num_inference_steps)
         self.steps = num_inference_steps
-        self.name = name or f"mdlm-s{num_inference_steps}"
+        self.name = name or f"mdlm-s{num_inference_steps}" + (f"-tree{tree_width}" if tree_width > 1 else "")
         self._appended_mask = False
 
     @classmethod
@@ -82,7 +85,7 @@ class MaskedDiffusionDrafter(Drafter):
         if max_tokens <= 0:
             return DraftProposal.empty(input_ids.shape[0], input_ids.device)
         context = input_ids[:, -self.window:]
-        length = min(self.block_size, max_tokens)
+        length = self.block_size if self.tree_width > 1 else min(self.block_size, max_tokens)  # a tree's max_tokens counts nodes
 
         def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
             block = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
@@ -93,4 +96,4 @@ class MaskedDiffusionDrafter(Drafter):
             return logits
 
         return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator,
-                             input_ids.shape[0], input_ids.device, max_tokens)
+                             input_ids.shape[0], input_ids.device, max_tokens, tree_width=self.tree_width)

@@ -171,17 +171,18 @@ def tiny_mdlm(vocab: int = VOCAB, seed: int = 0):
     return BertForMaskedLM(cfg).eval()
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_greedy_output_equals_plain_greedy_with_masked_diffusion(target, steps):
+@pytest.mark.parametrize("steps,tree", [(1, 1), (3, 1), (2, 3)])
+def test_greedy_output_equals_plain_greedy_with_masked_diffusion(target, steps, tree):
     from drafters import MaskedDiffusionDrafter
 
-    drafter = MaskedDiffusionDrafter(tiny_mdlm(), mask_token_id=VOCAB - 1, block_size=5, num_inference_steps=steps)
-    spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5))
+    drafter = MaskedDiffusionDrafter(tiny_mdlm(), mask_token_id=VOCAB - 1, block_size=5, num_inference_steps=steps, tree_width=tree)
+    spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5 if tree == 1 else 10))
     prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
     ref = target.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=1)[0, 8:]
     assert spec.generate(prompt, max_new_tokens=25).token_ids[0].tolist() == ref.tolist()
     proposal = drafter.propose(prompt, 5, SamplingParams(1.0), torch.Generator().manual_seed(0))
     assert (proposal.tokens != VOCAB - 1).all()  # never proposes the mask id
+    assert proposal.is_tree == (tree > 1)
 
 
 def test_build_drafter_loads_a_checkpoint_directory_with_steps(target, tmp_path):
@@ -191,6 +192,11 @@ def test_build_drafter_loads_a_checkpoint_directory_with_steps(target, tmp_path)
     drafter = build_drafter(f"{tmp_path / 'ckpt'}:3", target)
     assert isinstance(drafter, BlockDiffusionDrafter) and drafter.steps == 3
     assert build_drafter(str(tmp_path / "ckpt"), target).steps == 1
+    tree = build_drafter(f"{tmp_path / 'ckpt'}:2:tree=3", target)
+    assert tree.steps == 2 and tree.tree_width == 3 and tree.name == "block-diffusion-s2-tree3"
+    assert build_drafter(f"prompt-lookup+{tmp_path / 'ckpt'}:tree=3", target).tree_width == 3
+    with pytest.raises(ValueError, match="tree=M"):
+        build_drafter(f"{tmp_path / 'ckpt'}:tree=0", target)
     with pytest.raises(ValueError, match="unknown drafter"):
         build_drafter("no-such-drafter", target)
 

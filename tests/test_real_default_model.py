@@ -25,10 +25,11 @@ def _drafters(target):
         "self": (AutoregressiveDrafter(target, name="self"), 6),  # oracle: the target drafts for itself
         "block-diffusion:1": (build_drafter("block-diffusion:1", target), 15),  # the shipped drafter, one step
         "block-diffusion:2": (build_drafter("block-diffusion:2", target), 7),
+        "block-diffusion:tree=4": (build_drafter("block-diffusion:tree=4", target), 24),  # a 24-node draft tree
     }
 
 
-@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self", "block-diffusion:1", "block-diffusion:2"])
+@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self", "block-diffusion:1", "block-diffusion:2", "block-diffusion:tree=4"])
 def test_greedy_output_equals_target_generate_in_fp32(real_spec, name):
     drafter, block = _drafters(real_spec.target)[name]
     policy = CostAwarePolicy(max_k=block) if name == "prompt-lookup" else FixedLength(block)
@@ -126,6 +127,7 @@ def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_
 
     spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer)
     assert isinstance(spec.drafter, FallbackDrafter) and isinstance(spec.drafter.fallback, BlockDiffusionDrafter)
+    assert spec.drafter.fallback.tree_width > 1  # it drafts trees, with the lookups grafted on
     for policy in (None, FixedLength(7)):
         spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, policy=policy)
         for prompt in PROMPTS:

@@ -1,6 +1,8 @@
 """The verifier: runs the target, ONE forward per cycle over [last committed token, drafts...],
 applies an acceptance rule, crops the rejected positions from the target's KV cache, and returns
-the target hidden states a drafter asked for.
+the target hidden states a drafter asked for. A draft tree (:mod:`verify.tree`) is verified in the
+same one forward under a tree attention mask; the accepted path is then moved into place in the
+cache and everything else dropped.
 
 Cache invariant (checked by the tests): the target's cache holds every committed token except the
 last one, which is fed at the start of the next verify forward.
@@ -14,7 +16,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from dllm_spec.cache import cache_length, crop_cache, forward_with_cache, new_cache
+from dllm_spec.cache import cache_length, crop_cache, forward_with_cache, keep_path, new_cache
 from drafters.base import DraftProposal
 from verify.acceptance import (
     AcceptResult,
@@ -24,17 +26,21 @@ from verify.acceptance import (
     speculative_sampling_accept,
 )
 from verify.sampling import SamplingParams, probs_from_logits
+from verify.tree import ancestor_mask, check_parents, greedy_tree_accept, sampling_tree_accept, tree_depths
 
 VerificationMode = Literal["token", "block"]
 
 
 @dataclass
 class VerifyOutcome:
-    """num_accepted (B,), next_token (B,); features (B, n+1, F) of the positions now cached, or None."""
+    """num_accepted (B,), next_token (B,); features (B, n+1, F) of the positions now cached, or None;
+    tokens (B, n) the accepted drafts; path (n,) their indices in the proposal (for a chain 0..n-1)."""
 
     num_accepted: torch.Tensor
     next_token: torch.Tensor
     features: torch.Tensor | None
+    tokens: torch.Tensor
+    path: torch.Tensor
 
 
 def accept(
@@ -108,6 +114,8 @@ class Verifier:
         """One target forward over [last_token (B, 1), proposal.tokens (B, k)]; accept; crop."""
         if proposal.tokens.shape[0] != 1:
             raise ValueError("the verifier supports batch size 1 for now")
+        if proposal.is_tree and proposal.length:
+            return self._verify_tree(last_token, proposal, sampling, generator)
         start = self.cached_length
         feed = torch.cat([last_token, proposal.tokens], dim=1)  # (B, k+1)
         out = forward_with_cache(self.model, feed, self.cache, output_hidden_states=bool(self.layer_ids))
@@ -115,4 +123,36 @@ class Verifier:
         n = int(result.num_accepted[0])
         crop_cache(self.cache, start + n + 1)
         features = self._features(out)
-        return VerifyOutcome(result.num_accepted, result.next_token, None if features is None else features[:, : n + 1])
+        return VerifyOutcome(result.num_accepted, result.next_token, None if features is None else features[:, : n + 1],
+                             proposal.tokens[:, :n], torch.arange(n, device=feed.device))
+
+    def _verify_tree(self, last_token: torch.Tensor, proposal: DraftProposal, sampling: SamplingParams,
+                     generator: torch.Generator | None) -> VerifyOutcome:
+        """[root, nodes] in one forward, each row seeing the context, the root and its ancestors."""
+        parents = proposal.parents
+        check_parents(parents)
+        start = self.cached_length
+        n_nodes = proposal.length
+        device = last_token.device
+        feed = torch.cat([last_token, proposal.tokens], dim=1)  # (1, N+1)
+        positions = start + torch.cat([torch.zeros(1, dtype=torch.long, device=device), tree_depths(parents) + 1]).unsqueeze(0)
+        dtype = self.model.dtype
+        mask = torch.zeros((1, 1, n_nodes + 1, start + n_nodes + 1), dtype=dtype, device=device)
+        blocked = ~ancestor_mask(parents).to(device)  # (N+1, N+1)
+        mask[0, 0, :, start:].masked_fill_(blocked, torch.finfo(dtype).min)
+        out = forward_with_cache(self.model, feed, self.cache, output_hidden_states=bool(self.layer_ids),
+                                 attention_mask=mask, position_ids=positions)
+        logits = out.logits[0]  # (N+1, V)
+        if sampling.greedy:
+            result = greedy_tree_accept(proposal.tokens[0], parents, logits)
+        else:
+            result = sampling_tree_accept(proposal.tokens[0], parents, probs_from_logits(logits, sampling), generator)
+        path = result.path
+        n = int(path.numel())
+        keep_path(self.cache, start, path)
+        features = self._features(out)
+        if features is not None:
+            rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), path + 1])
+            features = features[:, rows]  # (1, n+1, F): the root and the accepted nodes
+        return VerifyOutcome(torch.tensor([n], device=device), torch.tensor([result.next_token], device=device), features,
+                             proposal.tokens[:, path], path)
