@@ -20,15 +20,14 @@ from tests.conftest import VOCAB, sampling_target, tiny_llama, two_token_total_v
 from verify.sampling import SamplingParams
 
 
-def make_drafter(target, steps=1, scheduler=None, draft_vocab=0, seed=0):
+def make_drafter(target, steps=1, scheduler=None, draft_vocab=0, seed=0, tree_width=1):
     torch.manual_seed(seed)
     cfg = BlockDiffusionConfig.for_target(target, num_layers=1, num_target_layers=2, block_size=6,
                                           draft_vocab_size=draft_vocab, num_inference_steps=steps)
     model = BlockDiffusionModel(cfg)
     if draft_vocab:
         model.draft_vocab.copy_(torch.arange(0, 2 * draft_vocab, 2))
-    drafter = BlockDiffusionDrafter(model, scheduler, num_inference_steps=steps)
-    return drafter
+    return BlockDiffusionDrafter(model, scheduler, num_inference_steps=steps, tree_width=tree_width)
 
 
 @pytest.mark.parametrize("steps,vocab", [(1, 0), (3, 0), (2, 12)])

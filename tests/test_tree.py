@@ -13,10 +13,10 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.cache import forward_with_cache, new_cache
 from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength, tree_survival
 from drafters.base import DraftProposal
-from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.fallback import FallbackDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
 from tests.conftest import VOCAB, sampling_target, tiny_llama, two_token_total_variation
+from tests.test_block_diffusion import make_drafter
 from verify.sampling import SamplingParams
 from verify.tree import (
     ancestor_mask,
@@ -40,14 +40,8 @@ from verify.verifier import Verifier
 PARENTS = torch.tensor([-1, -1, 0, 0, 1, 2])
 
 
-def tree_drafter(target, width=3, steps=1, draft_vocab=0, seed=0):
-    torch.manual_seed(seed)
-    cfg = BlockDiffusionConfig.for_target(target, num_layers=1, num_target_layers=2, block_size=6,
-                                          draft_vocab_size=draft_vocab, num_inference_steps=steps)
-    model = BlockDiffusionModel(cfg)
-    if draft_vocab:
-        model.draft_vocab.copy_(torch.arange(0, 2 * draft_vocab, 2))
-    return BlockDiffusionDrafter(model, num_inference_steps=steps, tree_width=width)
+def tree_drafter(target, width=3, steps=1, draft_vocab=0):
+    return make_drafter(target, steps, draft_vocab=draft_vocab, tree_width=width)
 
 
 def test_tree_helpers_describe_depths_ancestors_and_children():
