@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--drafter", default=None, help="block-diffusion checkpoint (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps S (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/tree_tau_sweep.json")
     args = p.parse_args(argv)
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = DiffusionSpeculator.from_pretrained(drafter="none", dtype="float32")
     target = spec.target
-    drafters = {w: BlockDiffusionDrafter.from_pretrained(args.drafter or shipped_drafter_dir(), tree_width=w) for w in widths}
+    drafters = {w: BlockDiffusionDrafter.from_pretrained(args.drafter or shipped_drafter_dir(), num_inference_steps=args.steps, tree_width=w)
+                for w in widths}
     for d in drafters.values():
         d.bind(target, spec.tokenizer)
     layers = drafters[widths[0]].target_layer_ids
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results}, indent=1))
+    tmp.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "steps": drafters[widths[0]].steps,
+                               "results": results}, indent=1))
     os.replace(tmp, out_path)
 
     import matplotlib
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label="chain" if w == 1 else f"tree, width {w}")
     ax.set_xlabel("draft tokens verified per cycle (tree nodes)")
     ax.set_ylabel("greedy tau")
-    ax.set_title(f"Block-diffusion drafter, {len(prompts)} held-out prompts")
+    ax.set_title(f"Block-diffusion drafter, S = {drafters[widths[0]].steps}, {len(prompts)} held-out prompts")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
