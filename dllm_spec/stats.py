@@ -12,7 +12,9 @@ class GenerationStats:
 
     accepted_per_position[i]: how many cycles accepted the draft token at position i (0-based);
     verified_per_position[i]: how many cycles verified a draft token at position i; their ratio is
-    the per-position acceptance rate. verified_lengths: draft tokens verified in each cycle.
+    the per-position acceptance rate. For a draft tree, position = depth: a cycle verified depth i
+    when its tree had a node there. verified_lengths: draft tokens (tree nodes) verified in each
+    cycle; acceptance_rate: accepted over verified draft tokens.
     """
 
     new_tokens: int = 0
@@ -61,8 +63,9 @@ class GenerationStats:
             return None
         return (sum(self.predicted_accepted) - sum(self.observed_accepted)) / len(self.predicted_accepted)
 
-    def record_cycle(self, verified: int, accepted: int, predicted: float | None = None) -> None:
-        for store, count in ((self.verified_per_position, verified), (self.accepted_per_position, accepted)):
+    def record_cycle(self, verified: int, accepted: int, predicted: float | None = None, depth: int | None = None) -> None:
+        """``verified`` draft tokens, ``accepted`` of them; ``depth``: a tree's depth (default: a chain's, = verified)."""
+        for store, count in ((self.verified_per_position, verified if depth is None else depth), (self.accepted_per_position, accepted)):
             if len(store) < count:
                 store.extend([0] * (count - len(store)))
             for i in range(count):

@@ -167,6 +167,9 @@ def test_greedy_output_equals_plain_greedy_with_a_draft_tree(target, width, step
         for d in (drafter, FallbackDrafter(PromptLookupDrafter(), drafter)):
             out = DiffusionSpeculator(target, None, d, policy=policy).generate(prompt, max_new_tokens=30)
             assert out.token_ids[0].tolist() == ref.tolist()
+            st = out.stats  # per-position statistics count depths, not node indices
+            assert len(st.verified_per_position) <= (drafter.config.block_size - 1 if d is drafter else 12)  # grafted lookups go deeper
+            assert all(a <= v for a, v in zip(st.accepted_per_position, st.verified_per_position))
 
 
 def test_tree_proposals_keep_the_drafter_contract(target):
