@@ -55,20 +55,20 @@ def chain_parents(k: int, device: torch.device | None = None) -> torch.Tensor:
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N,) long: 0 for children of the root, parent's depth + 1 otherwise."""
-    depth = torch.zeros_like(parents)
-    for i, p in enumerate(parents.tolist()):
-        depth[i] = 0 if p < 0 else depth[p] + 1
-    return depth
+    depth: list[int] = []
+    for p in parents.tolist():  # plain Python: no per-node kernel launches on an accelerator
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return torch.tensor(depth, dtype=torch.long, device=parents.device)
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N+1, N+1) bool over [root, nodes]: entry [r, c] is True when c is r or an ancestor of r."""
     n = parents.numel()
-    allowed = torch.eye(n + 1, dtype=torch.bool, device=parents.device)
+    allowed = torch.eye(n + 1, dtype=torch.bool)  # built on the CPU, moved once
     allowed[:, 0] = True
     for i, p in enumerate(parents.tolist()):
         allowed[i + 1] |= allowed[p + 1]  # row of the parent (row 0 is the root)
-    return allowed
+    return allowed.to(parents.device)
 
 
 def children_lists(parents: torch.Tensor) -> list[list[int]]:
