@@ -300,11 +300,7 @@ class CostAwarePolicy(BlockLengthPolicy):
             if not st.cost_scales_with_length:
                 return self.max_k  # drafting more costs nothing: let choose() cut with the actual confidences
             expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
-            if st.cost_scales_with_length:
-                draft_cost = st.draft_cost_per_token * ks
-            else:  # a block drafter: one call costs the same whatever it drafts
-                draft_cost = (ks > 0).float() * (st.draft_cost_per_call or 0.0)
-            rate = self._rate(expected, self.max_k, draft_cost)
+            rate = self._rate(expected, self.max_k, st.draft_cost_per_token * ks)
             best = max(best, int(rate[1:].argmax()) + 1)
         return best
 
