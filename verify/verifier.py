@@ -74,7 +74,8 @@ class Verifier:
         layer_ids: indices into ``hidden_states`` (0 = embeddings) whose states are returned,
             concatenated on the last axis, for the drafter; empty for none.
         mode: ``"token"`` (Leviathan/Chen speculative sampling) or ``"block"`` (Sun et al. block
-            verification). Greedy decoding uses exact argmax matching in both modes.
+            verification). Greedy decoding uses exact argmax matching in both modes, and a draft
+            tree the tree walk of :mod:`verify.tree` in both.
     """
 
     def __init__(self, model: PreTrainedModel, layer_ids: tuple[int, ...] = (), mode: VerificationMode = "token") -> None:
