@@ -54,12 +54,12 @@ def test_tree_helpers_describe_depths_ancestors_and_children():
     assert children_lists(PARENTS) == [[0, 1], [2, 3], [4], [5], [], [], []]
     assert chain_parents(4).tolist() == [-1, 0, 1, 2]
     assert torch.equal(ancestor_mask(chain_parents(4)), torch.ones(5, 5, dtype=torch.bool).tril())
-    tree = DraftProposal(torch.tensor([[10, 11, 12, 13, 14, 15]]), None, torch.rand(1, 6), parents=PARENTS)
+    tree = DraftProposal(torch.tensor([[10, 11, 12, 13, 14, 15]]), None, torch.full((1, 6), 0.5), parents=PARENTS)
     assert tree.limit_depth(1).tokens.tolist() == [[10, 11]] and tree.limit_depth(1).parents.tolist() == [-1, -1]
     two = tree.limit_depth(2)  # node 5 (depth 2, 0-based) goes
     assert two.tokens.tolist() == [[10, 11, 12, 13, 14]] and two.parents.tolist() == [-1, -1, 0, 0, 1]
     assert tree.limit_depth(3) is tree
-    odd = DraftProposal(torch.tensor([[1, 2, 3, 4, 5]]), None, torch.rand(1, 5), parents=torch.tensor([-1, 0, 1, -1, 3]))
+    odd = DraftProposal(torch.tensor([[1, 2, 3, 4, 5]]), None, torch.full((1, 5), 0.5), parents=torch.tensor([-1, 0, 1, -1, 3]))
     assert odd.limit_depth(2).tokens.tolist() == [[1, 2, 4, 5]] and odd.limit_depth(2).parents.tolist() == [-1, 0, -1, 2]
     for bad in (torch.tensor([0]), torch.tensor([-1, 1]), torch.tensor([-1, -2])):
         with pytest.raises(ValueError, match="parents"):
