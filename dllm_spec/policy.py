@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from dllm_spec.latency import LatencyCurve, load_or_measure
 from drafters.base import DraftProposal
+from verify.tree import chain_parents, path_products
 
 
 class BlockLengthPolicy:
@@ -162,25 +163,20 @@ class AcceptanceCalibrator:
 
     def update(self, confidence: torch.Tensor, verified: int, accepted: int, parents: torch.Tensor | None = None,
                path: torch.Tensor | None = None) -> None:
-        """Chain: positions < accepted were accepted; position ``accepted`` (if verified) was
-        rejected; later positions were never tested and teach nothing. Tree (``parents`` and the
-        accepted ``path``): every verified node whose parent is the root or on the path was tested
-        (given its parent was accepted), and those on the path were accepted."""
-        if parents is not None and path is not None:
-            on_path = torch.zeros(verified + 1, dtype=torch.bool)
-            on_path[0] = True
-            on_path[path.cpu() + 1] = True
-            tested_nodes = on_path[parents[:verified].cpu() + 1].nonzero().flatten()  # nodes whose parent was reached
-            if tested_nodes.numel() == 0:
-                return
-            b = self._bucket(confidence[tested_nodes.to(confidence.device)].cpu())
-            hits = on_path[tested_nodes + 1].double()
-        else:
-            tested = min(verified, accepted + 1)
-            if tested == 0:
-                return
-            b = self._bucket(confidence[:tested].cpu())
-            hits = (torch.arange(tested) < accepted).double()
+        """Every verified node whose parent is the root or on the accepted path was tested (given its
+        parent was accepted), and those on the path were accepted; the rest were never tested and
+        teach nothing. A chain (``parents`` None) is the tree [-1, 0, 1, ...] with the path
+        0..accepted-1: its first ``accepted`` positions hit, the next (if verified) missed."""
+        if parents is None or path is None:
+            parents, path = chain_parents(verified), torch.arange(accepted)
+        on_path = torch.zeros(verified + 1, dtype=torch.bool)
+        on_path[0] = True
+        on_path[path.cpu() + 1] = True
+        tested_nodes = on_path[parents[:verified].cpu() + 1].nonzero().flatten()  # nodes whose parent was reached
+        if tested_nodes.numel() == 0:
+            return
+        b = self._bucket(confidence[tested_nodes.to(confidence.device)].cpu())
+        hits = on_path[tested_nodes + 1].double()
         self.predicted_sum.index_add_(0, b, (self.accepted[b] / self.trials[b]))
         self.observed_hits.index_add_(0, b, hits)
         self.observed_trials.index_add_(0, b, torch.ones_like(hits))
@@ -201,8 +197,8 @@ class CostAwarePolicy(BlockLengthPolicy):
     """Verify the k that maximises expected committed tokens per second.
 
     E(k) = 1 + sum_{i<=k} prod_{j<=i} a(c_j), with a the online-calibrated confidence -> acceptance
-    map (for a draft tree the product runs over each node's path: :func:`tree_survival`, and k
-    counts nodes); cost(k) = drafting time + latency of a (k+1)-token target forward, from the
+    map (for a draft tree the product runs over each node's path, :func:`verify.tree.path_products`,
+    and k counts nodes); cost(k) = drafting time + latency of a (k+1)-token target forward, from the
     measured curve (refreshed online). The draft length itself comes from the drafter's measured
     cost: a drafter that runs once per token (``DraftProposal.forwards`` equal to its length: an AR
     drafter) drafts the k that maximises the same rate under its running acceptance rate, one that
@@ -314,7 +310,7 @@ class CostAwarePolicy(BlockLengthPolicy):
             return 0
         st = self.stats(proposal.source)
         a = st.calibrator(proposal.confidence[0])
-        survival = torch.cumprod(a, 0) if proposal.parents is None else tree_survival(a, proposal.parents)
+        survival = torch.cumprod(a, 0) if proposal.parents is None else path_products(a, proposal.parents)
         expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(survival, 0)])  # E(k), k = 0..k_max
         sunk = torch.full((k_max + 1,), st.draft_cost_per_token * k_max)
         k = int(self._rate(expected, k_max, sunk).argmax())
@@ -343,16 +339,6 @@ class CostAwarePolicy(BlockLengthPolicy):
             st.accept_rate = min(0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted / tested))
         if self.latency is not None:
             self.latency.observe(verified + 1, verify_time_s)
-
-
-def tree_survival(accept: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-    """P(node i is accepted) for a draft tree: accept (k,) per-node acceptance given its parent was
-    accepted, parents (k,) (-1 = root). The product of ``accept`` along each node's path."""
-    survival = accept.clone()
-    for i, p in enumerate(parents.tolist()):
-        if p >= 0:
-            survival[i] = accept[i] * survival[p]
-    return survival
 
 
 @dataclass

@@ -78,15 +78,14 @@ class DraftProposal:
         """Drop every token more than ``depth`` drafts deep (a chain keeps its first ``depth``)."""
         if self.parents is None:
             return self.truncate(depth)
-        from verify.tree import tree_depths
+        from verify.tree import reindex, tree_depths
 
         keep = tree_depths(self.parents) < depth
         if bool(keep.all()):
             return self
-        index = torch.cumsum(keep.long(), 0) - 1  # old node -> new node (parents of kept nodes are kept)
-        parents = self.parents[keep]
-        parents = torch.where(parents < 0, parents, index[parents.clamp_min(0)])
-        return DraftProposal(self.tokens[:, keep], None, self.confidence[:, keep], self.forwards, self.source, parents)
+        index = keep.nonzero().flatten()  # parents of kept nodes are kept: they are shallower
+        return DraftProposal(self.tokens[:, index], None, self.confidence[:, index], self.forwards, self.source,
+                             reindex(self.parents, index))
 
     def truncate(self, k: int) -> "DraftProposal":
         """The first k tokens (a valid proposal on its own: a tree's nodes come after their parents)."""

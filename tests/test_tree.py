@@ -11,7 +11,7 @@ import torch
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.cache import forward_with_cache, new_cache
-from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength, tree_survival
+from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength
 from drafters.base import DraftProposal
 from drafters.fallback import FallbackDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
@@ -25,6 +25,7 @@ from verify.tree import (
     check_parents,
     children_lists,
     greedy_tree_accept,
+    path_products,
     sampling_tree_accept,
     tree_depths,
 )
@@ -202,7 +203,7 @@ def test_sampling_with_a_draft_tree_keeps_the_target_distribution():
 
 def test_policy_reads_a_tree_by_paths():
     accept = torch.tensor([0.5, 0.4, 0.8, 0.5, 1.0, 0.5])
-    assert tree_survival(accept, PARENTS).tolist() == pytest.approx([0.5, 0.4, 0.4, 0.25, 0.4, 0.2])
+    assert path_products(accept, PARENTS).tolist() == pytest.approx([0.5, 0.4, 0.4, 0.25, 0.4, 0.2])
     cal = AcceptanceCalibrator(bins=2, prior_strength=1.0)
     # path: node 1 then node 4; tested: the root's children (0, 1) and node 1's child (4); node 0's subtree untested
     conf = torch.tensor([0.9, 0.2, 0.9, 0.9, 0.2, 0.9])

@@ -79,6 +79,25 @@ def children_lists(parents: torch.Tensor) -> list[list[int]]:
     return children
 
 
+def path_products(values: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    """(N,) per-node values (e.g. the probability a node is accepted given its parent was) -> (N,)
+    their product along each node's path from the root."""
+    out = values.clone()
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            out[i] = values[i] * out[p]
+    return out
+
+
+def reindex(parents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Parents of the sub-tree made of the nodes ``index`` (M,) long, in that order: each kept node's
+    parent must be kept and come before it. Returns (M,) parents in the new numbering."""
+    new_index = torch.full_like(parents, -1)
+    new_index[index] = torch.arange(index.numel(), device=parents.device)
+    old = parents[index]
+    return torch.where(old < 0, old, new_index[old.clamp_min(0)])
+
+
 @dataclass(frozen=True)
 class TreeAcceptResult:
     """path: (n,) long, the accepted node indices from the root down; next_token: the target's own token after them."""
@@ -191,14 +210,7 @@ def graft_chain(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tenso
     device = tokens.device
     parents_t = torch.tensor(pars, dtype=torch.long, device=device)
     scores_t = torch.tensor(sc, dtype=torch.float32, device=device).clamp(0, 1)
-    path = scores_t.clone()
-    for i, p in enumerate(pars):
-        if p >= 0:
-            path[i] = path[p] * scores_t[i]
-    order = torch.sort(-path, stable=True).indices  # (N',) new position -> old node
-    new_index = torch.empty_like(order)
-    new_index[order] = torch.arange(order.numel(), device=device)
-    old_parents = parents_t[order]
-    new_parents = torch.where(old_parents < 0, old_parents, new_index[old_parents.clamp_min(0)])
+    order = torch.sort(-path_products(scores_t, parents_t), stable=True).indices  # (N',) new position -> old node
+    new_parents = reindex(parents_t, order)
     check_parents(new_parents)
     return torch.tensor(toks, dtype=torch.long, device=device)[order], new_parents, scores_t[order]
