@@ -16,7 +16,6 @@ from dllm_spec.policy import BlockLengthPolicy
 from dllm_spec.stats import GenerationStats
 from drafters.base import Drafter, DraftProposal
 from verify.sampling import SamplingParams
-from verify.tree import tree_depths
 from verify.verifier import Verifier
 
 
@@ -96,8 +95,7 @@ def speculative_decode(
             stats.draft_time_s += t1 - t0
             stats.verify_time_s += t2 - t1
             stats.draft_forwards += proposal.forwards
-            depth = int(tree_depths(proposal.parents).max()) + 1 if proposal.is_tree and proposal.length else None
-            stats.record_cycle(proposal.length, n, policy.last_prediction, depth)
+            stats.record_cycle(proposal.length, n, policy.last_prediction, proposal.depth)
             policy.observe(drafted, proposal.length, n, t1 - t0, t2 - t1, path=outcome.path if proposal.is_tree else None)
 
             new = torch.cat([outcome.tokens, outcome.next_token[:, None]], dim=1)  # (B, n+1)

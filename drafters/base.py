@@ -74,6 +74,15 @@ class DraftProposal:
     def is_tree(self) -> bool:
         return self.parents is not None
 
+    @property
+    def depth(self) -> int:
+        """Drafts on the longest path: a chain's length, a tree's depth."""
+        if self.parents is None or not self.length:
+            return self.length
+        from verify.tree import tree_depths
+
+        return int(tree_depths(self.parents).max()) + 1
+
     def limit_depth(self, depth: int) -> "DraftProposal":
         """Drop every token more than ``depth`` drafts deep (a chain keeps its first ``depth``)."""
         if self.parents is None:

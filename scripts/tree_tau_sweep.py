@@ -25,19 +25,15 @@ from dllm_spec.speculator import DiffusionSpeculator
 from drafters.block_diffusion import BlockDiffusionDrafter
 from drafters.shipped import shipped_drafter_dir
 from verify.sampling import SamplingParams
-from verify.tree import children_lists
+from verify.tree import chain_parents, follow_choices, tree_depths
 
 
-def accepted_depth(tokens: list[int], parents: list[int], truth: list[int]) -> int:
-    """How deep a draft tree (chain: parents [-1, 0, 1, ...]) matches the true continuation."""
-    children = children_lists(torch.tensor(parents, dtype=torch.long))
-    row, depth = 0, 0
-    while depth < len(truth):
-        nxt = next((c for c in children[row] if tokens[c] == truth[depth]), None)
-        if nxt is None:
-            break
-        row, depth = nxt + 1, depth + 1
-    return depth
+def accepted_depth(tokens: torch.Tensor, parents: torch.Tensor, truth: list[int]) -> int:
+    """How deep a draft tree matches the true continuation ``truth``: the greedy walk with each
+    row's choice the true token at its depth (-1, matching nothing, past the end of ``truth``)."""
+    depth_after = [0] + (tree_depths(parents) + 1).tolist()  # row -> index of the token it predicts
+    choice = [truth[d] if d < len(truth) else -1 for d in depth_after]
+    return int(follow_choices(tokens, parents, choice).path.numel())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,9 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                 drafter.begin(full[:, :pos], features[:, : pos - 1])
                 while pos < end:
                     proposal = drafter.propose(full[:, :pos], n, SamplingParams(), None)
-                    tokens = proposal.tokens[0].tolist()
-                    parents = proposal.parents.tolist() if proposal.is_tree else list(range(-1, len(tokens) - 1))
-                    new_pos = pos + accepted_depth(tokens, parents, truth_all[pos: min(end, pos + depth_cap)]) + 1
+                    parents = proposal.parents if proposal.is_tree else chain_parents(proposal.length)
+                    new_pos = pos + accepted_depth(proposal.tokens[0], parents, truth_all[pos: min(end, pos + depth_cap)]) + 1
                     # what the loop hands over: features of the previous last token and the accepted drafts
                     drafter.commit(full[:, :new_pos], features[:, pos - 1: new_pos - 1])
                     pos, cycles = new_pos, cycles + 1

@@ -108,7 +108,12 @@ class TreeAcceptResult:
 
 def greedy_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor) -> TreeAcceptResult:
     """Follow the target's argmax from the root. tokens, parents: (N,); target_logits: (N+1, V)."""
-    choice = target_logits.argmax(dim=-1).tolist()  # (N+1,)
+    return follow_choices(tokens, parents, target_logits.argmax(dim=-1).tolist())
+
+
+def follow_choices(tokens: torch.Tensor, parents: torch.Tensor, choice: list[int]) -> TreeAcceptResult:
+    """Walk down from the root taking, at each row (0 = root, 1 + i = node i), the child whose token
+    is ``choice[row]``, until no child matches; next_token is that row's choice."""
     toks = tokens.tolist()
     children = children_lists(parents)
     path: list[int] = []
