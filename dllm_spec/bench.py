@@ -56,10 +56,12 @@ def run_bench(
     block_size: int = 16,
     temperature: float = 0.0,
     default_policy: str = "adaptive",
+    on_result=None,
 ) -> dict:
     """Run every (prompt, variant) ``repeats`` times, interleaving variants within each prompt
     (rotating their order every repeat) so that machine drift hits them all alike. A variant is
-    ``drafter`` or ``drafter@policy``; ``block_size`` is the longest draft."""
+    ``drafter`` or ``drafter@policy``; ``block_size`` is the longest draft. ``on_result`` receives the
+    partial result after every prompt (write it out: a crash keeps what finished)."""
     names = [BASELINE] + [d for d in drafter_specs if d != BASELINE]
     speculators = {name: build_variant(name, spec, default_policy, block_size) for name in names}
     records = []
@@ -84,10 +86,16 @@ def run_bench(
             if temperature == 0:
                 for name in names:
                     records[-len(names) + order.index(name)]["identical_to_ar"] = outputs[name] == outputs[BASELINE]
+            if on_result is not None:
+                on_result(_result(spec, records, max_new_tokens, repeats, block_size, temperature, len(prompts)))
     bar.close()
+    return _result(spec, records, max_new_tokens, repeats, block_size, temperature, len(prompts))
+
+
+def _result(spec, records, max_new_tokens, repeats, block_size, temperature, prompts) -> dict:
     return dict(config=dict(max_new_tokens=max_new_tokens, repeats=repeats, block_size=block_size, temperature=temperature,
                             dtype=str(spec.target.dtype), device=str(spec.target.device), threads=torch.get_num_threads(),
-                            prompts=len(prompts)),
+                            kernels=getattr(spec.target, "dllm_kernels", "default"), prompts=prompts),
                 summary=summarize(records), records=records)
 
 

@@ -20,20 +20,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verification", choices=["token", "block"], default="token")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--kernels", default="auto", choices=["auto", "packed", "default"],
+                   help="auto: oneDNN-packed linear weights for fp32 on CPU (faster there), else the default kernels")
 
 
-def _load(args, drafter: str | None):
+def _load(args, drafter: str | None, max_batch: int = 64):
     import torch
 
     from dllm_spec import DiffusionSpeculator, SpeculatorConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from dllm_spec.policy import build_policy
 
-    config = SpeculatorConfig(block_size=args.block_size, verification=args.verification)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here")
+    if args.target is not None and not os.path.exists(args.target) and os.path.sep in args.target:
+        raise FileNotFoundError(f"--target {args.target}: no such directory")
+    config = SpeculatorConfig(block_size=args.block_size, verification=args.verification, max_batch_size=max(64, max_batch))
     return DiffusionSpeculator.from_pretrained(args.target, drafter=drafter, dtype=args.dtype, device=args.device, config=config,
-                                               policy=build_policy(args.policy, args.block_size))
+                                               policy=build_policy(args.policy, args.block_size), kernels=args.kernels)
 
 
 def cmd_generate(args) -> None:
@@ -51,23 +58,90 @@ def cmd_generate(args) -> None:
           f"drafter {s.drafter} | stop {s.stop_reason}", file=sys.stderr)
 
 
+def _writable(path: str | None) -> Path | None:
+    """Check an output path before any work: not a directory, and its folder writable."""
+    if not path:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give a file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out} is not writable")
+    return out
+
+
+def _write_json(path: Path, result: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(fh.name, path)
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
 def cmd_bench(args) -> None:
     from dllm_spec.bench import default_prompts, format_table, load_prompt_file, run_bench
 
-    spec = _load(args, "none")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
+    out = _writable(args.out)
     prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(args.per_category)
+    if batch_sizes:
+        return _bench_throughput(args, prompts, batch_sizes, out)
+    spec = _load(args, "none")
     result = run_bench(spec, [d.strip() for d in args.drafters.split(",") if d.strip()], prompts,
                        max_new_tokens=args.max_new_tokens, repeats=args.repeats, block_size=args.block_size,
-                       temperature=args.temperature, default_policy=args.policy)
-    table = format_table(result["summary"])
-    print(table)
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(fh.name, path)
-        print(f"results written to {path}", file=sys.stderr)
+                       temperature=args.temperature, default_policy=args.policy,
+                       on_result=(lambda r: _write_json(out, r)) if out else None)
+    print(format_table(result["summary"]))
+    if out:
+        _write_json(out, result)
+        print(f"results written to {out}", file=sys.stderr)
+
+
+def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -> None:
+    """``bench --batch-sizes``: tokens/s over the prompt set at each batch size against transformers'
+    batched generate (stock kernels) and plain batched decoding in our loop."""
+    from dllm_spec.bench import build_variant
+    from dllm_spec.target import load_target
+    from dllm_spec.throughput import format_table, run_throughput
+
+    spec = _load(args, None, max_batch=max(batch_sizes))
+    variants = {}
+    for label in [d.strip() for d in (args.drafters_throughput or "default").split(",") if d.strip()]:
+        variants[label] = spec if label == "default" else build_variant(label, spec, args.policy, args.block_size)
+    hf_model = spec.target
+    if getattr(spec.target, "dllm_kernels", "default") != "default":  # transformers runs its stock kernels
+        hf_model, _ = load_target(args.target, dtype=spec.target.dtype, device=spec.target.device, kernels="default")
+    result = run_throughput(spec, variants, [p.text for p in prompts], batch_sizes, max_new_tokens=args.max_new_tokens,
+                            repeats=args.repeats, hf_model=hf_model, on_result=(lambda r: _write_json(out, r)) if out else None)
+    result["config"]["cpu_flags"] = _cpu_flags()
+    print(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {result['config']['dtype']}, "
+          f"{result['config']['threads']} threads, kernels {result['config']['kernels']}, {_cpu_flags()}")
+    print(format_table(result["summary"], len(prompts)))
+    if out:
+        _write_json(out, result)
+        print(f"results written to {out}", file=sys.stderr)
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown CPU"
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return "CPU flags " + (" ".join(shown) if shown else "none of avx2/avx512")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", default=None, help="text (one per line) or JSONL; default: the project's held-out prompts")
     b.add_argument("--per-category", type=int, default=2)
     b.add_argument("--repeats", type=int, default=2)
-    b.add_argument("--out", default=None, help="JSON results path")
+    b.add_argument("--out", default=None, help="JSON results path (written as each run finishes)")
+    b.add_argument("--batch-sizes", default=None,
+                   help="throughput mode: comma-separated batch sizes, e.g. 1,4,16,32: tokens/s over the prompts against "
+                        "transformers' batched generate and plain batched decoding")
+    b.add_argument("--throughput-drafters", dest="drafters_throughput", default="default",
+                   help="throughput mode: drafter@policy variants besides plain ('default' = the library default)")
     b.set_defaults(func=cmd_bench)
     # listed for --help; main() hands their arguments to their own parsers
     sub.add_parser("traces", help="generate reasoning traces from a prompt file (dllm-spec traces --help)")

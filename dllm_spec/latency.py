@@ -1,6 +1,10 @@
-"""A measured latency curve of the target: seconds for one KV-cached forward over k tokens, on the
-running device/dtype. Measured once (a few seconds), cached on disk per model/device/dtype, and
-refreshed online from the verify times the loop observes."""
+"""The target's measured latency: seconds for one cached forward over k tokens per row with b rows,
+on the running device/dtype. Each row count is measured once (seconds), cached on disk per
+model/device/dtype/threads, and refreshed online from the verify times the loop observes.
+
+:class:`LatencyCurve` is one row count's k -> seconds; :class:`LatencySurface` holds one curve per
+measured row count (1, 2, 4, 8, ...) and interpolates between them.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from dllm_spec.cache import crop_cache, forward_with_cache, new_cache
 from dllm_spec.target import cache_root
+from verify.kv_cache import StaticKVCache
 
 DEFAULT_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+#: tokens per row measured for batches of several rows (a batch verifies fewer drafts per row)
+BATCH_POINTS = (1, 2, 3, 4, 6, 8, 12, 17)
 
 
 class LatencyCurve:
@@ -42,31 +48,91 @@ class LatencyCurve:
         return self.points[hi] + slope * (k - hi)
 
     def observe(self, k: int, seconds: float) -> None:
-        """Refresh the nearest measured point with a live timing of a k-token forward."""
-        nearest = min(self.points, key=lambda p: abs(p - k))
-        if nearest == k:
+        """Refresh the measured point k (if it is one) with a live timing of a k-token forward."""
+        if k in self.points:
             self.points[k] = self.momentum * self.points[k] + (1 - self.momentum) * seconds
 
     def to_json(self) -> dict:
         return {str(k): v for k, v in self.points.items()}
 
 
-def _key(model: PreTrainedModel) -> str:
+class LatencySurface:
+    """seconds(k, rows): one :class:`LatencyCurve` per measured row count, linear in between.
+
+    ``model``: when given, row counts not measured yet are measured on first use (:meth:`ensure`) and
+    cached on disk; without one, the nearest measured row count stands in (tests, user curves).
+    """
+
+    def __init__(self, curves: dict[int, LatencyCurve], model: PreTrainedModel | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        if not curves:
+            raise ValueError("a latency surface needs at least one curve")
+        self.curves = dict(sorted(curves.items()))
+        self.model = model
+        self.cache_dir = cache_dir
+
+    def ensure(self, rows: int) -> None:
+        """Measure the row counts bracketing ``rows`` (powers of two) when a model is attached."""
+        if self.model is None or rows in self.curves:
+            return
+        bucket = 1
+        while bucket < rows:
+            bucket *= 2
+        for b in {bucket // 2 if bucket > 1 else 1, bucket}:
+            if b not in self.curves:
+                self.curves[b] = load_or_measure(self.model, self.cache_dir, rows=b)
+        self.curves = dict(sorted(self.curves.items()))
+
+    def curve(self, rows: int) -> LatencyCurve:
+        return self.curves.get(rows) or self.curves[min(self.curves, key=lambda b: abs(b - rows))]
+
+    def __call__(self, k: int, rows: int = 1) -> float:
+        if rows in self.curves:
+            return self.curves[rows](k)
+        below = [b for b in self.curves if b < rows]
+        above = [b for b in self.curves if b > rows]
+        if not above:  # past the largest measured batch: assume cost grows with the rows (compute-bound)
+            top = max(below)
+            return self.curves[top](k) * rows / top
+        if not below:
+            return self.curves[min(above)](k)
+        lo, hi = max(below), min(above)
+        w = (rows - lo) / (hi - lo)
+        return (1 - w) * self.curves[lo](k) + w * self.curves[hi](k)
+
+    def observe(self, k: int, seconds: float, rows: int = 1) -> None:
+        if rows in self.curves:
+            self.curves[rows].observe(k, seconds)
+
+
+def _key(model: PreTrainedModel, rows: int) -> str:
     cfg = model.config
     ident = f"{getattr(cfg, '_name_or_path', '')}|{cfg.model_type}|{cfg.hidden_size}|{cfg.num_hidden_layers}|{cfg.vocab_size}"
     dev = model.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    return hashlib.sha1(f"{ident}|{name}|{model.dtype}".encode()).hexdigest()[:16]
+    suffix = ("" if rows == 1 else f"|rows{rows}") + f"|{getattr(model, 'dllm_kernels', 'default')}"
+    return hashlib.sha1(f"{ident}|{name}|{model.dtype}|static{suffix}".encode()).hexdigest()[:16]
 
 
 @torch.inference_mode()
-def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_POINTS, context: int = 128, repeats: int = 3) -> LatencyCurve:
-    """Time KV-cached forwards of k tokens after a ``context``-token prefix (median of ``repeats``)."""
+def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_POINTS, context: int = 128, repeats: int = 3,
+                    rows: int = 1) -> LatencyCurve:
+    """Time cached forwards of k tokens per row over ``rows`` rows after a ``context``-token prefix
+    (median of ``repeats``), through the same position-indexed cache and mask the verifier uses."""
     device = model.device
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (1, context + max(points)), generator=torch.Generator().manual_seed(0)).to(device)
-    cache = new_cache(model)
-    forward_with_cache(model, ids[:, :context], cache)
+    ids = torch.randint(0, vocab, (rows, context + max(points)), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = StaticKVCache.for_model(model, rows, capacity=context + max(points))
+    cache.add_rows(rows)
+
+    def forward(feed: torch.Tensor) -> None:
+        n = feed.shape[1]
+        cache.plan(n)
+        mask = cache.attention_mask(torch.ones((n, n), dtype=torch.bool, device=device).tril(), model.dtype)
+        model(input_ids=feed, cache=cache, use_cache=True, attention_mask=mask, position_ids=cache.positions(torch.arange(n, device=device)))
+
+    forward(ids[:, :context])
+    cache.advance([context] * rows)
     timings = {}
     for k in (points[0], *points):  # first entry doubles as warm-up
         runs = []
@@ -74,27 +140,27 @@ def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_PO
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            forward_with_cache(model, ids[:, context: context + k], cache)
+            forward(ids[:, context: context + k])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             runs.append(time.perf_counter() - t0)
-            crop_cache(cache, context)
+            cache.advance([0] * rows)
         timings[k] = sorted(runs)[len(runs) // 2]
     return LatencyCurve(timings)
 
 
-def load_or_measure(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None) -> LatencyCurve:
-    """The cached curve for this model/device/dtype, measuring (and caching) it when missing."""
-    path = Path(cache_dir or cache_root() / "latency") / f"{_key(model)}.json"
+def load_or_measure(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1) -> LatencyCurve:
+    """The cached curve for this model/device/dtype and row count, measuring (and caching) it when missing."""
+    path = Path(cache_dir or cache_root() / "latency") / f"{_key(model, rows)}.json"
     if path.is_file():
         try:
             return LatencyCurve({int(k): float(v) for k, v in json.loads(path.read_text()).items()})
         except (ValueError, json.JSONDecodeError):
             pass
-    curve = measure_latency(model)
+    curve = measure_latency(model, DEFAULT_POINTS if rows == 1 else BATCH_POINTS, rows=rows)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(curve.to_json()))
         os.replace(tmp, path)
     except OSError:

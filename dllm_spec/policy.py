@@ -1,8 +1,9 @@
 """Block-length policies: how many tokens to draft and how many of them to verify each cycle.
 
-The loop consults one policy object per cycle: ``draft_length()`` before drafting, ``choose()``
-on the proposal, ``observe()`` after verification. Policies never change the output (the verifier
-is lossless for any verified length); they only trade verification work against accepted tokens.
+The loop consults one policy object per cycle for the whole batch: ``draft_length(rows)`` before
+drafting, ``choose()`` on the proposal (one verified length per row), ``observe()`` after
+verification. Policies never change the output (the verifier is lossless for any verified length);
+they only trade verification work against accepted tokens.
 
 * :class:`CostAwarePolicy` (default): expected committed tokens per second from the drafter's
   per-position confidences, an online-calibrated confidence -> acceptance map, and the target's
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from dllm_spec.latency import LatencyCurve, load_or_measure
+from dllm_spec.latency import LatencyCurve, LatencySurface, load_or_measure
 from drafters.base import DraftProposal
 from verify.tree import chain_parents, path_products
 
@@ -29,28 +30,37 @@ class BlockLengthPolicy:
     """Interface; stateful policies learn across cycles and across ``generate`` calls."""
 
     name = "policy"
-    #: expected accepted drafts for the last choice, when the policy predicts one (for calibration stats)
-    last_prediction: float | None = None
+
+    @property
+    def last_prediction(self) -> float | None:
+        """The first row's expected accepted drafts for the last choice (None when the policy does not predict)."""
+        return None if not self.last_predictions else self.last_predictions[0]
 
     def bind(self, target: PreTrainedModel) -> None:
         """Called once when paired with a target (e.g. to load its latency curve)."""
 
-    def draft_length(self) -> int:
+    def prepare(self, max_rows: int) -> None:
+        """Called before a batch of up to ``max_rows`` rows starts (e.g. to measure its latency)."""
+
+    def draft_length(self, rows: int = 1) -> int:
         raise NotImplementedError
 
-    def choose(self, proposal: DraftProposal) -> int:
-        """How many of the proposed tokens to verify."""
-        return proposal.length
+    def choose(self, proposal: DraftProposal) -> list[int]:
+        """How many of each row's proposed tokens to verify."""
+        return list(proposal.lengths)
+
+    #: expected accepted drafts per row for the last choice (for calibration stats), or None
+    last_predictions: list[float] | None = None
 
     def should_draft(self, source: str) -> bool:
         """Whether a composite drafter should run its (costly) part ``source`` this cycle."""
         return True
 
-    def observe(self, proposal: DraftProposal, verified: int, accepted: int, draft_time_s: float, verify_time_s: float,
-                path: torch.Tensor | None = None) -> None:
-        """Feedback after a cycle: ``proposal`` is everything drafted, of which the first ``verified``
-        tokens were verified and ``accepted`` accepted: the first ones of a chain, the nodes ``path``
-        (n,) of a draft tree."""
+    def observe(self, proposal: DraftProposal, verified: list[int], accepted: list[int], draft_time_s: float,
+                verify_time_s: float, paths: list[torch.Tensor] | None = None) -> None:
+        """Feedback after a cycle: ``proposal`` is everything drafted; of row r the first
+        ``verified[r]`` tokens were verified and ``accepted[r]`` accepted: the first ones of a chain,
+        the nodes ``paths[r]`` (n,) of a draft tree."""
 
 
 @dataclass
@@ -64,7 +74,7 @@ class FixedLength(BlockLengthPolicy):
             raise ValueError(f"block length must be >= 0, got {self.k}")
         self.name = f"fixed-{self.k}"
 
-    def draft_length(self) -> int:
+    def draft_length(self, rows: int = 1) -> int:
         return self.k
 
 
@@ -80,12 +90,15 @@ class ConfidenceThreshold(BlockLengthPolicy):
             raise ValueError(f"need 0 <= theta <= 1 and max_k >= 1, got theta={self.theta}, max_k={self.max_k}")
         self.name = f"threshold-{self.theta:g}"
 
-    def draft_length(self) -> int:
+    def draft_length(self, rows: int = 1) -> int:
         return self.max_k
 
-    def choose(self, proposal: DraftProposal) -> int:
-        below = (proposal.confidence[0] < self.theta).nonzero()
-        return int(below[0]) if below.numel() else proposal.length
+    def choose(self, proposal: DraftProposal) -> list[int]:
+        out = []
+        for r, n in enumerate(proposal.lengths):
+            below = (proposal.confidence[r, :n] < self.theta).nonzero()
+            out.append(int(below[0]) if below.numel() else n)
+        return out
 
 
 @dataclass
@@ -101,12 +114,13 @@ class MovingAverageLength(BlockLengthPolicy):
             raise ValueError(f"need max_k >= 1 and 0 <= momentum < 1, got {self.max_k}, {self.momentum}")
         self.name = "moving-average"
 
-    def draft_length(self) -> int:
+    def draft_length(self, rows: int = 1) -> int:
         return max(1, min(self.max_k, math.ceil(self.average) + 1))
 
-    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, path=None) -> None:
-        if verified:
-            self.average = self.momentum * self.average + (1 - self.momentum) * accepted
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, paths=None) -> None:
+        for v, a in zip(verified, accepted):
+            if v:
+                self.average = self.momentum * self.average + (1 - self.momentum) * a
 
 
 @dataclass
@@ -121,12 +135,13 @@ class AssistedHeuristic(BlockLengthPolicy):
             raise ValueError(f"need 1 <= k <= max_k, got k={self.k}, max_k={self.max_k}")
         self.name = "heuristic"
 
-    def draft_length(self) -> int:
+    def draft_length(self, rows: int = 1) -> int:
         return self.k
 
-    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, path=None) -> None:
-        if verified:
-            self.k = min(self.max_k, self.k + 2) if accepted == verified else max(1, self.k - 1)
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, paths=None) -> None:
+        tried = [(v, a) for v, a in zip(verified, accepted) if v]
+        if tried:  # +2 when every row took its whole draft, -1 otherwise
+            self.k = min(self.max_k, self.k + 2) if all(a == v for v, a in tried) else max(1, self.k - 1)
 
 
 @dataclass
@@ -222,9 +237,17 @@ class CostAwarePolicy(BlockLengthPolicy):
     when every source loses, and asks :meth:`should_draft` before running its costly part, so a
     losing fallback is skipped while the free lookups go on.
 
+    With a batch of b rows every row is verified in the same forward, whose cost is that of k + 1
+    tokens per row for the longest row: the policy picks ONE cap K for the cycle maximising
+    sum_r E_r(min(K, n_r)) / (draft time + latency(K + 1, b)) over the measured (tokens, rows)
+    latency surface, and each row verifies min(K, n_r) of its drafts. As the batch grows the target
+    becomes compute-bound, latency(K + 1, b) climbs faster than the expected gain, K shrinks, and at
+    K = 0 the cycle is plain batched decoding.
+
     Args:
         max_k: longest draft.
-        latency: target latency curve; ``None`` measures (or loads the cached) curve on ``bind``.
+        latency: target latency (a :class:`LatencyCurve` for one row, or a :class:`LatencySurface`);
+            ``None`` measures (or loads the cached) curves on ``bind`` / ``prepare``.
         min_draft: when drafting, never draft fewer than this (block drafters trained at a size
             should keep it: set ``min_draft = max_k`` to always draft the trained block and only
             truncate what is verified).
@@ -233,8 +256,9 @@ class CostAwarePolicy(BlockLengthPolicy):
         probe_every, max_probe_every: the probing interval while skipping (cycles).
     """
 
-    def __init__(self, max_k: int = 16, latency: LatencyCurve | None = None, min_draft: int = 1, momentum: float = 0.9,
-                 allow_skip: bool = True, probe_every: int = 4, max_probe_every: int = 64, free_draft_fraction: float = 0.05) -> None:
+    def __init__(self, max_k: int = 16, latency: LatencyCurve | LatencySurface | None = None, min_draft: int = 1,
+                 momentum: float = 0.9, allow_skip: bool = True, probe_every: int = 4, max_probe_every: int = 64,
+                 free_draft_fraction: float = 0.05) -> None:
         if max_k < 1 or not 1 <= min_draft <= max_k:
             raise ValueError(f"need max_k >= 1 and 1 <= min_draft <= max_k, got max_k={max_k}, min_draft={min_draft}")
         if not 1 <= probe_every <= max_probe_every:
@@ -251,11 +275,26 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.skipped = 0  # cycles run without drafting (for stats and tests)
         self.gain_momentum = 0.7
         self.name = "adaptive"
-        self.last_prediction = None
+        self.last_predictions = None
+        self.rows = 1  # rows of the current cycle
+        self.recent_cap = 4.0  # EMA of the verified cap K chosen for batches (sizes their drafts)
+
+    @property
+    def latency(self) -> LatencySurface | None:
+        return self._latency
+
+    @latency.setter
+    def latency(self, value: LatencyCurve | LatencySurface | None) -> None:
+        self._latency = LatencySurface({1: value}) if isinstance(value, LatencyCurve) else value
 
     def bind(self, target: PreTrainedModel) -> None:
-        if self.latency is None:
-            self.latency = load_or_measure(target)
+        if self._latency is None:
+            self._latency = LatencySurface({1: load_or_measure(target)}, model=target)
+
+    def prepare(self, max_rows: int) -> None:
+        if self._latency is not None:
+            for rows in sorted({1 << i for i in range(max_rows.bit_length())} | {max_rows}):
+                self._latency.ensure(rows)
 
     def stats(self, source: str | None = None) -> "SourceStats":
         """What the policy has learnt about one draft source (``None``: a single drafter)."""
@@ -263,14 +302,18 @@ class CostAwarePolicy(BlockLengthPolicy):
             self.sources[source] = SourceStats(interval=self.probe_every)
         return self.sources[source]
 
+    def _step(self, k: int, rows: int | None = None) -> float:
+        """Seconds of a forward over k tokens per row."""
+        assert self._latency is not None, "bind() the policy to a target first"
+        return self._latency(k, self.rows if rows is None else rows)
+
     def _rate(self, expected: torch.Tensor, k_max: int, draft_cost: torch.Tensor) -> torch.Tensor:
-        """Tokens per second for verifying k = 0..k_max drafts: E (k_max+1,), cost (k_max+1,)."""
-        assert self.latency is not None, "bind() the policy to a target first"
-        verify = torch.tensor([self.latency(k + 1) for k in range(k_max + 1)])
+        """Tokens per second for verifying k = 0..k_max drafts per row: E (k_max+1,), cost (k_max+1,)."""
+        verify = torch.tensor([self._step(k + 1) for k in range(k_max + 1)])
         return expected / (verify + draft_cost)
 
     def _losing(self, st: "SourceStats") -> bool:
-        costly = st.draft_cost_per_call is not None and st.draft_cost_per_call > self.free_draft_fraction * self.latency(1)
+        costly = st.draft_cost_per_call is not None and st.draft_cost_per_call > self.free_draft_fraction * self._step(1)
         return self.allow_skip and costly and st.draft_gain is not None and st.draft_gain < 1.0
 
     def _sit_out(self, st: "SourceStats") -> bool:
@@ -281,7 +324,8 @@ class CostAwarePolicy(BlockLengthPolicy):
         st.since_draft = 0
         return False
 
-    def draft_length(self) -> int:
+    def draft_length(self, rows: int = 1) -> int:
+        self.rows = rows
         known = list(self.sources.values()) or [self.stats()]
         if len(known) == 1:
             skip = self._sit_out(known[0])
@@ -294,7 +338,10 @@ class CostAwarePolicy(BlockLengthPolicy):
         best = self.min_draft
         for st in known:  # the longest draft any source would make (choose() cuts each proposal)
             if not st.cost_scales_with_length:
-                return self.max_k  # drafting more costs nothing: let choose() cut with the actual confidences
+                if rows == 1:
+                    return self.max_k  # drafting more costs nothing: let choose() cut with the actual confidences
+                # a batch verifies a few drafts per row: ask for a little more than the recent caps
+                return max(self.min_draft, min(self.max_k, math.ceil(self.recent_cap) + 2))
             expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
             rate = self._rate(expected, self.max_k, st.draft_cost_per_token * ks)
             best = max(best, int(rate[1:].argmax()) + 1)
@@ -303,42 +350,62 @@ class CostAwarePolicy(BlockLengthPolicy):
     def should_draft(self, source: str) -> bool:
         return not self._sit_out(self.stats(source))
 
-    def choose(self, proposal: DraftProposal) -> int:
-        k_max = proposal.length
-        if k_max == 0:
-            self.last_prediction = 0.0
-            return 0
-        st = self.stats(proposal.source)
-        a = st.calibrator(proposal.confidence[0])
-        survival = torch.cumprod(a, 0) if proposal.parents is None else path_products(a, proposal.parents)
-        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(survival, 0)])  # E(k), k = 0..k_max
-        sunk = torch.full((k_max + 1,), st.draft_cost_per_token * k_max)
-        k = int(self._rate(expected, k_max, sunk).argmax())
-        self.last_prediction = float(expected[k] - 1)
-        return k
+    def _expected(self, proposal: DraftProposal, r: int, k_max: int) -> torch.Tensor:
+        """E_r(k) for k = 0..k_max: 1 + expected accepted drafts of row r when verifying its first k."""
+        n = proposal.lengths[r]
+        st = self.stats(proposal.sources[r])
+        a = st.calibrator(proposal.confidence[r, :n])
+        survival = torch.cumprod(a, 0) if proposal.parents is None else path_products(a, proposal.parents[r, :n])
+        expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(survival, 0)])  # (n+1,)
+        return torch.cat([expected, expected[-1:].expand(k_max - n)]) if k_max > n else expected
 
-    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, path=None) -> None:
-        st = self.stats(proposal.source)
+    def choose(self, proposal: DraftProposal) -> list[int]:
+        k_max = proposal.length
+        self.rows = proposal.batch
+        if k_max == 0:
+            self.last_predictions = [0.0] * proposal.batch
+            return [0] * proposal.batch
+        per_row = torch.stack([self._expected(proposal, r, k_max) for r in range(proposal.batch)])  # (B, k_max+1)
+        cost = max(self.stats(s).draft_cost_per_token for s in set(proposal.sources)) * k_max
+        k = int(self._rate(per_row.sum(0), k_max, torch.full((k_max + 1,), cost)).argmax())
+        if proposal.batch > 1:
+            self.recent_cap = 0.8 * self.recent_cap + 0.2 * k
+        verified = [min(k, n) for n in proposal.lengths]
+        self.last_predictions = [float(per_row[r, v] - 1) for r, v in enumerate(verified)]
+        return verified
+
+    def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, paths=None) -> None:
+        rows = proposal.batch
+        k_verify = max(verified, default=0)
+        gain = None
+        if self._latency is not None:
+            # this cycle's tokens/s relative to a plain step of the same rows (from the latency surface, less noisy than one timing)
+            gain = (sum(accepted) + rows) / (self._step(k_verify + 1, rows) + draft_time_s) * self._step(1, rows) / rows
         if proposal.length:
             m = self.momentum
-            st.draft_cost_per_token = m * st.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
-            prev = st.draft_cost_per_call
-            st.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
-            if proposal.length > 1:  # a drafter that runs once per token (AR) vs once per block (diffusion, lookup)
-                st.cost_scales_with_length = proposal.forwards >= proposal.length
-            if self.latency is not None:
-                # this drafted cycle's tokens/s relative to a plain step (from the latency curve, less noisy than one timing)
-                gain = (accepted + 1) / (self.latency(verified + 1) + draft_time_s) * self.latency(1)
-                g = self.gain_momentum
-                st.draft_gain = gain if st.draft_gain is None else g * st.draft_gain + (1 - g) * gain
-                # back off probing while drafts lose to a plain step, reset when one wins
-                st.interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * st.interval)
-        if verified:
-            st.calibrator.update(proposal.confidence[0], verified, accepted, proposal.parents, path)
-            tested = min(verified, accepted + 1)
-            st.accept_rate = min(0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted / tested))
-        if self.latency is not None:
-            self.latency.observe(verified + 1, verify_time_s)
+            for source in set(proposal.sources):
+                st = self.stats(source)
+                st.draft_cost_per_token = m * st.draft_cost_per_token + (1 - m) * draft_time_s / proposal.length
+                prev = st.draft_cost_per_call
+                st.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
+                if proposal.length > 1:  # a drafter that runs once per token (AR) vs once per block (diffusion, lookup)
+                    st.cost_scales_with_length = proposal.forwards >= proposal.length
+                if gain is not None:
+                    g = self.gain_momentum
+                    st.draft_gain = gain if st.draft_gain is None else g * st.draft_gain + (1 - g) * gain
+                    # back off probing while drafts lose to a plain step, reset when one wins
+                    st.interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * st.interval)
+        for r in range(rows):
+            if not verified[r]:
+                continue
+            st = self.stats(proposal.sources[r])
+            n = proposal.lengths[r]
+            parents = None if proposal.parents is None else proposal.parents[r, :n]
+            st.calibrator.update(proposal.confidence[r, :n], verified[r], accepted[r], parents, None if paths is None else paths[r])
+            tested = min(verified[r], accepted[r] + 1)
+            st.accept_rate = min(0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted[r] / tested))
+        if self._latency is not None:
+            self._latency.observe(k_verify + 1, verify_time_s, rows)
 
 
 @dataclass

@@ -19,6 +19,7 @@ class GenerationStats:
 
     new_tokens: int = 0
     target_forwards: int = 0
+    row_forwards: int = 0  # a batch's rows summed over its target forwards (0 for one sequence: = target_forwards)
     draft_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
@@ -37,8 +38,9 @@ class GenerationStats:
 
     @property
     def tau(self) -> float:
-        """Mean committed tokens per target forward (decoding phase)."""
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+        """Mean committed tokens per target forward and row (decoding phase)."""
+        forwards = self.row_forwards or self.target_forwards
+        return self.new_tokens / forwards if forwards else 0.0
 
     @property
     def acceptance_rate(self) -> float:

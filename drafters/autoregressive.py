@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from dllm_spec.cache import crop_cache, forward_with_cache, new_cache
-from drafters.base import Drafter, DraftProposal, check_vocab_compatible, target_vocab_size
+from drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
+from verify.kv_cache import StaticKVCache
 from verify.sampling import SamplingParams, probs_from_logits, sample
 
 
@@ -32,8 +32,8 @@ class AutoregressiveDrafter(Drafter):
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
-        self._cache = None
-        self._cached_ids: torch.Tensor | None = None  # (B, L) the ids whose keys/values the cache holds
+        self._cache: StaticKVCache | None = None  # per-row keys/values of the ids in _cached
+        self._cached: list[list[int]] = []  # per row, the ids whose keys/values the cache holds
 
     @classmethod
     def from_pretrained(
@@ -89,39 +89,70 @@ class AutoregressiveDrafter(Drafter):
             raise ValueError(f"Tokenizer mismatch: drafter '{self.name}' uses a different tokenizer from the target's")
         self.model.to(target.device)
 
-    def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
-        self._cache = new_cache(self.model)
-        self._cached_ids = input_ids[:, :0]
-
-    def _sync(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Crop the cache to the longest prefix it shares with ``input_ids`` (keeping at least one id
-        uncached so there is something to feed); return the ids still to feed. (B, n)."""
+    def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
         if self._cache is None:
-            self.begin(input_ids, None)
-        cached = self._cached_ids
-        limit = min(cached.shape[1], input_ids.shape[1] - 1)
-        same = (cached[:, :limit] == input_ids[:, :limit]).all(dim=0)
-        common = int(same.long().cumprod(0).sum())
-        crop_cache(self._cache, common)
-        self._cached_ids = input_ids[:, :common]
-        return input_ids[:, common:]
+            self._cache = StaticKVCache.for_model(self.model, max(rows) + 1)
+        self._cache.start_rows(rows)
+        self._cached += [[] for _ in range(self._cache.batch - len(self._cached))]
+        for r in rows:
+            self._cached[r] = []
+
+    def reorder(self, index: list[int]) -> None:
+        if self._cache is not None:
+            self._cache.reorder(index)
+            self._cached = [self._cached[i] for i in index]
+
+    def _sync(self, seqs: Sequences) -> list[torch.Tensor]:
+        """Keep, per row, the longest prefix the cache shares with the committed sequence (at least
+        one id left to feed); return each row's ids still to feed."""
+        feeds = []
+        for r in range(seqs.batch):
+            row = seqs.row(r).tolist()
+            cached = self._cached[r]
+            limit = min(len(cached), len(row) - 1)
+            common = 0
+            while common < limit and cached[common] == row[common]:
+                common += 1
+            self._cache.lengths[r] = common
+            self._cached[r] = row[:common]
+            feeds.append(seqs.row(r)[common:])
+        return feeds
+
+    def _forward(self, feeds: list[torch.Tensor]) -> torch.Tensor:
+        """Feed each row its ids (ragged, right-padded); return the logits after each row's last one (B, V)."""
+        cache = self._cache
+        counts = [int(f.numel()) for f in feeds]
+        n = max(counts)
+        device = self.model.device
+        feed = torch.zeros((len(feeds), n), dtype=torch.long, device=device)
+        for r, f in enumerate(feeds):
+            feed[r, : counts[r]] = f
+            self._cached[r] += f.tolist()
+        cache.plan(n)
+        mask = cache.attention_mask(torch.ones((n, n), dtype=torch.bool, device=device).tril(), self.model.dtype)
+        logits = self.model(input_ids=feed, cache=cache, use_cache=True, attention_mask=mask,
+                            position_ids=cache.positions(torch.arange(n, device=device))).logits  # (B, n, V)
+        cache.advance(counts)
+        last = torch.tensor([c - 1 for c in counts], device=device)
+        return logits[torch.arange(len(feeds), device=device), last].float()
 
     @torch.inference_mode()
-    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
+    def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators) -> DraftProposal:
         if max_tokens <= 0:
-            return DraftProposal.empty(input_ids.shape[0], input_ids.device)
-        feed = self._sync(input_ids)
-        self._cached_ids = input_ids
+            return DraftProposal.empty(seqs.batch, seqs.device)
+        if self._cache is None or self._cache.batch != seqs.batch:
+            raise RuntimeError("propose() before begin(): the drafter does not know these rows")
+        feeds = self._sync(seqs)
         tokens, qs, confidence = [], [], []
         for i in range(max_tokens):
-            logits = forward_with_cache(self.model, feed, self._cache, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            logits = self._forward(feeds)  # (B, V)
             q = probs_from_logits(logits, sampling)
-            token = logits.argmax(-1) if sampling.greedy else sample(q, generator)
+            token = logits.argmax(-1) if sampling.greedy else sample(q, generators)
             conf = (logits.softmax(-1) if sampling.greedy else q).gather(-1, token[:, None]).squeeze(-1)
             tokens.append(token)
             qs.append(q)
             confidence.append(conf)
-            if i < max_tokens - 1:
-                self._cached_ids = torch.cat([self._cached_ids, token[:, None]], dim=1)
-                feed = token[:, None]
+            feeds = list(token[:, None].to(self.model.device))
+            if i == max_tokens - 1:
+                break
         return DraftProposal(torch.stack(tokens, 1), torch.stack(qs, 1), torch.stack(confidence, 1), forwards=max_tokens)

@@ -1,20 +1,21 @@
 """The drafter protocol: what every drafter (diffusion, autoregressive, prompt lookup) offers the
-one generate loop.
+one generate loop, for a batch of sequences that start, grow and finish at their own pace.
 
-Life cycle for one sequence::
+Life cycle::
 
-    drafter.bind(target, tokenizer)          # once, when paired with a target (checks compatibility)
-    drafter.begin(input_ids, features)       # after the target's prefill
+    drafter.bind(target, tokenizer)                  # once, when paired with a target (checks compatibility)
+    drafter.begin(rows, seqs, features, counts)      # new sequences took slots ``rows`` (after their prefill)
     loop:
-        proposal = drafter.propose(input_ids, k, sampling, generator)
-        ...the verifier commits some tokens...
-        drafter.commit(input_ids, features)  # resynchronise with the committed sequence
+        proposal = drafter.propose(seqs, k, sampling, generators)   # one row per active sequence
+        ...the verifier commits some tokens per row...
+        drafter.commit(seqs, features, counts)       # resynchronise every active row
+        drafter.reorder(index)                       # finished rows leave: new row i = old row index[i]
 
-``input_ids`` is always the whole committed sequence (B, T). ``features`` are the target's hidden
-states of the layers in ``drafter.target_layer_ids`` (concatenated on the last axis) for the
-positions the target has just written to its KV cache: after prefill every committed token but the
-last; after a verify step the previous last token plus the accepted drafts. Drafters that declare
-no layers get ``None``.
+``seqs`` (:class:`Sequences`) holds every active row's whole committed sequence. ``features`` are
+the target's hidden states of the layers in ``drafter.target_layer_ids`` (concatenated on the last
+axis), (b, n, F) padded, for the positions the target has just written to its cache, ``counts[i]``
+valid in row i: after prefill every committed token but the last; after a verify step the previous
+last token plus the accepted drafts. Drafters that declare no layers get ``None``.
 """
 
 from __future__ import annotations
@@ -26,82 +27,44 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from verify.proposal import DraftProposal
 from verify.sampling import SamplingParams
+
+__all__ = ["Drafter", "DraftProposal", "NullDrafter", "Sequences", "check_vocab_compatible", "target_vocab_size"]
 
 
 @dataclass
-class DraftProposal:
-    """Up to k proposed tokens per row.
+class Sequences:
+    """The committed tokens of the active rows: ``ids`` (max_batch, capacity) long, row r's sequence
+    ``ids[r, :lengths[r]]``; rows ``0 .. batch-1`` are active."""
 
-    tokens: (B, k) long. q: (B, k, V) float, the distribution each token was drawn from (``None``
-    when the drafter has none: the verifier then uses match acceptance). confidence: (B, k) in
-    [0, 1], the drafter's belief that the token will be accepted (for block-length policies).
-    forwards: how many drafter forward passes produced it. source: which part of a composite
-    drafter made it (``None`` for a single drafter): policies keep their statistics per source.
-    parents: ``None`` for a chain (token i follows token i-1); else a draft *tree*, (k,) long with
-    ``parents[i]`` the index of token i's parent and -1 for a child of the last committed token, in
-    topological order (see :mod:`verify.tree`). A tree carries no q (its candidates are
-    deterministic: the verifier uses :func:`verify.tree.sampling_tree_accept`), and its
-    confidence[i] is the drafter's probability of token i given its parent's path.
-    """
-
-    tokens: torch.Tensor
-    q: torch.Tensor | None
-    confidence: torch.Tensor
-    forwards: int = 0
-    source: str | None = None
-    parents: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.parents is not None:
-            if self.q is not None:
-                raise ValueError("a draft tree carries no q: its candidates must be deterministic")
-            if self.parents.shape != self.tokens.shape[1:]:
-                raise ValueError(f"parents {tuple(self.parents.shape)} must have one entry per drafted token {tuple(self.tokens.shape)}")
-
-    @property
-    def length(self) -> int:
-        return int(self.tokens.shape[1])
+    ids: torch.Tensor
+    lengths: list[int]
 
     @classmethod
-    def empty(cls, batch: int, device: torch.device) -> "DraftProposal":
-        return cls(
-            tokens=torch.zeros((batch, 0), dtype=torch.long, device=device), q=None,
-            confidence=torch.zeros((batch, 0), device=device),
-        )
+    def from_tensor(cls, input_ids: torch.Tensor) -> "Sequences":
+        """A batch of equal-length rows (B, T)."""
+        return cls(input_ids, [int(input_ids.shape[1])] * int(input_ids.shape[0]))
 
     @property
-    def is_tree(self) -> bool:
-        return self.parents is not None
+    def batch(self) -> int:
+        return len(self.lengths)
 
     @property
-    def depth(self) -> int:
-        """Drafts on the longest path: a chain's length, a tree's depth."""
-        if self.parents is None or not self.length:
-            return self.length
-        from verify.tree import tree_depths
+    def device(self) -> torch.device:
+        return self.ids.device
 
-        return int(tree_depths(self.parents).max()) + 1
+    def row(self, r: int) -> torch.Tensor:
+        """Row r's committed sequence (T_r,)."""
+        return self.ids[r, : self.lengths[r]]
 
-    def limit_depth(self, depth: int) -> "DraftProposal":
-        """Drop every token more than ``depth`` drafts deep (a chain keeps its first ``depth``)."""
-        if self.parents is None:
-            return self.truncate(depth)
-        from verify.tree import reindex, tree_depths
+    def last(self) -> torch.Tensor:
+        """(B,) each row's last committed token."""
+        index = torch.tensor([n - 1 for n in self.lengths], device=self.ids.device)
+        return self.ids[: self.batch].gather(1, index[:, None]).squeeze(1)
 
-        keep = tree_depths(self.parents) < depth
-        if bool(keep.all()):
-            return self
-        index = keep.nonzero().flatten()  # parents of kept nodes are kept: they are shallower
-        return DraftProposal(self.tokens[:, index], None, self.confidence[:, index], self.forwards, self.source,
-                             reindex(self.parents, index))
-
-    def truncate(self, k: int) -> "DraftProposal":
-        """The first k tokens (a valid proposal on its own: a tree's nodes come after their parents)."""
-        if k >= self.length:
-            return self
-        return DraftProposal(self.tokens[:, :k], None if self.q is None else self.q[:, :k], self.confidence[:, :k], self.forwards,
-                             self.source, None if self.parents is None else self.parents[:k])
+    def tail(self, r: int, n: int) -> torch.Tensor:
+        return self.ids[r, max(0, self.lengths[r] - n): self.lengths[r]]
 
 
 class Drafter(ABC):
@@ -125,21 +88,23 @@ class Drafter(ABC):
         """Pair with a target: check compatibility, move to its device. Raises ValueError on mismatch."""
         check_vocab_compatible(self.vocab_size, target, self.name)
 
-    def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
-        """Start a new sequence after the target's prefill."""
+    def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
+        """Sequences start in slots ``rows`` after the target's prefill (``features`` row i is slot rows[i])."""
 
     def attach_gate(self, gate: Callable[[str], bool] | None) -> None:
         """Receive the block-length policy's ``should_draft(source)``: a composite drafter asks it
         before running a costly part. Single drafters ignore it (the policy gates them as a whole)."""
 
     @abstractmethod
-    def propose(
-        self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator: torch.Generator | None
-    ) -> DraftProposal:
-        """Propose up to ``max_tokens`` tokens following ``input_ids`` (B, T)."""
+    def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams,
+                generators: list[torch.Generator | None]) -> DraftProposal:
+        """Propose up to ``max_tokens`` tokens after each active row of ``seqs`` (one proposal row each)."""
 
-    def commit(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
-        """Resynchronise after the verifier committed tokens; ``input_ids`` is the new committed sequence."""
+    def commit(self, seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
+        """Resynchronise every active row after the verifier committed tokens."""
+
+    def reorder(self, index: list[int]) -> None:
+        """Keep rows ``index`` (new row i = old row index[i]); finished rows leave the batch."""
 
 
 def target_vocab_size(target: PreTrainedModel) -> int:
@@ -164,5 +129,5 @@ class NullDrafter(Drafter):
 
     name = "none"
 
-    def propose(self, input_ids, max_tokens, sampling, generator) -> DraftProposal:
-        return DraftProposal.empty(input_ids.shape[0], input_ids.device)
+    def propose(self, seqs, max_tokens, sampling, generators) -> DraftProposal:
+        return DraftProposal.empty(seqs.batch, seqs.device)

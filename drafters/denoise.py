@@ -39,7 +39,7 @@ def denoise_block(
     at most ``length``): each position's m most likely tokens under the drafter's distribution at
     the step that committed it (deterministic, so the proposal has no q and the tree's
     verification is lossless at any temperature), combined best-first by path probability; the
-    denoising itself commits the argmax, as the chain's does. Batch 1 only.
+    denoising itself commits the argmax, as the chain's does. One tree per row.
 
     q is returned only when it is exact (temperature > 0 and S = 1 or left-to-right unmasking: see
     :mod:`drafters.schedulers`); otherwise the draft is deterministic (argmax) and q is None.
@@ -52,8 +52,6 @@ def denoise_block(
     if tree_width < 1:
         raise ValueError(f"tree_width must be >= 1, got {tree_width}")
     tree = tree_width > 1
-    if tree and batch != 1:
-        raise ValueError(f"draft trees support batch size 1, got {batch}")
     exact_q = (scheduler.left_to_right or steps == 1) and not tree
     scheduler.set_timesteps(steps, length)
     tokens = torch.zeros((batch, length), dtype=torch.long, device=device)
@@ -76,9 +74,13 @@ def denoise_block(
     if tree:
         if vocab is not None:
             cand = vocab[cand]  # draft ids -> target ids
-        nodes, parents, node_probs = build_tree(cand[0], cand_p[0], max_tokens)
-        return DraftProposal(nodes.unsqueeze(0), None, node_probs.unsqueeze(0), forwards=scheduler.num_inference_steps,
-                             parents=parents)
+        cand, cand_p = cand.cpu(), cand_p.cpu()  # the best-first search runs on the host: move once
+        rows = []
+        for r in range(batch):  # one tree per row, padded to the widest
+            nodes, parents, node_probs = build_tree(cand[r], cand_p[r], max_tokens)
+            rows.append(DraftProposal(nodes.unsqueeze(0).to(device), None, node_probs.unsqueeze(0).to(device),
+                                      parents=parents.unsqueeze(0).to(device)))
+        return DraftProposal.stack(rows, forwards=scheduler.num_inference_steps)
     n = min(max_tokens, length)
     tokens, q = tokens[:, :n], None if q is None else q[:, :n]
     if vocab is not None:

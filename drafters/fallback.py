@@ -13,12 +13,11 @@ drafter drafts after cycles it sat out exactly as a fresh drafter would.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal
+from drafters.base import Drafter, DraftProposal, Sequences
 from verify.sampling import SamplingParams
 from verify.tree import graft_chain
 
@@ -65,35 +64,51 @@ class FallbackDrafter(Drafter):
         self.primary.bind(target, tokenizer)
         self.fallback.bind(target, tokenizer)
 
-    def begin(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
-        self.primary.begin(input_ids, None)
-        self.fallback.begin(input_ids, features)
+    def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
+        self.primary.begin(rows, seqs, None, counts)
+        self.fallback.begin(rows, seqs, features, counts)
 
-    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams,
-                generator: torch.Generator | None) -> DraftProposal:
-        first = replace(self.primary.propose(input_ids, max_tokens, sampling, generator), source=self.primary.name)
+    def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators) -> DraftProposal:
+        first = self.primary.propose(seqs, max_tokens, sampling, generators)
+        first.sources = [self.primary.name] * first.batch
+        first.source = self.primary.name
 
         def allowed() -> bool:  # asked only when the answer matters: the gate counts the cycles a source sits out
             return self.gate is None or self.gate(self.fallback.name)
 
-        if self.fallback.tree_width > 1:  # merge: the lookup's chain becomes one more branch of the tree
-            if first.parents is not None or not allowed():
+        if self.fallback.tree_width > 1:  # merge: each row's lookup chain becomes one more branch of its tree
+            if first.is_tree or not allowed():
                 self.last_source = self.primary.name
                 return first
             self.last_source = self.fallback.name
-            tree = self.fallback.propose(input_ids, max_tokens, sampling, generator)
-            if not tree.is_tree or not first.length:
-                return replace(tree, source=self.fallback.name)
-            tokens, parents, scores = graft_chain(tree.tokens[0], tree.parents, tree.confidence[0], first.tokens[0], first.confidence[0])
-            merged = DraftProposal(tokens.unsqueeze(0), None, scores.unsqueeze(0), tree.forwards, self.fallback.name, parents)
-            return merged.truncate(max_tokens)
-        good = first.length and float(first.confidence[:, 0].min()) >= self.min_confidence
-        if good or not allowed():
+            tree = self.fallback.propose(seqs, max_tokens, sampling, generators)
+            rows = []
+            for r in range(tree.batch):
+                mine, chain = tree.row(r), first.row(r)
+                if mine.is_tree and chain.length:
+                    tokens, parents, scores = graft_chain(mine.tokens[0], mine.parents[0], mine.confidence[0], chain.tokens[0],
+                                                          chain.confidence[0])
+                    mine = DraftProposal(tokens.unsqueeze(0), None, scores.unsqueeze(0), tree.forwards, None,
+                                         parents.unsqueeze(0)).truncate(max_tokens)
+                mine.sources = [self.fallback.name]
+                rows.append(mine)
+            return DraftProposal.stack(rows, tree.forwards)
+        good = [n > 0 and float(first.confidence[r, 0]) >= self.min_confidence for r, n in enumerate(first.lengths)]
+        if all(good) or not allowed():
             self.last_source = self.primary.name
             return first  # a weak or empty lookup is still free to offer: the policy may verify none of it
         self.last_source = self.fallback.name
-        return replace(self.fallback.propose(input_ids, max_tokens, sampling, generator), source=self.fallback.name)
+        second = self.fallback.propose(seqs, max_tokens, sampling, generators)
+        second.sources = [self.fallback.name] * second.batch
+        if not any(good):
+            second.source = self.fallback.name
+            return second
+        return DraftProposal.stack([first.row(r) if g else second.row(r) for r, g in enumerate(good)], second.forwards)
 
-    def commit(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
-        self.primary.commit(input_ids, None)
-        self.fallback.commit(input_ids, features)
+    def commit(self, seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
+        self.primary.commit(seqs, None, counts)
+        self.fallback.commit(seqs, features, counts)
+
+    def reorder(self, index: list[int]) -> None:
+        self.primary.reorder(index)
+        self.fallback.reorder(index)

@@ -10,7 +10,7 @@ import os
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal, check_vocab_compatible, target_vocab_size
+from drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
 from drafters.denoise import denoise_block
 from drafters.schedulers import ConfidenceUnmaskingScheduler, UnmaskingScheduler
 from verify.sampling import SamplingParams
@@ -81,19 +81,24 @@ class MaskedDiffusionDrafter(Drafter):
         self.model.to(target.device)
 
     @torch.inference_mode()
-    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
+    def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators) -> DraftProposal:
         if max_tokens <= 0:
-            return DraftProposal.empty(input_ids.shape[0], input_ids.device)
-        context = input_ids[:, -self.window:]
+            return DraftProposal.empty(seqs.batch, seqs.device)
+        gens = generators if isinstance(generators, list) else [generators] * seqs.batch
+        # one row at a time: the window of each row's context differs in length near the start
+        return DraftProposal.stack([self._propose_row(seqs.tail(r, self.window)[None], max_tokens, sampling, gens[r])
+                                    for r in range(seqs.batch)])
+
+    def _propose_row(self, context: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
         length = self.block_size if self.tree_width > 1 else min(self.block_size, max_tokens)  # a tree's max_tokens counts nodes
 
         def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
             block = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
-            logits = self.model(input_ids=torch.cat([context, block], dim=1)).logits[:, -length:].float()  # (B, L, V)
+            logits = self.model(input_ids=torch.cat([context, block], dim=1)).logits[:, -length:].float()  # (1, L, V)
             logits = logits[..., : self.vocab_size].clone()
             if self.mask_token_id < self.vocab_size:
                 logits[..., self.mask_token_id] = float("-inf")
             return logits
 
         return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator,
-                             input_ids.shape[0], input_ids.device, max_tokens, tree_width=self.tree_width)
+                             1, context.device, max_tokens, tree_width=self.tree_width)

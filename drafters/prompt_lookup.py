@@ -1,12 +1,42 @@
 """Prompt-lookup drafting: copy the tokens that followed the most recent earlier occurrence of the
-context's trailing n-gram (Saxena 2023; transformers' ``prompt_lookup_num_tokens``)."""
+context's trailing n-gram (Saxena 2023; transformers' ``prompt_lookup_num_tokens``).
+
+Each row keeps its committed tokens and an index n-gram -> start of its latest occurrence that has a
+continuation, updated as tokens commit, so a lookup costs O(max_ngram) dictionary reads per row
+instead of a scan of the whole sequence.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from drafters.base import Drafter, DraftProposal
+from drafters.base import Drafter, DraftProposal, Sequences
 from verify.sampling import SamplingParams
+
+
+class _RowIndex:
+    """One row's tokens and n-gram index (n-gram -> start of its latest occurrence with a continuation)."""
+
+    def __init__(self, max_ngram: int) -> None:
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.index: dict[tuple[int, ...], int] = {}
+
+    def extend(self, new: list[int]) -> None:
+        toks = self.tokens
+        for t in new:
+            p = len(toks)  # t lands at position p: every n-gram ending at p - 1 now has a continuation
+            for n in range(1, min(self.max_ngram, p) + 1):
+                self.index[tuple(toks[p - n: p])] = p - n
+            toks.append(t)
+
+    def lookup(self, n_max: int, n_min: int, max_tokens: int) -> tuple[list[int], int]:
+        toks = self.tokens
+        for n in range(min(n_max, len(toks) - 1), n_min - 1, -1):
+            start = self.index.get(tuple(toks[len(toks) - n:]))
+            if start is not None:
+                return toks[start + n: start + n + max_tokens], n
+        return [], 0
 
 
 class PromptLookupDrafter(Drafter):
@@ -25,22 +55,46 @@ class PromptLookupDrafter(Drafter):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self._rows: list[_RowIndex] = []
 
-    def _lookup(self, row: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, int]:
-        length = row.shape[0]
-        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            windows = row.unfold(0, n, 1)[:-1]  # (length - n, n): every earlier n-gram, the trailing one excluded
-            hits = (windows == row[-n:]).all(dim=1).nonzero().flatten()
-            # most recent occurrence whose continuation is non-empty
-            for start in reversed(hits.tolist()):
-                follow = row[start + n: start + n + max_tokens]
-                if follow.numel() > 0:
-                    return follow, n
-        return row[:0], 0
+    def begin(self, rows: list[int], seqs: Sequences, features, counts) -> None:
+        while len(self._rows) < seqs.batch:
+            self._rows.append(_RowIndex(self.max_ngram))
+        for r in rows:
+            self._rows[r] = _RowIndex(self.max_ngram)
+            self._rows[r].extend(seqs.row(r).tolist())
 
-    def propose(self, input_ids: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
-        if input_ids.shape[0] != 1 or max_tokens <= 0:
-            return DraftProposal.empty(input_ids.shape[0], input_ids.device)
-        tokens, n = self._lookup(input_ids[0], max_tokens)
-        confidence = torch.full((1, tokens.numel()), n / self.max_ngram, device=input_ids.device)
-        return DraftProposal(tokens.unsqueeze(0), None, confidence, forwards=0)
+    def commit(self, seqs: Sequences, features, counts) -> None:
+        for r in range(seqs.batch):
+            row = self._rows[r]
+            if seqs.lengths[r] > len(row.tokens):
+                row.extend(seqs.ids[r, len(row.tokens): seqs.lengths[r]].tolist())
+
+    def reorder(self, index: list[int]) -> None:
+        self._rows = [self._rows[i] for i in index]
+
+    def _sync(self, seqs: Sequences) -> None:
+        """Rows this drafter was not told about (used on its own, outside the loop) are indexed now."""
+        while len(self._rows) < seqs.batch:
+            self._rows.append(_RowIndex(self.max_ngram))
+        for r in range(seqs.batch):
+            row = self._rows[r]
+            n = seqs.lengths[r]
+            if len(row.tokens) > n or (row.tokens and row.tokens[-1] != int(seqs.ids[r, len(row.tokens) - 1])):
+                self._rows[r] = row = _RowIndex(self.max_ngram)  # another sequence now: start over
+            if n > len(row.tokens):
+                row.extend(seqs.ids[r, len(row.tokens): n].tolist())
+
+    def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators) -> DraftProposal:
+        if max_tokens <= 0:
+            return DraftProposal.empty(seqs.batch, seqs.device)
+        self._sync(seqs)
+        found = [self._rows[r].lookup(self.max_ngram, self.min_ngram, max_tokens) for r in range(seqs.batch)]
+        width = max(len(t) for t, _ in found)
+        tokens = torch.zeros((seqs.batch, width), dtype=torch.long)
+        confidence = torch.zeros((seqs.batch, width))
+        for r, (toks, n) in enumerate(found):
+            tokens[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            confidence[r, : len(toks)] = n / self.max_ngram
+        return DraftProposal(tokens.to(seqs.device), None, confidence.to(seqs.device), forwards=0,
+                             lengths=[len(t) for t, _ in found])

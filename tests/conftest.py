@@ -73,3 +73,28 @@ def real_spec():
     from drafters import NullDrafter
 
     return DiffusionSpeculator.from_pretrained(drafter=NullDrafter(), dtype=torch.float32, device="cpu")
+
+
+# ---- one-sequence adapters of the batched drafter/verifier protocol (rows = [0]) ----
+def seqs_of(ids: torch.Tensor):
+    from drafters.base import Sequences
+
+    return Sequences.from_tensor(ids)
+
+
+def begin(drafter, ids: torch.Tensor, features: torch.Tensor | None) -> None:
+    drafter.begin([0], seqs_of(ids), features, [0 if features is None else features.shape[1]])
+
+
+def commit(drafter, ids: torch.Tensor, features: torch.Tensor | None) -> None:
+    drafter.commit(seqs_of(ids), features, [0 if features is None else features.shape[1]])
+
+
+def propose(drafter, ids: torch.Tensor, k: int, sampling, generator=None):
+    return drafter.propose(seqs_of(ids), k, sampling, [generator] * ids.shape[0])
+
+
+def prefill(verifier, ids: torch.Tensor):
+    """Prefill one sequence (1, T) in a fresh verifier batch; returns its features (1, T-1, F) or None."""
+    verifier.reset()
+    return verifier.prefill([ids[0]])[1]

@@ -16,7 +16,7 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
-from tests.conftest import VOCAB, sampling_target, tiny_llama, two_token_total_variation
+from tests.conftest import begin, commit, prefill, propose, VOCAB, sampling_target, tiny_llama, two_token_total_variation
 from verify.sampling import SamplingParams
 
 
@@ -49,11 +49,11 @@ def test_drafter_contract(target):
 
         verifier = Verifier(target, drafter.target_layer_ids)
         ids = torch.tensor([[0, 3, 4, 5, 6]])
-        drafter.begin(ids, verifier.prefill(ids))
+        begin(drafter, ids, prefill(verifier, ids))
         before = ids.clone()
         for sampling in (SamplingParams(), SamplingParams(1.0)):
-            a = drafter.propose(ids, 4, sampling, torch.Generator().manual_seed(0))
-            b = drafter.propose(ids, 4, sampling, torch.Generator().manual_seed(0))
+            a = propose(drafter, ids, 4, sampling, torch.Generator().manual_seed(0))
+            b = propose(drafter, ids, 4, sampling, torch.Generator().manual_seed(0))
             assert a.tokens.shape == (1, 4) and a.confidence.shape == (1, 4)
             assert torch.equal(a.tokens, b.tokens)
             assert int(a.tokens.min()) >= 0 and int(a.tokens.max()) < VOCAB
@@ -179,7 +179,7 @@ def test_greedy_output_equals_plain_greedy_with_masked_diffusion(target, steps, 
     prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
     ref = target.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=1)[0, 8:]
     assert spec.generate(prompt, max_new_tokens=25).token_ids[0].tolist() == ref.tolist()
-    proposal = drafter.propose(prompt, 5, SamplingParams(1.0), torch.Generator().manual_seed(0))
+    proposal = propose(drafter, prompt, 5, SamplingParams(1.0), torch.Generator().manual_seed(0))
     assert (proposal.tokens != VOCAB - 1).all()  # never proposes the mask id
     assert proposal.is_tree == (tree > 1)
 
@@ -242,8 +242,8 @@ def test_training_forward_gives_the_drafter_what_drafting_gives_it(target):
     with torch.no_grad():
         logits = block_states(drafter.model, batch, feats, target.get_input_embeddings(), 6) @ target.lm_head.weight.T  # (1, A, 5, V)
     for k, a in enumerate(anchors):
-        drafter.begin(torch.tensor([ids[: a + 1]]), feats[:, :a])  # as after the prefill: features of all but the last token
-        proposal = drafter.propose(torch.tensor([ids[: a + 1]]), 5, SamplingParams(), None)
+        begin(drafter, torch.tensor([ids[: a + 1]]), feats[:, :a])  # as after the prefill: features of all but the last token
+        proposal = propose(drafter, torch.tensor([ids[: a + 1]]), 5, SamplingParams(), None)
         assert proposal.tokens[0].tolist() == logits[0, k].argmax(-1).tolist()
         torch.testing.assert_close(proposal.confidence[0], logits[0, k].softmax(-1).amax(-1), atol=1e-4, rtol=1e-4)
 
@@ -328,15 +328,15 @@ def test_drafts_after_skipped_cycles_equal_drafts_of_a_fresh_drafter(target, sma
         layers = list(drafter.target_layer_ids)
         feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layers) if layers else None
         cut = lambda a, b: None if feats is None else feats[:, a:b]  # noqa: E731
-        drafter.begin(torch.tensor([ids[:5]]), cut(0, 4))
-        drafter.propose(torch.tensor([ids[:5]]), 4, SamplingParams(), None)
+        begin(drafter, torch.tensor([ids[:5]]), cut(0, 4))
+        propose(drafter, torch.tensor([ids[:5]]), 4, SamplingParams(), None)
         prev = 5
         for end in (7, 8, 12):  # three committed cycles, no proposal in between; the target wrote positions prev-1 .. end-2
-            drafter.commit(torch.tensor([ids[:end]]), cut(prev - 1, end - 1))
+            commit(drafter, torch.tensor([ids[:end]]), cut(prev - 1, end - 1))
             prev = end
-        fresh.begin(torch.tensor([ids[:12]]), cut(0, 11))
-        got = drafter.propose(torch.tensor([ids[:12]]), 4, SamplingParams(), None)
-        want = fresh.propose(torch.tensor([ids[:12]]), 4, SamplingParams(), None)
+        begin(fresh, torch.tensor([ids[:12]]), cut(0, 11))
+        got = propose(drafter, torch.tensor([ids[:12]]), 4, SamplingParams(), None)
+        want = propose(fresh, torch.tensor([ids[:12]]), 4, SamplingParams(), None)
         assert got.tokens.tolist() == want.tokens.tolist()
         torch.testing.assert_close(got.confidence, want.confidence, atol=1e-5, rtol=1e-5)
 
@@ -434,17 +434,17 @@ def test_fallback_drafter_uses_the_free_drafter_when_it_matches_and_keeps_greedy
     ids = [0, 5, 9, 14, 5, 9, 31]  # "5 9" repeats: a 2-gram match after 6 tokens; nothing matches after 31
     feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(lone.target_layer_ids))
     for d in (hybrid, lone):
-        d.begin(torch.tensor([ids[:6]]), feats[:, :5])
-    got = hybrid.propose(torch.tensor([ids[:6]]), 4, SamplingParams(), None)
+        begin(d, torch.tensor([ids[:6]]), feats[:, :5])
+    got = propose(hybrid, torch.tensor([ids[:6]]), 4, SamplingParams(), None)
     assert hybrid.last_source == "prompt-lookup" and got.tokens.tolist() == [[14, 5, 9]] and got.q is None
     for d in (hybrid, lone):
-        d.commit(torch.tensor([ids]), feats[:, 5:6])  # the target wrote position 5
-    got = hybrid.propose(torch.tensor([ids]), 4, SamplingParams(), None)
-    want = lone.propose(torch.tensor([ids]), 4, SamplingParams(), None)
+        commit(d, torch.tensor([ids]), feats[:, 5:6])  # the target wrote position 5
+    got = propose(hybrid, torch.tensor([ids]), 4, SamplingParams(), None)
+    want = propose(lone, torch.tensor([ids]), 4, SamplingParams(), None)
     assert hybrid.last_source == lone.name and got.tokens.tolist() == want.tokens.tolist() and got.source == lone.name
     asked = []
     hybrid.attach_gate(lambda source: asked.append(source) or False)  # the policy says the fallback does not pay
-    got = hybrid.propose(torch.tensor([ids]), 4, SamplingParams(), None)
+    got = propose(hybrid, torch.tensor([ids]), 4, SamplingParams(), None)
     assert asked == [lone.name] and hybrid.last_source == "prompt-lookup" and got.length == 0
     for policy in (FixedLength(5), CostAwarePolicy(max_k=5)):
         spec = DiffusionSpeculator(target, None, FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)), policy=policy)

@@ -33,11 +33,14 @@ class OracleDrafter(Drafter):
         self.wrong = wrong
         self.name = "adversary" if wrong else "oracle"
 
-    def begin(self, input_ids, features):
-        self.inner.begin(input_ids, features)
+    def begin(self, rows, seqs, features, counts):
+        self.inner.begin(rows, seqs, features, counts)
 
-    def propose(self, input_ids, max_tokens, sampling, generator):
-        proposal = self.inner.propose(input_ids, max_tokens, SamplingParams(), generator)
+    def reorder(self, index):
+        self.inner.reorder(index)
+
+    def propose(self, seqs, max_tokens, sampling, generators):
+        proposal = self.inner.propose(seqs, max_tokens, SamplingParams(), generators)
         if self.wrong:
             proposal.tokens = (proposal.tokens + 1) % VOCAB
             proposal.q = None
@@ -119,16 +122,44 @@ def test_stop_token_inside_an_accepted_block_ends_generation_there(target):
     assert out.stats.accepted_tokens + out.stats.target_forwards > out.stats.new_tokens
 
 
-def test_target_cache_holds_all_committed_tokens_but_the_last_after_every_cycle(target, small_drafter_model):
-    for drafter in drafters_for(target, small_drafter_model).values():
-        verifier = Verifier(target)
-        prompt = torch.tensor([PROMPTS[2]])
-        generated = 0
-        stop = StopConditions(30, frozenset(), 256)
-        for chunk in speculative_decode(verifier, drafter, FixedLength(5), prompt, stop, SamplingParams(), None, GenerationStats()):
-            generated += chunk.shape[1]
-            assert verifier.cached_length == prompt.shape[1] + generated - 1, drafter.name
+class CacheInvariant(Drafter):
+    """Wraps a drafter; after every cycle checks that each row's target cache holds every committed
+    token of the row but the last (the verifier's invariant)."""
 
+    def __init__(self, inner, verifier):
+        self.inner, self.verifier, self.cycles = inner, verifier, 0
+        self.name, self.tree_width, self.target_layer_ids = inner.name, inner.tree_width, inner.target_layer_ids
+
+    def begin(self, rows, seqs, features, counts):
+        self.inner.begin(rows, seqs, features, counts)
+
+    def reorder(self, index):
+        self.inner.reorder(index)
+
+    def propose(self, seqs, max_tokens, sampling, generators):
+        return self.inner.propose(seqs, max_tokens, sampling, generators)
+
+    def commit(self, seqs, features, counts):
+        self.cycles += 1
+        assert self.verifier.cache.batch == seqs.batch
+        for r in range(seqs.batch):
+            assert self.verifier.cache.lengths[r] == seqs.lengths[r] - 1, (self.name, r)
+        self.inner.commit(seqs, features, counts)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_target_cache_holds_all_committed_tokens_but_the_last_after_every_cycle(target, small_drafter_model, max_batch):
+    from dllm_spec.loop import Request
+
+    for drafter in drafters_for(target, small_drafter_model).values():
+        verifier = Verifier(target, max_batch=max_batch)
+        checked = CacheInvariant(drafter, verifier)
+        requests = [Request(torch.tensor(p)) for p in PROMPTS + PROMPTS[:1]]
+        stop = StopConditions(30, frozenset(), 256)
+        produced = [0] * len(requests)
+        for event in speculative_decode(verifier, checked, FixedLength(5), requests, stop, SamplingParams(), max_batch):
+            produced[event.request] += event.tokens.numel()
+        assert produced == [30] * len(requests) and checked.cycles > 0
 
 def test_streamer_receives_prompt_then_every_new_token(target):
     class Recorder:
@@ -241,12 +272,12 @@ def test_cost_aware_policy_verifies_more_when_confident_and_less_when_not():
     policy = CostAwarePolicy(max_k=16, latency=curve)
     confident = DraftProposal(torch.zeros((1, 16), dtype=torch.long), None, torch.full((1, 16), 0.97))
     doubtful = DraftProposal(torch.zeros((1, 16), dtype=torch.long), None, torch.full((1, 16), 0.05))
-    assert policy.choose(confident) == 7  # 8 tokens fed: past that the curve gets steep
+    assert policy.choose(confident) == [7]  # 8 tokens fed: past that the curve gets steep
     assert policy.last_prediction > 5
-    assert policy.choose(doubtful) == 0
+    assert policy.choose(doubtful) == [0]
     assert policy.last_prediction == 0.0
     flat = CostAwarePolicy(max_k=16, latency=LatencyCurve({1: 0.05, 32: 0.0501}))
-    assert flat.choose(confident) == 16  # verification is free: verify everything
+    assert flat.choose(confident) == [16]  # verification is free: verify everything
 
 
 def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_when_they_win():
@@ -263,8 +294,8 @@ def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_wh
             lengths.append(k)
             if k:
                 proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.5))
-                verified = policy.choose(proposal) or k  # the oracle case verifies what it drafted
-                policy.observe(proposal, verified, verified if accept_all else 0, draft_s, 0.1)
+                verified = policy.choose(proposal)[0] or k  # the oracle case verifies what it drafted
+                policy.observe(proposal, [verified], [verified if accept_all else 0], draft_s, 0.1)
         return lengths
 
     curve = {1: 0.06, 2: 0.105, 8: 0.13, 16: 0.14}
@@ -325,8 +356,8 @@ def test_cost_aware_policy_skips_a_losing_fallback_but_not_the_free_lookups():
                 source = "lookup"
         cost, accepted = (1e-5, 2) if source == "lookup" else (0.02, 0)
         proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.9), source=source)
-        verified = max(1, policy.choose(proposal))
-        policy.observe(proposal, verified, min(accepted, verified), cost, 0.1)
+        verified = max(1, policy.choose(proposal)[0])
+        policy.observe(proposal, [verified], [min(accepted, verified)], cost, 0.1)
     assert 0 < sum(gated[60:]) < 10  # the losing fallback is probed rarely
     assert policy.skipped == 0
     assert policy.stats("lookup").draft_gain > 1.0 > policy.stats("diffusion").draft_gain
@@ -351,7 +382,7 @@ def test_cost_aware_policy_drafts_longer_blocks_when_a_draft_costs_the_same_at_a
             k = 8
             proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.8),
                                      forwards=k if forwards_per_token else 1)
-            policy.observe(proposal, verified=k, accepted=5, draft_time_s=0.04, verify_time_s=0.055)
+            policy.observe(proposal, verified=[k], accepted=[5], draft_time_s=0.04, verify_time_s=0.055)
         return policy
 
     block, per_token = trained(False), trained(True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import propose
+
 from dllm_spec.bench import load_prompt_file, summarize
 from dllm_spec.cli import build_parser
 from drafters import PromptLookupDrafter
@@ -13,13 +15,13 @@ from verify.sampling import SamplingParams
 
 def test_prompt_lookup_copies_the_continuation_of_the_latest_longest_match():
     ids = torch.tensor([[5, 6, 7, 8, 9, 1, 6, 7, 3, 4, 2, 6, 7]])
-    proposal = PromptLookupDrafter(max_ngram=2).propose(ids, 3, SamplingParams(), None)
+    proposal = propose(PromptLookupDrafter(max_ngram=2), ids, 3, SamplingParams(), None)
     assert proposal.tokens.tolist() == [[3, 4, 2]]  # the most recent earlier "6 7" is followed by 3 4 2
     assert proposal.q is None and proposal.confidence.shape == (1, 3)
 
 
 def test_prompt_lookup_without_match_proposes_nothing():
-    proposal = PromptLookupDrafter().propose(torch.tensor([[1, 2, 3, 4]]), 5, SamplingParams(), None)
+    proposal = propose(PromptLookupDrafter(), torch.tensor([[1, 2, 3, 4]]), 5, SamplingParams(), None)
     assert proposal.length == 0
 
 

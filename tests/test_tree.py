@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
-from dllm_spec.cache import forward_with_cache, new_cache
 from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength
 from drafters.base import DraftProposal
 from drafters.fallback import FallbackDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
-from tests.conftest import VOCAB, sampling_target, tiny_llama, two_token_total_variation
+from tests.conftest import begin, commit, prefill, propose, VOCAB, sampling_target, tiny_llama, two_token_total_variation
 from tests.test_block_diffusion import make_drafter
 from verify.sampling import SamplingParams
 from verify.tree import (
@@ -56,12 +55,12 @@ def test_tree_helpers_describe_depths_ancestors_and_children():
     assert chain_parents(4).tolist() == [-1, 0, 1, 2]
     assert torch.equal(ancestor_mask(chain_parents(4)), torch.ones(5, 5, dtype=torch.bool).tril())
     tree = DraftProposal(torch.tensor([[10, 11, 12, 13, 14, 15]]), None, torch.full((1, 6), 0.5), parents=PARENTS)
-    assert tree.limit_depth(1).tokens.tolist() == [[10, 11]] and tree.limit_depth(1).parents.tolist() == [-1, -1]
+    assert tree.limit_depth(1).tokens.tolist() == [[10, 11]] and tree.limit_depth(1).parents.tolist() == [[-1, -1]]
     two = tree.limit_depth(2)  # node 5 (depth 2, 0-based) goes
-    assert two.tokens.tolist() == [[10, 11, 12, 13, 14]] and two.parents.tolist() == [-1, -1, 0, 0, 1]
+    assert two.tokens.tolist() == [[10, 11, 12, 13, 14]] and two.parents.tolist() == [[-1, -1, 0, 0, 1]]
     assert tree.limit_depth(3) is tree
     odd = DraftProposal(torch.tensor([[1, 2, 3, 4, 5]]), None, torch.full((1, 5), 0.5), parents=torch.tensor([-1, 0, 1, -1, 3]))
-    assert odd.limit_depth(2).tokens.tolist() == [[1, 2, 4, 5]] and odd.limit_depth(2).parents.tolist() == [-1, 0, -1, 2]
+    assert odd.limit_depth(2).tokens.tolist() == [[1, 2, 4, 5]] and odd.limit_depth(2).parents.tolist() == [[-1, 0, -1, 2]]
     for bad in (torch.tensor([0]), torch.tensor([-1, 1]), torch.tensor([-1, -2])):
         with pytest.raises(ValueError, match="parents"):
             check_parents(bad)
@@ -144,16 +143,17 @@ def test_tree_verification_leaves_the_cache_and_features_a_chain_would(attn):
     tokens = torch.tensor([[wrong[0], greedy[0], wrong[1], greedy[1], greedy[2], wrong[2]]])
     parents = torch.tensor([-1, -1, 0, 1, 3, 1])
     verifier = Verifier(target, layers)
-    verifier.prefill(prompt)
+    prefill(verifier, prompt)
     proposal = DraftProposal(tokens, None, torch.full((1, 6), 0.5), parents=parents)
-    out = verifier.verify(prompt[:, -1:], proposal, SamplingParams(), None)
-    assert out.path.tolist() == [1, 3, 4] and out.tokens[0].tolist() == greedy
+    out = verifier.verify(prompt[0, -1:], proposal, SamplingParams(), None)
+    assert out.paths[0].tolist() == [1, 3, 4] and out.tokens[0].tolist() == greedy
     # a fresh chain forward over the same committed tokens gives the same cache and features
-    chain = new_cache(target)
-    ref = forward_with_cache(target, torch.cat([prompt, torch.tensor([greedy])], 1), chain, output_hidden_states=True)
-    for mine, theirs in zip(verifier.cache.layers, chain.layers):
-        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+    ref = target(input_ids=torch.cat([prompt, torch.tensor([greedy])], 1), use_cache=True, output_hidden_states=True)
+    length = prompt.shape[1] + len(greedy)
+    assert verifier.cache.lengths[0] == length
+    for i, theirs in enumerate(ref.cache.layers):
+        torch.testing.assert_close(verifier.cache.keys[i][:1, :, :length], theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(verifier.cache.values[i][:1, :, :length], theirs.values, rtol=1e-5, atol=1e-5)
     ref_features = torch.cat([ref.hidden_states[i] for i in layers], -1)[:, 5:]  # the root and the 3 accepted
     torch.testing.assert_close(out.features, ref_features, rtol=1e-5, atol=1e-5)
     assert int(out.next_token[0]) == int(ref.logits[0, -1].argmax())
@@ -179,17 +179,17 @@ def test_tree_proposals_keep_the_drafter_contract(target):
         DiffusionSpeculator(target, None, drafter)
         verifier = Verifier(target, drafter.target_layer_ids)
         ids = torch.tensor([[0, 3, 4, 5, 6]])
-        drafter.begin(ids, verifier.prefill(ids))
+        begin(drafter, ids, prefill(verifier, ids))
         for sampling in (SamplingParams(), SamplingParams(1.0)):
-            a = drafter.propose(ids, 9, sampling, torch.Generator().manual_seed(0))
-            b = drafter.propose(ids, 9, sampling, torch.Generator().manual_seed(1))
+            a = propose(drafter, ids, 9, sampling, torch.Generator().manual_seed(0))
+            b = propose(drafter, ids, 9, sampling, torch.Generator().manual_seed(1))
             assert a.is_tree and a.q is None and a.tokens.shape == (1, 9) and a.confidence.shape == (1, 9)
-            check_parents(a.parents)
-            assert int(tree_depths(a.parents).max()) < drafter.config.block_size - 1
+            check_parents(a.parents[0])
+            assert int(tree_depths(a.parents[0]).max()) < drafter.config.block_size - 1
             assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
             if drafter.model.draft_vocab.numel():
                 assert set(a.tokens.flatten().tolist()) <= set(drafter.model.draft_vocab.tolist())
-            assert a.truncate(4).parents.tolist() == a.parents[:4].tolist()
+            assert a.truncate(4).parents.tolist() == a.parents[:, :4].tolist()
     with pytest.raises(ValueError, match="tree_width"):
         tree_drafter(target, 0)
 
@@ -215,7 +215,7 @@ def test_policy_reads_a_tree_by_paths():
 
     policy.latency = LatencyCurve({1: 1.0, 8: 1.0})  # verifying is free: take every node worth anything
     proposal = DraftProposal(torch.arange(6).unsqueeze(0), None, conf.unsqueeze(0), parents=PARENTS)
-    assert policy.choose(proposal) == 6
+    assert policy.choose(proposal) == [6]
     chain = CostAwarePolicy(max_k=6, latency=LatencyCurve({1: 1.0, 8: 1.0}))
     chain.choose(DraftProposal(torch.arange(6).unsqueeze(0), None, conf.unsqueeze(0)))
     assert policy.last_prediction > chain.last_prediction  # siblings add the chance the chain misses
@@ -247,11 +247,11 @@ def test_prompt_lookup_merged_into_a_tree_drafter_keeps_greedy_and_sampling_exac
     prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7, 5, 9, 14, 5, 9, 22, 7, 5, 9]])
     DiffusionSpeculator(target, None, drafter)
     verifier = Verifier(target, drafter.target_layer_ids)
-    drafter.begin(prompt, verifier.prefill(prompt))
-    lookup = PromptLookupDrafter().propose(prompt, 12, SamplingParams(), None).tokens[0].tolist()
-    merged = drafter.propose(prompt, 12, SamplingParams(), None)
+    begin(drafter, prompt, prefill(verifier, prompt))
+    lookup = propose(PromptLookupDrafter(), prompt, 12, SamplingParams(), None).tokens[0].tolist()
+    merged = propose(drafter, prompt, 12, SamplingParams(), None)
     assert merged.is_tree and lookup
-    paths = [[int(merged.tokens[0, j]) for j in _path(merged.parents, i)] for i in range(merged.length)]
+    paths = [[int(merged.tokens[0, j]) for j in _path(merged.parents[0], i)] for i in range(merged.length)]
     assert any(len(q) >= 2 and q == lookup[: len(q)] for q in paths)
     ref = target.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=1)[0, prompt.shape[1]:]
     out = DiffusionSpeculator(target, None, drafter, policy=FixedLength(12)).generate(prompt, max_new_tokens=24)

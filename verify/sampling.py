@@ -60,7 +60,12 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return warp_logits(logits, params).softmax(-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row. probs (..., V) -> (...) long."""
+def sample(probs: torch.Tensor, generator: torch.Generator | None | list) -> torch.Tensor:
+    """One draw per row. probs (..., V) -> (...) long. ``generator`` may be a list of one generator
+    per batch row (probs (B, ..., V)), so that a row's draws never depend on its neighbours."""
+    if isinstance(generator, list):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        return torch.stack([sample(probs[r], g) for r, g in enumerate(generator)])
     flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])

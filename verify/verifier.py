@@ -1,11 +1,15 @@
-"""The verifier: runs the target, ONE forward per cycle over [last committed token, drafts...],
-applies an acceptance rule, crops the rejected positions from the target's KV cache, and returns
-the target hidden states a drafter asked for. A draft tree (:mod:`verify.tree`) is verified in the
-same one forward under a tree attention mask; the accepted path is then moved into place in the
-cache and everything else dropped.
+"""The verifier: runs the target, ONE forward per cycle over every active row's [last committed
+token, drafts...], applies an acceptance rule per row, and keeps each row's accepted positions in
+the target's position-indexed cache (:mod:`verify.kv_cache`). A draft tree (:mod:`verify.tree`) is
+verified in the same one forward under a per-row tree attention mask; its accepted path is then
+gathered into place within the row.
 
-Cache invariant (checked by the tests): the target's cache holds every committed token except the
-last one, which is fed at the start of the next verify forward.
+Glossary:
+    B: active rows; k: the proposal's padded width; n_r: drafts row r accepted (ragged).
+    root: a row's last committed token, fed first.
+
+Cache invariant (checked by the tests): row r's cache holds every committed token of the row except
+the last one, which is fed at the start of the next verify forward.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from dllm_spec.cache import cache_length, crop_cache, forward_with_cache, keep_path, new_cache
-from drafters.base import DraftProposal
 from verify.acceptance import (
     AcceptResult,
     block_verification_accept,
@@ -25,22 +27,31 @@ from verify.acceptance import (
     match_accept,
     speculative_sampling_accept,
 )
+from verify.kv_cache import StaticKVCache
+from verify.proposal import DraftProposal
 from verify.sampling import SamplingParams, probs_from_logits
-from verify.tree import ancestor_mask, check_parents, greedy_tree_accept, sampling_tree_accept, tree_depths
+from verify.tree import ancestor_mask, check_parents, follow_choices, sampling_tree_accept, tree_depths
 
 VerificationMode = Literal["token", "block"]
 
 
 @dataclass
 class VerifyOutcome:
-    """num_accepted (B,), next_token (B,); features (B, n+1, F) of the positions now cached, or None;
-    tokens (B, n) the accepted drafts; path (n,) their indices in the proposal (for a chain 0..n-1)."""
+    """Per row: ``num_accepted[r]`` drafts accepted (host ints), ``next_token`` (B,) the target's own
+    token after them, ``tokens`` (B, m) the accepted drafts (padded, m = max accepted), ``paths``
+    (B, m) their indices in the proposal (a chain's 0..n-1), and ``features`` (B, m+1, F) the
+    drafter's target features of the positions now cached (the root and the accepted drafts; row r's
+    first ``num_accepted[r] + 1`` are valid), or None."""
 
-    num_accepted: torch.Tensor
+    num_accepted: list[int]
     next_token: torch.Tensor
-    features: torch.Tensor | None
     tokens: torch.Tensor
-    path: torch.Tensor
+    paths: torch.Tensor
+    features: torch.Tensor | None
+
+    @property
+    def feature_counts(self) -> list[int]:
+        return [n + 1 for n in self.num_accepted]
 
 
 def accept(
@@ -50,9 +61,9 @@ def accept(
     generator: torch.Generator | None,
     mode: VerificationMode = "token",
 ) -> AcceptResult:
-    """Pick the acceptance rule: greedy match at temperature 0; otherwise speculative sampling
-    (token-level or block verification) when the drafter gave q, match acceptance when it did not
-    (for block mode a missing q is the one-hot of the deterministic draft)."""
+    """Pick the acceptance rule for a chain: greedy match at temperature 0; otherwise speculative
+    sampling (token-level or block verification) when the drafter gave q, match acceptance when it
+    did not (for block mode a missing q is the one-hot of the deterministic draft)."""
     if sampling.greedy:
         return greedy_accept(proposal.tokens, target_logits)
     p = probs_from_logits(target_logits, sampling)  # (B, k+1, V)
@@ -66,94 +77,174 @@ def accept(
     return speculative_sampling_accept(proposal.tokens, q, p, generator)
 
 
+def _pad_rows(rows: list[torch.Tensor], width: int, fill: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Stack 1-D long tensors into (B, width); a row shorter than width is filled from ``fill`` (width,)."""
+    out = torch.zeros((len(rows), width), dtype=torch.long, device=device) if fill is None else fill.expand(len(rows), width).clone()
+    for r, t in enumerate(rows):
+        out[r, : t.numel()] = t
+    return out
+
+
 class Verifier:
-    """Owns the target's KV cache for one sequence.
+    """Owns the target's KV cache for a batch of up to ``max_batch`` sequences.
 
     Args:
-        model: the target causal LM.
+        model: the target causal LM (any transformers decoder-only model).
         layer_ids: indices into ``hidden_states`` (0 = embeddings) whose states are returned,
             concatenated on the last axis, for the drafter; empty for none.
         mode: ``"token"`` (Leviathan/Chen speculative sampling) or ``"block"`` (Sun et al. block
             verification). Greedy decoding uses exact argmax matching in both modes, and a draft
             tree the tree walk of :mod:`verify.tree` in both.
+        max_batch: rows the cache holds.
+        capacity: initial positions per row (the cache grows on demand).
     """
 
-    def __init__(self, model: PreTrainedModel, layer_ids: tuple[int, ...] = (), mode: VerificationMode = "token") -> None:
+    def __init__(self, model: PreTrainedModel, layer_ids: tuple[int, ...] = (), mode: VerificationMode = "token",
+                 max_batch: int = 1, capacity: int = 256) -> None:
         if mode not in ("token", "block"):
             raise ValueError(f"verification mode must be 'token' or 'block', got {mode!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.layer_ids = tuple(layer_ids)
         self.mode = mode
-        self.cache = None
+        self.cache = StaticKVCache.for_model(model, max_batch, capacity)
+
+    @property
+    def batch(self) -> int:
+        return self.cache.batch
 
     def _features(self, out) -> torch.Tensor | None:
         if not self.layer_ids:
             return None
         return torch.cat([out.hidden_states[i] for i in self.layer_ids], dim=-1)
 
+    def _run(self, feed: torch.Tensor, block: torch.Tensor, offsets: torch.Tensor, rows: list[int] | None, logits: bool):
+        """One forward of ``feed`` (b, n) at the planned positions (the cache was planned for n)."""
+        mask = self.cache.attention_mask(block, self.model.dtype)
+        kwargs = {"logits_to_keep": 1} if not logits else {}
+        return self.model(input_ids=feed, cache=self.cache, use_cache=True, attention_mask=mask,
+                          position_ids=self.cache.positions(offsets), output_hidden_states=bool(self.layer_ids), **kwargs)
+
+    # ---- sequences in and out -------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Cache every token of ``input_ids`` (B, T) but the last; return their features (B, T-1, F)."""
-        self.cache = new_cache(self.model)
-        if input_ids.shape[1] < 2:
-            return None
-        out = forward_with_cache(self.model, input_ids[:, :-1], self.cache, output_hidden_states=bool(self.layer_ids), logits_to_keep=1)
-        return self._features(out)
+    def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> tuple[list[int], torch.Tensor | None, list[int]]:
+        """Start sequences: cache every token of each prompt (T_i,) but the last, in one forward.
 
-    @property
-    def cached_length(self) -> int:
-        return 0 if self.cache is None else cache_length(self.cache)
+        ``rows``: the slots to (re)use; ``None`` appends new rows to the active batch. Returns the
+        rows, their features (b, max T_i - 1, F) padded (or None) and the valid counts T_i - 1."""
+        if rows is None:
+            rows = self.cache.add_rows(len(prompts))
+        else:
+            self.cache.start_rows(rows)
+        counts = [int(p.numel()) - 1 for p in prompts]
+        n = max(counts)
+        if n <= 0:
+            return rows, None, counts
+        device = self.model.device
+        feed = _pad_rows([p[:-1].to(device) for p in prompts], n, None, device)  # (b, n), right-padded
+        self.cache.plan(n, rows)
+        causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
+        out = self._run(feed, causal, torch.arange(n, device=device), rows, logits=False)
+        self.cache.advance(counts, rows)
+        return rows, self._features(out), counts
 
+    def reset(self) -> None:
+        """Drop every row (a new batch starts)."""
+        self.cache.reorder([])
+
+    def reorder(self, index: list[int]) -> None:
+        """Keep rows ``index`` (new row i = old row index[i]): finished rows leave the batch."""
+        self.cache.reorder(index)
+
+    # ---- one cycle ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def verify(
         self,
-        last_token: torch.Tensor,
+        last_tokens: torch.Tensor,
         proposal: DraftProposal,
         sampling: SamplingParams,
-        generator: torch.Generator | None,
+        generators: list[torch.Generator | None] | torch.Generator | None,
+        banned_ids: list[int] | None = None,
+        banned_until: list[int] | None = None,
     ) -> VerifyOutcome:
-        """One target forward over [last_token (B, 1), proposal.tokens (B, k)]; accept; crop."""
-        if proposal.tokens.shape[0] != 1:
-            raise ValueError("the verifier supports batch size 1 for now")
-        if proposal.is_tree and proposal.length:
-            return self._verify_tree(last_token, proposal, sampling, generator)
-        start = self.cached_length
-        feed = torch.cat([last_token, proposal.tokens], dim=1)  # (B, k+1)
-        out = forward_with_cache(self.model, feed, self.cache, output_hidden_states=bool(self.layer_ids))
-        result = accept(proposal, out.logits, sampling, generator, self.mode)
-        n = int(result.num_accepted[0])
-        crop_cache(self.cache, start + n + 1)
-        features = self._features(out)
-        return VerifyOutcome(result.num_accepted, result.next_token, None if features is None else features[:, : n + 1],
-                             proposal.tokens[:, :n], torch.arange(n, device=feed.device))
+        """One target forward over [last_tokens (B,), proposal.tokens (B, k)] for every active row;
+        accept per row; keep what each row accepted.
 
-    def _verify_tree(self, last_token: torch.Tensor, proposal: DraftProposal, sampling: SamplingParams,
-                     generator: torch.Generator | None) -> VerifyOutcome:
-        """[root, nodes] in one forward, each row seeing the context, the root and its ancestors."""
-        parents = proposal.parents
-        check_parents(parents)
-        start = self.cached_length
-        n_nodes = proposal.length
-        device = last_token.device
-        feed = torch.cat([last_token, proposal.tokens], dim=1)  # (1, N+1)
-        positions = start + torch.cat([torch.zeros(1, dtype=torch.long, device=device), tree_depths(parents) + 1]).unsqueeze(0)
-        dtype = self.model.dtype
-        mask = torch.zeros((1, 1, n_nodes + 1, start + n_nodes + 1), dtype=dtype, device=device)
-        blocked = ~ancestor_mask(parents).to(device)  # (N+1, N+1)
-        mask[0, 0, :, start:].masked_fill_(blocked, torch.finfo(dtype).min)
-        out = forward_with_cache(self.model, feed, self.cache, output_hidden_states=bool(self.layer_ids),
-                                 attention_mask=mask, position_ids=positions)
-        logits = out.logits[0]  # (N+1, V)
-        if sampling.greedy:
-            result = greedy_tree_accept(proposal.tokens[0], parents, logits)
+        ``banned_ids`` / ``banned_until``: the target may not produce these ids (logits -inf, like
+        transformers' ``min_new_tokens``) at row r's first ``banned_until[r]`` new positions (a tree
+        node's position is its depth), so acceptance runs against that processed distribution."""
+        b = self.cache.batch
+        if last_tokens.shape[0] != b or proposal.batch != b:
+            raise ValueError(f"the verifier holds {b} rows, got {last_tokens.shape[0]} last tokens and {proposal.batch} proposal rows")
+        gens = generators if isinstance(generators, list) else [generators] * b
+        device = last_tokens.device
+        k = proposal.length
+        feed = torch.cat([last_tokens.reshape(b, 1), proposal.tokens], dim=1)  # (B, k+1)
+        tree = proposal.is_tree and k > 0
+        if tree:
+            per_row = [proposal.parents[r] for r in range(b)]
+            for r in range(b):
+                check_parents(proposal.row_parents(r))
+            block = torch.stack([ancestor_mask(p.cpu()) for p in per_row]).to(device)  # (B, k+1, k+1)
+            offsets = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), tree_depths(p.cpu()) + 1]) for p in per_row]).to(device)
         else:
-            result = sampling_tree_accept(proposal.tokens[0], parents, probs_from_logits(logits, sampling), generator)
-        path = result.path
-        n = int(path.numel())
-        keep_path(self.cache, start, path)
+            block = torch.ones((k + 1, k + 1), dtype=torch.bool, device=device).tril()
+            offsets = torch.arange(k + 1, device=device)
+        self.cache.plan(k + 1)
+        out = self._run(feed, block, offsets, None, logits=True)
+        logits = out.logits  # (B, k+1, V)
+        if banned_ids and banned_until and any(banned_until):
+            depth = offsets.expand(b, k + 1)  # (B, k+1): new-token index each logits row predicts
+            until = torch.tensor(banned_until, device=device)[:, None]
+            rows_hit = depth < until  # (B, k+1)
+            ids = torch.tensor(banned_ids, device=device)
+            logits = logits.clone()
+            logits[..., ids] = torch.where(rows_hit[..., None], torch.finfo(logits.dtype).min, logits[..., ids])
+
+        lengths = proposal.lengths
+        paths: list[torch.Tensor] = []
+        next_tokens: list[int] = []
+        if tree:
+            choice = logits.argmax(-1).tolist() if sampling.greedy else None
+            for r in range(b):
+                n_r = lengths[r]
+                toks, parents = proposal.tokens[r, :n_r], proposal.parents[r, :n_r]
+                if sampling.greedy:
+                    res = follow_choices(toks, parents, choice[r])
+                else:
+                    res = sampling_tree_accept(toks, parents, probs_from_logits(logits[r, : n_r + 1], sampling), gens[r])
+                paths.append(res.path)
+                next_tokens.append(res.next_token)
+            accepted = [int(p.numel()) for p in paths]
+        elif sampling.greedy:
+            choice = logits.argmax(-1)  # (B, k+1)
+            if k:
+                valid = torch.arange(k, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+                hits = (proposal.tokens == choice[:, :k]) & valid  # padding never matches
+                accepted = hits.long().cumprod(dim=1).sum(dim=1).tolist()
+                next_tokens = choice.gather(1, torch.tensor(accepted, device=device)[:, None]).squeeze(1).tolist()
+            else:
+                accepted, next_tokens = [0] * b, choice[:, 0].tolist()
+        else:
+            accepted = []
+            for r in range(b):
+                n_r = lengths[r]
+                res = accept(proposal.row(r), logits[r: r + 1, : n_r + 1], sampling, gens[r], self.mode)
+                accepted.append(int(res.num_accepted[0]))
+                next_tokens.append(int(res.next_token[0]))
+        m = max(accepted, default=0)
+        ident = torch.arange(m, device=device)
+        if tree:
+            path_t = _pad_rows(paths, m, ident, device)  # (B, m); a shorter path padded with identity moves
+            if m and not bool((path_t == ident).all()):
+                self.cache.keep_paths(path_t)
+        else:
+            path_t = ident.expand(b, m)
+        self.cache.advance([n + 1 for n in accepted])
         features = self._features(out)
         if features is not None:
-            rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), path + 1])
-            features = features[:, rows]  # (1, n+1, F): the root and the accepted nodes
-        return VerifyOutcome(torch.tensor([n], device=device), torch.tensor([result.next_token], device=device), features,
-                             proposal.tokens[:, path], path)
+            rows = torch.cat([torch.zeros((b, 1), dtype=torch.long, device=device), path_t + 1], dim=1)  # (B, m+1)
+            features = features.gather(1, rows[:, :, None].expand(b, m + 1, features.shape[-1]))
+        tokens = proposal.tokens.gather(1, path_t) if m else proposal.tokens[:, :0]
+        return VerifyOutcome(accepted, torch.tensor(next_tokens, dtype=torch.long, device=device), tokens, path_t, features)

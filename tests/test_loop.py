@@ -1,0 +1,193 @@
+"""The batched loop (dllm_spec/loop.py) on tiny in-process models: every row of a batch gives that row's
+single-sequence greedy output and transformers' greedy, for every drafter and policy, with rows of
+different prompt lengths, rows that stop at different cycles and refilled slots (continuous
+batching); sampled rows follow the target's distribution and do not depend on their neighbours;
+``min_new_tokens`` / ``ignore_eos``; bad batched input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dllm_spec import DiffusionSpeculator, SpeculatorConfig
+from dllm_spec.policy import CostAwarePolicy, FixedLength
+from drafters import AutoregressiveDrafter, FallbackDrafter, NullDrafter, PromptLookupDrafter
+from tests.conftest import SAMPLING_VOCAB, sampling_target, tiny_llama
+from tests.test_block_diffusion import make_drafter
+
+# different lengths, repeats (prompt lookup finds matches) and no repeats
+PROMPTS = [[0, 5, 9, 14, 5, 9, 22, 7], [0, 3, 3, 3, 40, 11], [0, 17, 2, 29, 31, 17, 2, 29, 31, 8, 12], [0, 44],
+           [0, 8, 8, 21, 30, 2, 6, 9, 10, 4, 4, 21, 30, 2]]
+
+
+def reference(target, prompt: list[int], n: int, **kwargs) -> list[int]:
+    out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=1, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def drafters(target, small):
+    return {
+        "none": lambda: NullDrafter(),
+        "prompt-lookup": lambda: PromptLookupDrafter(),
+        "small-ar": lambda: AutoregressiveDrafter(small, name="small-ar"),
+        "early-exit": lambda: AutoregressiveDrafter.from_target_layers(target, 1),
+        "block-diffusion": lambda: make_drafter(target, 1),
+        "block-diffusion-2-steps": lambda: make_drafter(target, 2, draft_vocab=12),
+        "tree": lambda: make_drafter(target, 1, tree_width=3),
+        "pair": lambda: FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)),
+        "tree-pair": lambda: FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1, tree_width=3)),
+    }
+
+
+POLICIES = {"fixed-1": lambda: FixedLength(1), "fixed-5": lambda: FixedLength(5), "adaptive": lambda: CostAwarePolicy(max_k=5)}
+CASES = [(d, p) for d in ["none", "prompt-lookup", "small-ar", "early-exit", "block-diffusion", "block-diffusion-2-steps",
+                          "tree", "pair", "tree-pair"] for p in POLICIES]
+
+
+@pytest.mark.parametrize("name,policy", CASES)
+def test_every_row_of_a_batch_equals_its_single_sequence_greedy_output(target, small_drafter_model, name, policy):
+    make = drafters(target, small_drafter_model)[name]
+    ref = [reference(target, p, 24) for p in PROMPTS]
+    single = DiffusionSpeculator(target, None, make(), policy=POLICIES[policy]())
+    for prompt, want in zip(PROMPTS, ref):
+        assert single.generate(torch.tensor([prompt]), max_new_tokens=24).token_ids[0].tolist() == want
+    spec = DiffusionSpeculator(target, None, make(), policy=POLICIES[policy]())
+    batch = spec.generate([torch.tensor(p) for p in PROMPTS], max_new_tokens=24)
+    assert [o.token_ids[0].tolist() for o in batch] == ref
+    # continuous batching: 10 requests through 3 slots, slots refilled as rows finish
+    refill = spec.generate([torch.tensor(p) for p in PROMPTS * 2], max_new_tokens=24, batch_size=3)
+    assert [o.token_ids[0].tolist() for o in refill] == ref * 2
+    assert all(o.stats.new_tokens == 24 and o.stats.stop_reason == "length" for o in refill)
+    assert refill.stats.new_tokens == 24 * len(PROMPTS) * 2
+
+
+@pytest.mark.parametrize("name", ["prompt-lookup", "small-ar", "tree-pair"])
+def test_rows_that_stop_at_different_cycles_free_their_slots_for_waiting_prompts(target, small_drafter_model, name):
+    """A stop id ends each row wherever it first appears in that row (some rows never see it)."""
+    refs = [reference(target, p, 30) for p in PROMPTS]
+    stop_id = refs[0][7]
+    want = []
+    for r in refs:
+        cut = r.index(stop_id) + 1 if stop_id in r else len(r)
+        want.append(r[:cut])
+    assert len({len(w) for w in want}) > 1  # the rows really stop at different points
+    spec = DiffusionSpeculator(target, None, drafters(target, small_drafter_model)[name](), policy=FixedLength(4))
+    out = spec.generate([torch.tensor(p) for p in PROMPTS * 2], max_new_tokens=30, stop_token_ids=[stop_id], batch_size=3)
+    assert [o.token_ids[0].tolist() for o in out] == want * 2
+    assert [o.stats.stop_reason for o in out] == ["eos" if stop_id in r else "length" for r in refs] * 2
+
+
+def test_batched_input_ids_with_an_attention_mask_take_each_row_without_its_padding(target):
+    spec = DiffusionSpeculator(target, None, PromptLookupDrafter(), policy=FixedLength(4))
+    a, b = PROMPTS[0], PROMPTS[1]
+    width = max(len(a), len(b))
+    ids = torch.tensor([[1] * (width - len(a)) + a, b + [1] * (width - len(b))])  # one row left-, one right-padded
+    mask = torch.tensor([[0] * (width - len(a)) + [1] * len(a), [1] * len(b) + [0] * (width - len(b))])
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=16)
+    assert [o.token_ids[0].tolist() for o in out] == [reference(target, a, 16), reference(target, b, 16)]
+
+
+def test_sampled_rows_of_a_batch_follow_the_target_distribution():
+    """First two sampled tokens of many rows of ONE batch (each row its own generator) against the
+    target's exact joint: every row is a draw from the target."""
+    target = sampling_target()
+    prompt = [0, 2, 3]
+    vocab = SAMPLING_VOCAB
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        p1 = target(ids).logits[0, -1].softmax(-1)
+        exact = torch.stack([p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1)
+                             for a in range(vocab)]).flatten()
+    for drafter in (PromptLookupDrafter(), make_drafter(target, 1), make_drafter(target, 1, tree_width=3)):
+        spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(3), config=SpeculatorConfig(max_batch_size=64))
+        counts = torch.zeros(vocab * vocab)
+        draws = 0
+        for seed in range(0, 1500, 64):
+            out = spec.generate([torch.tensor(prompt)] * 64, max_new_tokens=2, temperature=1.0, seed=seed * 1000)
+            for o in out:
+                t = o.token_ids[0]
+                counts[t[0] * vocab + t[1]] += 1
+                draws += 1
+        tv = float(0.5 * (counts / draws - exact).abs().sum())
+        assert tv < 0.08, (drafter.name, tv)
+
+
+def test_a_sampled_row_does_not_depend_on_its_batch_neighbours(target):
+    """With a fixed verified length, row i of a batch seeded s equals the single run seeded s + i."""
+    spec = DiffusionSpeculator(target, None, PromptLookupDrafter(), policy=FixedLength(4))
+    batch = spec.generate([torch.tensor(p) for p in PROMPTS], max_new_tokens=20, temperature=0.8, seed=7)
+    for i, prompt in enumerate(PROMPTS):
+        alone = spec.generate(torch.tensor([prompt]), max_new_tokens=20, temperature=0.8, seed=7 + i)
+        assert batch[i].token_ids.tolist() == alone.token_ids.tolist()
+
+
+def test_min_new_tokens_and_ignore_eos_match_transformers(target):
+    prompt = PROMPTS[0]
+    ref = reference(target, prompt, 30)
+    stop_id = ref[3]
+    spec = DiffusionSpeculator(target, None, PromptLookupDrafter(), policy=FixedLength(4))
+    # min_new_tokens: the stop id cannot end the row before 12 tokens (its logit is suppressed, as in transformers)
+    want = reference(target, prompt, 30, eos_token_id=stop_id, min_new_tokens=12)
+    got = spec.generate(torch.tensor([prompt]), max_new_tokens=30, stop_token_ids=[stop_id], min_new_tokens=12)
+    assert got.token_ids[0].tolist() == want and len(want) >= 12
+    batch = spec.generate([torch.tensor(prompt)] * 3, max_new_tokens=30, stop_token_ids=[stop_id], min_new_tokens=12)
+    assert all(o.token_ids[0].tolist() == want for o in batch)
+    # ignore_eos: the stop id is emitted and generation goes on to max_new_tokens
+    out = spec.generate(torch.tensor([prompt]), max_new_tokens=30, stop_token_ids=[stop_id], ignore_eos=True)
+    assert out.token_ids[0].tolist() == ref and out.stats.stop_reason == "length"
+
+
+def test_bad_batched_input_is_a_clear_error(target):
+    spec = DiffusionSpeculator(target, None, PromptLookupDrafter(), config=SpeculatorConfig(max_batch_size=4))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        spec.generate(torch.zeros((5, 3), dtype=torch.long))
+    with pytest.raises(ValueError, match="row 1 .* empty"):
+        spec.generate(torch.tensor([[0, 2], [0, 3]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        spec.generate(torch.tensor([[0, 2], [0, 3]]), attention_mask=torch.tensor([[1, 1]]))
+    with pytest.raises(ValueError, match="prompt 1: empty"):
+        spec.generate([torch.tensor([0, 2]), torch.tensor([], dtype=torch.long)])
+    with pytest.raises(ValueError, match="batch_size"):
+        spec.generate([torch.tensor([0, 2])] * 2, batch_size=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        spec.generate([torch.tensor([0, 2])] * 8, batch_size=8)
+
+    class PadTokenizer:
+        pad_token_id = 1
+        chat_template = None
+        eos_token_id = None
+
+    padded = DiffusionSpeculator(target, PadTokenizer(), PromptLookupDrafter())
+    with pytest.raises(ValueError, match="attention_mask"):
+        padded.generate(torch.tensor([[1, 1, 0, 2], [0, 3, 4, 5]]))  # row 0 is left-padded: which ids are real?
+
+
+def test_policy_prepare_measures_nothing_without_a_model():
+    from dllm_spec.latency import LatencyCurve, LatencySurface
+
+    surface = LatencySurface({1: LatencyCurve({1: 1.0, 8: 2.0}), 4: LatencyCurve({1: 2.0, 8: 6.0})})
+    assert surface(1, 2) == pytest.approx(1.0 + (2.0 - 1.0) / 3)  # between the row counts
+    assert surface(8, 8) == pytest.approx(12.0)  # past the largest measured batch: grows with the rows
+    policy = CostAwarePolicy(max_k=4, latency=surface)
+    policy.prepare(16)
+    assert sorted(policy.latency.curves) == [1, 4]
+
+
+def test_batch_aware_policy_shrinks_the_draft_as_the_batch_becomes_compute_bound():
+    """One cap K for the whole batch from the (tokens, rows) latency: on a surface where a batch of
+    16 is compute-bound the same confident drafts are verified shorter, and not at all once
+    speculation stops paying (plain batched decoding)."""
+    from dllm_spec.latency import LatencyCurve, LatencySurface
+    from verify.proposal import DraftProposal
+
+    surface = LatencySurface({1: LatencyCurve({1: 0.02, 8: 0.022, 16: 0.025}),
+                              16: LatencyCurve({1: 0.03, 2: 0.045, 4: 0.07, 8: 0.13, 16: 0.25})})
+    policy = CostAwarePolicy(max_k=8, latency=surface)
+
+    def chosen(rows: int, confidence: float) -> int:
+        proposal = DraftProposal(torch.zeros((rows, 8), dtype=torch.long), None, torch.full((rows, 8), confidence))
+        return max(policy.choose(proposal))
+
+    assert chosen(1, 0.9) == 8
+    assert 0 < chosen(16, 0.9) < 8
+    assert chosen(16, 0.3) == 0
