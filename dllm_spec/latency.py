@@ -48,9 +48,15 @@ class LatencyCurve:
         return self.points[hi] + slope * (k - hi)
 
     def observe(self, k: int, seconds: float) -> None:
-        """Refresh the measured point k (if it is one) with a live timing of a k-token forward."""
-        if k in self.points:
-            self.points[k] = self.momentum * self.points[k] + (1 - self.momentum) * seconds
+        """Fold a live timing of a k-token forward into the curve (EMA). A k that was not measured
+        becomes a point of its own, starting from the interpolated value: the lengths the loop
+        actually verifies, at the contexts it actually runs, are the ones that matter."""
+        if k <= 0 or seconds <= 0:
+            return
+        if k not in self.points:
+            self.points[k] = self(k)
+            self.points = dict(sorted(self.points.items()))
+        self.points[k] = self.momentum * self.points[k] + (1 - self.momentum) * seconds
 
     def to_json(self) -> dict:
         return {str(k): v for k, v in self.points.items()}
@@ -70,6 +76,8 @@ class LatencySurface:
         self.curves = dict(sorted(curves.items()))
         self.model = model
         self.cache_dir = cache_dir
+        self._drift: dict[int, tuple[float, int]] = {}  # rows -> (EMA of live / predicted seconds, timings seen)
+        self.remeasured = 0  # curves measured again because live timings disagreed
 
     def ensure(self, rows: int) -> None:
         """Measure the row counts bracketing ``rows`` (powers of two) when a model is attached."""
@@ -100,9 +108,27 @@ class LatencySurface:
         w = (rows - lo) / (hi - lo)
         return (1 - w) * self.curves[lo](k) + w * self.curves[hi](k)
 
+    #: a curve whose live timings run this far from it (EMA of live / predicted) is measured again
+    STALE_RATIO = 1.35
+
     def observe(self, k: int, seconds: float, rows: int = 1) -> None:
-        if rows in self.curves:
-            self.curves[rows].observe(k, seconds)
+        """Fold a live timing into the curve of ``rows``; track how far live timings run from the
+        curve, and when they disagree persistently (a curve measured while the machine was busy, or a
+        machine that changed) re-measure that row count (with a model attached) and re-cache it."""
+        if rows not in self.curves:
+            return
+        predicted = self.curves[rows](k)
+        ratio = seconds / predicted if predicted > 0 else 1.0
+        ema, count = self._drift.get(rows, (1.0, 0))
+        ema = 0.9 * ema + 0.1 * ratio
+        count += 1
+        self._drift[rows] = (ema, count)
+        if count >= 20 and not 1 / self.STALE_RATIO < ema < self.STALE_RATIO and self.model is not None:
+            self.curves[rows] = measure_and_cache(self.model, self.cache_dir, rows)
+            self._drift[rows] = (1.0, 0)
+            self.remeasured += 1
+            return
+        self.curves[rows].observe(k, seconds)
 
 
 def _key(model: PreTrainedModel, rows: int) -> str:
@@ -151,13 +177,23 @@ def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_PO
 
 def load_or_measure(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1) -> LatencyCurve:
     """The cached curve for this model/device/dtype and row count, measuring (and caching) it when missing."""
-    path = Path(cache_dir or cache_root() / "latency") / f"{_key(model, rows)}.json"
+    path = _path(model, cache_dir, rows)
     if path.is_file():
         try:
             return LatencyCurve({int(k): float(v) for k, v in json.loads(path.read_text()).items()})
         except (ValueError, json.JSONDecodeError):
             pass
-    curve = measure_latency(model, DEFAULT_POINTS if rows == 1 else BATCH_POINTS, rows=rows)
+    return measure_and_cache(model, cache_dir, rows)
+
+
+def _path(model: PreTrainedModel, cache_dir: str | os.PathLike | None, rows: int) -> Path:
+    return Path(cache_dir or cache_root() / "latency") / f"{_key(model, rows)}.json"
+
+
+def measure_and_cache(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1) -> LatencyCurve:
+    """Measure the curve of ``rows`` (median of 5 timings per point) and write it to the cache."""
+    path = _path(model, cache_dir, rows)
+    curve = measure_latency(model, DEFAULT_POINTS if rows == 1 else BATCH_POINTS, rows=rows, repeats=5)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

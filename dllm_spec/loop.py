@@ -221,7 +221,7 @@ def speculative_decode(
             totals.draft_forwards += proposal.forwards
             totals.target_forwards += 1
             totals.row_forwards += b
-            totals.drafted_tokens += sum(proposal.lengths)
+            totals.verified_tokens += sum(proposal.lengths)
             totals.accepted_tokens += sum(accepted)
             predictions = policy.last_predictions
             next_tokens = outcome.next_token.tolist()

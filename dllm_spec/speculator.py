@@ -169,6 +169,8 @@ class DiffusionSpeculator:
                 raise ValueError(f"input_ids must be an integer tensor, got {ids.dtype}")
             ids = ids.long()
         else:
+            if not isinstance(prompt, (str, list)):
+                raise ValueError(f"prompt must be a string, a list of chat messages, a list of ids or input_ids, got {type(prompt).__name__}")
             if self.tokenizer is None:
                 raise ValueError("this speculator has no tokenizer: pass input_ids as a LongTensor of shape (1, T)")
             if isinstance(prompt, str):
@@ -341,6 +343,8 @@ class DiffusionSpeculator:
         (one prompt only): any object with the transformers streamer protocol (``put``/``end``);
         like ``model.generate`` it first receives the prompt ids, then each committed chunk.
         """
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise ValueError("empty prompt: the prompt list is empty")
         batched = (isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] > 1) or (
             isinstance(prompt, (list, tuple)) and bool(prompt) and not all(isinstance(t, int) for t in prompt)
             and not all(isinstance(m, dict) for m in prompt))

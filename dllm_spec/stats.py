@@ -21,7 +21,7 @@ class GenerationStats:
     target_forwards: int = 0
     row_forwards: int = 0  # a batch's rows summed over its target forwards (0 for one sequence: = target_forwards)
     draft_forwards: int = 0
-    drafted_tokens: int = 0
+    verified_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     verified_per_position: list[int] = field(default_factory=list)
@@ -45,7 +45,7 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         """Accepted / verified draft tokens."""
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+        return self.accepted_tokens / self.verified_tokens if self.verified_tokens else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,7 +73,7 @@ class GenerationStats:
             for i in range(count):
                 store[i] += 1
         self.verified_lengths.append(verified)
-        self.drafted_tokens += verified
+        self.verified_tokens += verified
         self.accepted_tokens += accepted
         self.target_forwards += 1
         if predicted is not None:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dllm_spec.bench import BASELINE, BenchPrompt, build_variant, default_prompts, load_prompt_file
+from dllm_spec.bench import BASELINE, build_variant, default_prompts, load_prompt_file
 from dllm_spec.jsonl import append_record, read_records, write_atomic
+from dllm_spec.prompt import Prompt
 
 HF_PEERS = ("hf-assisted", "hf-prompt-lookup")
 
@@ -38,6 +39,8 @@ class StudyConfig:
     repeats: int = 2
     per_category: int = 1
     max_k: int = 16
+    min_new_tokens: int = 0
+    ignore_eos: bool = False  # long-output studies reach their lengths (transformers' peers suppress EOS instead)
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) <= 0:
@@ -46,6 +49,8 @@ class StudyConfig:
             raise ValueError("repeats and per_category must be >= 1")
         if any(p not in HF_PEERS for p in self.peers):
             raise ValueError(f"peers must be among {HF_PEERS}, got {self.peers}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
 
     @classmethod
     def quick(cls) -> "StudyConfig":
@@ -53,9 +58,12 @@ class StudyConfig:
                    peers=("hf-prompt-lookup",), repeats=1, per_category=1)
 
 
-def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, assistant) -> dict:
+def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, assistant,
+                 min_new_tokens: int = 0) -> dict:
     ids = spec.encode(prompt)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=spec.tokenizer.eos_token_id)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     if label == "hf-assisted":
@@ -70,7 +78,7 @@ def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature
     return dict(new_tokens=new, wall_time_s=wall, tau=None, accepted_per_position=None, verified_per_position=None)
 
 
-def run_study(spec, prompts: list[BenchPrompt], cfg: StudyConfig, out_dir: str | Path) -> Path:
+def run_study(spec, prompts: list[Prompt], cfg: StudyConfig, out_dir: str | Path) -> Path:
     """Run (or resume) the study; write records.jsonl, results.csv, summary.md and plots into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,9 +103,11 @@ def run_study(spec, prompts: list[BenchPrompt], cfg: StudyConfig, out_dir: str |
             if key in done:
                 continue
             if label in HF_PEERS:
-                row = _hf_generate(spec, label, prompt.text, length, temp, rep, assistant)
+                row = _hf_generate(spec, label, prompt.text, length, temp, rep, assistant,
+                                   length if cfg.ignore_eos else min(cfg.min_new_tokens, length))
             else:
-                o = runners[label].generate(prompt.text, max_new_tokens=length, temperature=temp, seed=rep)
+                o = runners[label].generate(prompt.text, max_new_tokens=length, temperature=temp, seed=rep,
+                                            min_new_tokens=min(cfg.min_new_tokens, length), ignore_eos=cfg.ignore_eos)
                 s = o.stats
                 row = dict(new_tokens=s.new_tokens, wall_time_s=s.wall_time_s, tau=s.tau,
                            accepted_per_position=s.accepted_per_position, verified_per_position=s.verified_per_position)
@@ -219,26 +229,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", default=None)
     p.add_argument("--target", default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="suppress stop ids until this many new tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: every run reaches its length")
     args = p.parse_args(argv)
     base = StudyConfig.quick() if args.quick else StudyConfig()
     overrides = {}
-    for name, conv in (("lengths", int), ("drafters", str), ("policies", str), ("temperatures", float), ("peers", str)):
+    for name, conv in (("drafters", str), ("policies", str), ("peers", str)):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(conv(x) for x in value.split(",") if x.strip())
-    for name in ("repeats", "per_category"):
+    for name in ("repeats", "per_category", "min_new_tokens"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.ignore_eos:
+        overrides["ignore_eos"] = True
     try:
+        for name, conv in (("lengths", int), ("temperatures", float)):
+            value = getattr(args, name)
+            if value is not None:
+                try:
+                    overrides[name] = tuple(conv(x) for x in value.split(",") if x.strip())
+                except ValueError:
+                    raise ValueError(f"--{name} must be comma-separated numbers, got {value!r}") from None
         cfg = StudyConfig(**{**base.__dict__, **overrides})
         prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(cfg.per_category)
-    except (ValueError, FileNotFoundError) as exc:
+        from dllm_spec import DiffusionSpeculator
+
+        spec = DiffusionSpeculator.from_pretrained(args.target, drafter="none", dtype=args.dtype)
+        out = run_study(spec, prompts, cfg, args.out)
+    except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"dllm-spec study: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from dllm_spec import DiffusionSpeculator
-
-    spec = DiffusionSpeculator.from_pretrained(args.target, drafter="none", dtype=args.dtype)
-    out = run_study(spec, prompts, cfg, args.out)
     print((out / "summary.md").read_text())
 
 

@@ -1,7 +1,12 @@
 """Reasoning-trace generation at scale: prompts in, one JSONL record per prompt out.
 
 * Input: JSONL (``id``, ``prompt``, optional ``system``) or plain text (one prompt per line, id =
-  line number). Malformed lines, missing prompts and duplicate ids are errors naming the line.
+  line number), parsed by :func:`dllm_spec.prompt.read_prompts`; errors name the line.
+* Batched: ``batch_size`` prompts run at once with continuous batching, sorted by length; each
+  record is appended the moment its prompt finishes.
+* Safe: an output equal to the input or pointing at a directory is refused before any work, the
+  output must be writable, a lock keeps two processes off one part file, and every record carries
+  its prompt's hash so a resumed record whose prompt changed is reported.
 * Resumable: every record is appended with a single write + fsync; on restart a torn last line
   (a kill mid-write) is cut off and ids already complete are skipped, so each prompt ends up
   exactly once.
@@ -21,51 +26,13 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from dllm_spec.jsonl import append_record, read_records, write_atomic
+from dllm_spec.prompt import Prompt, read_prompts
 from dllm_spec.stats import GenerationStats
-
-
-@dataclass(frozen=True)
-class TracePrompt:
-    id: str
-    prompt: str
-    system: str | None = None
-    category: str = "all"
-
-
-def read_prompts(path: str | os.PathLike) -> list[TracePrompt]:
-    """Parse a JSONL (``id``, ``prompt``, optional ``system`` and ``category``) or plain-text prompt
-    file; errors name the file and line. The one prompt-file parser (bench and study use it too)."""
-    prompts: list[TracePrompt] = []
-    seen: dict[str, int] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
-            prompt = record.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{path}:{n}: missing or empty 'prompt'")
-            pid = str(record.get("id", n))
-            system = record.get("system")
-            category = str(record.get("category", "all"))
-        else:
-            pid, prompt, system, category = str(n), line, None, "all"
-        if pid in seen:
-            raise ValueError(f"{path}:{n}: duplicate id {pid!r} (first seen on line {seen[pid]})")
-        seen[pid] = n
-        prompts.append(TracePrompt(pid, prompt, system, category))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
 
 
 def _parts(out: Path) -> list[Path]:
@@ -79,7 +46,7 @@ def completed_ids(out: Path) -> set[str]:
     return done
 
 
-def merge(prompts: list[TracePrompt], out: Path) -> int:
+def merge(prompts: list[Prompt], out: Path) -> int:
     """Merge the output and every part file into ``out`` in input order; check each id appears once."""
     by_id: dict[str, dict] = {}
     for source in [out, *_parts(out)]:
@@ -94,9 +61,9 @@ def merge(prompts: list[TracePrompt], out: Path) -> int:
     return len(prompts)
 
 
-def prompt_hash(prompt: TracePrompt) -> str:
+def prompt_hash(prompt: Prompt) -> str:
     """A short hash of what a record was generated from (prompt text and system message)."""
-    return hashlib.sha1(json.dumps([prompt.prompt, prompt.system], ensure_ascii=False).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps([prompt.text, prompt.system], ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def check_output_path(out: Path, inputs: list[Path]) -> None:
@@ -132,7 +99,7 @@ def locked(path: Path):
 
 def generate_traces(
     spec,
-    prompts: list[TracePrompt],
+    prompts: list[Prompt],
     out: str | os.PathLike,
     *,
     max_new_tokens: int = 4096,
@@ -165,7 +132,7 @@ def generate_traces(
         todo = [p for p in mine if p.id not in done]
         if not todo:
             return 0
-        encoded = [spec.encode(p.prompt, system=p.system)[0] for p in todo]
+        encoded = [spec.encode(p.text, system=p.system)[0] for p in todo]
         order = sorted(range(len(todo)), key=lambda i: encoded[i].numel()) if batch_size > 1 else list(range(len(todo)))
         seeds = [seed + int(prompt_hash(todo[i]), 16) % 1_000_000 if temperature > 0 else None for i in order]
         bar = tqdm(total=len(todo), desc=f"traces[{process_index}]", unit="prompt", disable=None, position=process_index)
@@ -178,7 +145,7 @@ def generate_traces(
             prompt = todo[order[j]]
             s = result.stats
             append_record(part, dict(
-                id=prompt.id, prompt=prompt.prompt, system=prompt.system, prompt_hash=prompt_hash(prompt), text=result.text,
+                id=prompt.id, prompt=prompt.text, system=prompt.system, prompt_hash=prompt_hash(prompt), text=result.text,
                 token_count=s.new_tokens, stop_reason=s.stop_reason,
                 stats=dict(tau=s.tau, target_forwards=s.target_forwards, accepted_per_position=s.accepted_per_position,
                            verified_per_position=s.verified_per_position, draft_time_s=s.draft_time_s,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from drafters.autoregressive import AutoregressiveDrafter
-from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.base import Drafter, DraftProposal, NullDrafter
+from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.fallback import FallbackDrafter
 from drafters.masked_diffusion import MaskedDiffusionDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
@@ -53,7 +53,13 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         path, options = name, _diffusion_options(arg, spec)
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
-        meta = json.load(open(config)) if os.path.isfile(config) else {}
+        try:
+            with open(config) as fh:
+                meta = json.load(fh)
+        except FileNotFoundError:
+            meta = {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"drafter {spec!r}: cannot read {config}: {exc}") from None
         if meta.get("model_type") == BlockDiffusionConfig.model_type:
             return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=options.get("steps"), tree_width=options.get("tree", 1))
         if any(arch.endswith("ForMaskedLM") for arch in meta.get("architectures") or []):

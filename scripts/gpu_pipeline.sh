@@ -48,7 +48,7 @@ minutes=$(python3 -c "print(max(0.5, ($train_s - $TRAIN_SETUP_S) / 60))")
 echo "== train (<= ${train_s}s, budget ${minutes} min)"
 mkdir -p "$RUN"
 if [ -n "$WARM" ] && [ ! -e "$RUN/checkpoint" ]; then cp -r "$WARM" "$RUN/checkpoint"; fi
-timeout "$train_s" python3 scripts/train_drafter.py --data "$DATA" --out "$RUN" --dtype float32 \
+timeout "$train_s" python3 -m dllm_spec.training.cli --data "$DATA" --out "$RUN" --dtype float32 \
     --mixed-precision bf16 --resident-features --time-budget-min "$minutes" "$@"
 echo "== train exit $?, $(left)s left"
 

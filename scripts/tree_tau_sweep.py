@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from dllm_spec.bench import default_prompts
 from dllm_spec.speculator import DiffusionSpeculator
+from drafters.base import Sequences
 from drafters.block_diffusion import BlockDiffusionDrafter
 from drafters.shipped import shipped_drafter_dir
 from verify.sampling import SamplingParams
-from verify.tree import chain_parents, follow_choices, tree_depths
+from verify.tree import follow_choices, tree_depths
 
 
 def accepted_depth(tokens: torch.Tensor, parents: torch.Tensor, truth: list[int]) -> int:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = DiffusionSpeculator.from_pretrained(drafter="none", dtype="float32")
     target = spec.target
-    drafters = {w: BlockDiffusionDrafter.from_pretrained(args.drafter or shipped_drafter_dir(), num_inference_steps=args.steps, tree_width=w)
+    drafters = {w: BlockDiffusionDrafter.from_pretrained(args.drafter or shipped_drafter_dir(), num_inference_steps=args.steps, tree_width=w,
+                                                       min_block=16)
                 for w in widths}
     for d in drafters.values():
         d.bind(target, spec.tokenizer)
@@ -75,13 +77,15 @@ def main(argv: list[str] | None = None) -> None:
         for w, drafter in drafters.items():
             for n in sizes if w > 1 else sorted({min(n, depth_cap) for n in sizes}):
                 pos, cycles = start, 0
-                drafter.begin(full[:, :pos], features[:, : pos - 1])
+                drafter.reorder([])
+                drafter.begin([0], Sequences.from_tensor(full[:, :pos]), features[:, : pos - 1], [pos - 1])
                 while pos < end:
-                    proposal = drafter.propose(full[:, :pos], n, SamplingParams(), None)
-                    parents = proposal.parents if proposal.is_tree else chain_parents(proposal.length)
-                    new_pos = pos + accepted_depth(proposal.tokens[0], parents, truth_all[pos: min(end, pos + depth_cap)]) + 1
+                    proposal = drafter.propose(Sequences.from_tensor(full[:, :pos]), n, SamplingParams(), [None])
+                    row = proposal.row(0)
+                    parents = row.row_parents(0)
+                    new_pos = pos + accepted_depth(row.tokens[0], parents, truth_all[pos: min(end, pos + depth_cap)]) + 1
                     # what the loop hands over: features of the previous last token and the accepted drafts
-                    drafter.commit(full[:, :new_pos], features[:, pos - 1: new_pos - 1])
+                    drafter.commit(Sequences.from_tensor(full[:, :new_pos]), features[:, pos - 1: new_pos - 1], [new_pos - pos])
                     pos, cycles = new_pos, cycles + 1
                 row = totals.setdefault(f"{w}/{n}", {}).setdefault(prompt.category, [0, 0])
                 row[0] += end - start

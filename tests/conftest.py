@@ -27,6 +27,30 @@ def tiny_llama(seed: int, vocab: int = VOCAB, layers: int = 2, hidden: int = 32,
     return model
 
 
+class CharTokenizer:
+    """The part of a HF tokenizer the library uses, for the tiny models: one id per character (id 0
+    starts a text, ids 2 .. VOCAB-3), no chat template unless asked for."""
+
+    chat_template = None
+    pad_token_id = 1
+
+    def __init__(self, eos_token_id: int | None = None) -> None:
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [0] + [2 + ord(c) % (VOCAB - 4) for c in text]}
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True,
+                            return_dict: bool = False) -> list[int]:
+        return self(messages[-1]["content"])["input_ids"]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {str(i): i for i in range(VOCAB)}
+
+
 SAMPLING_VOCAB = 6
 
 

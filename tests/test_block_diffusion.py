@@ -16,7 +16,7 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
-from tests.conftest import begin, commit, prefill, propose, VOCAB, sampling_target, tiny_llama, two_token_total_variation
+from tests.conftest import VOCAB, begin, commit, prefill, propose, sampling_target, tiny_llama, two_token_total_variation
 from verify.sampling import SamplingParams
 
 
@@ -130,6 +130,7 @@ def _fake_distill(path, target, n=24, seed=0):
                                  "prompt_ids": prompt, "response_ids": out}) + "\n")
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
 
@@ -383,6 +384,7 @@ def test_resident_stores_equal_the_disk_caches(target, tmp_path):
         resident.batch([("a", 0)], [6])
 
 
+@pytest.mark.slow
 def test_training_with_resident_features_follows_the_disk_cache_run(target, tmp_path):
     """Same data, config and seed: resident features (and teacher) give the disk-cache run's losses
     step for step, and write nothing to the disk cache."""

@@ -9,20 +9,15 @@ import torch
 
 from dllm_spec.data.distill import DistillConfig, generate_distillation_data, iter_shards, read_shards
 from dllm_spec.data.prompts import (
-    HELDOUT_SUBJECTS_FILE, Prompt, build_prompts, heldout_prompts, heldout_subjects, prompt_subject, training_prompts,
+    HELDOUT_SUBJECTS_FILE,
+    Prompt,
+    build_prompts,
+    heldout_prompts,
+    heldout_subjects,
+    prompt_subject,
+    training_prompts,
 )
-from tests.conftest import VOCAB
-
-
-class ByteTokenizer:
-    """The part of a HF tokenizer the generator uses: a chat template over character codes."""
-
-    pad_token_id = 1
-    eos_token_id = VOCAB - 1  # never produced by the tiny target's greedy runs below, so no truncation
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool, tokenize: bool, return_dict: bool) -> list[int]:
-        return [0] + [2 + ord(c) % (VOCAB - 4) for c in messages[0]["content"]]
-
+from tests.conftest import VOCAB, CharTokenizer
 
 PROMPTS = [Prompt(f"p{i}", "chat", "hello " * (1 + i % 3) + str(i)) for i in range(6)]
 
@@ -33,9 +28,9 @@ def _keys(directory) -> list[tuple[str, int]]:
 
 def test_a_stopped_run_resumes_without_repeating_or_losing_a_response(target, tmp_path):
     config = DistillConfig(temperatures=(0.0, 0.8), max_new_tokens=5, batch_size=4, shard_size=4)
-    generate_distillation_data(target, ByteTokenizer(), PROMPTS, tmp_path, config, max_shards=1)
+    generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS, tmp_path, config, max_shards=1)
     assert len(_keys(tmp_path)) == 4
-    generate_distillation_data(target, ByteTokenizer(), PROMPTS, tmp_path, config)
+    generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS, tmp_path, config)
     keys = _keys(tmp_path)
     assert sorted(keys) == sorted((p.id, v) for p in PROMPTS for v in (0, 1))
     assert len(keys) == len(set(keys))
@@ -43,7 +38,7 @@ def test_a_stopped_run_resumes_without_repeating_or_losing_a_response(target, tm
 
 def test_greedy_variants_come_first_and_equal_the_targets_greedy_output(target, tmp_path):
     config = DistillConfig(temperatures=(0.0, 0.8), max_new_tokens=6, batch_size=3, shard_size=6)
-    generate_distillation_data(target, ByteTokenizer(), PROMPTS, tmp_path, config)
+    generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS, tmp_path, config)
     shards = list(iter_shards(tmp_path))
     assert {r["variant"] for r in shards[0][1]} == {0}  # variant by variant: every greedy response first
     for record in shards[0][1]:
@@ -53,10 +48,10 @@ def test_greedy_variants_come_first_and_equal_the_targets_greedy_output(target, 
 
 
 def test_an_appended_temperature_adds_only_the_new_variant(target, tmp_path):
-    generate_distillation_data(target, ByteTokenizer(), PROMPTS, tmp_path,
+    generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS, tmp_path,
                                DistillConfig(temperatures=(0.0,), max_new_tokens=4, batch_size=6, shard_size=6))
     before = _keys(tmp_path)
-    generate_distillation_data(target, ByteTokenizer(), PROMPTS, tmp_path,
+    generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS, tmp_path,
                                DistillConfig(temperatures=(0.0, 1.0), max_new_tokens=4, batch_size=6, shard_size=6))
     added = _keys(tmp_path)[len(before):]
     assert sorted(added) == sorted((p.id, 1) for p in PROMPTS)
@@ -64,10 +59,10 @@ def test_an_appended_temperature_adds_only_the_new_variant(target, tmp_path):
 
 
 def test_a_rerun_that_changes_a_stored_variants_temperature_is_refused(target, tmp_path):
-    generate_distillation_data(target, ByteTokenizer(), PROMPTS[:2], tmp_path,
+    generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS[:2], tmp_path,
                                DistillConfig(temperatures=(0.0, 0.8), max_new_tokens=3, batch_size=4, shard_size=4))
     with pytest.raises(ValueError, match="variant 1 at temperature 0.8"):
-        generate_distillation_data(target, ByteTokenizer(), PROMPTS[:2], tmp_path,
+        generate_distillation_data(target, CharTokenizer(eos_token_id=VOCAB - 1), PROMPTS[:2], tmp_path,
                                    DistillConfig(temperatures=(0.0, 0.7), max_new_tokens=3))
 
 

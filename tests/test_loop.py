@@ -12,7 +12,7 @@ import torch
 from dllm_spec import DiffusionSpeculator, SpeculatorConfig
 from dllm_spec.policy import CostAwarePolicy, FixedLength
 from drafters import AutoregressiveDrafter, FallbackDrafter, NullDrafter, PromptLookupDrafter
-from tests.conftest import SAMPLING_VOCAB, sampling_target, tiny_llama
+from tests.conftest import SAMPLING_VOCAB, sampling_target
 from tests.test_block_diffusion import make_drafter
 
 # different lengths, repeats (prompt lookup finds matches) and no repeats
@@ -160,34 +160,3 @@ def test_bad_batched_input_is_a_clear_error(target):
     padded = DiffusionSpeculator(target, PadTokenizer(), PromptLookupDrafter())
     with pytest.raises(ValueError, match="attention_mask"):
         padded.generate(torch.tensor([[1, 1, 0, 2], [0, 3, 4, 5]]))  # row 0 is left-padded: which ids are real?
-
-
-def test_policy_prepare_measures_nothing_without_a_model():
-    from dllm_spec.latency import LatencyCurve, LatencySurface
-
-    surface = LatencySurface({1: LatencyCurve({1: 1.0, 8: 2.0}), 4: LatencyCurve({1: 2.0, 8: 6.0})})
-    assert surface(1, 2) == pytest.approx(1.0 + (2.0 - 1.0) / 3)  # between the row counts
-    assert surface(8, 8) == pytest.approx(12.0)  # past the largest measured batch: grows with the rows
-    policy = CostAwarePolicy(max_k=4, latency=surface)
-    policy.prepare(16)
-    assert sorted(policy.latency.curves) == [1, 4]
-
-
-def test_batch_aware_policy_shrinks_the_draft_as_the_batch_becomes_compute_bound():
-    """One cap K for the whole batch from the (tokens, rows) latency: on a surface where a batch of
-    16 is compute-bound the same confident drafts are verified shorter, and not at all once
-    speculation stops paying (plain batched decoding)."""
-    from dllm_spec.latency import LatencyCurve, LatencySurface
-    from verify.proposal import DraftProposal
-
-    surface = LatencySurface({1: LatencyCurve({1: 0.02, 8: 0.022, 16: 0.025}),
-                              16: LatencyCurve({1: 0.03, 2: 0.045, 4: 0.07, 8: 0.13, 16: 0.25})})
-    policy = CostAwarePolicy(max_k=8, latency=surface)
-
-    def chosen(rows: int, confidence: float) -> int:
-        proposal = DraftProposal(torch.zeros((rows, 8), dtype=torch.long), None, torch.full((rows, 8), confidence))
-        return max(policy.choose(proposal))
-
-    assert chosen(1, 0.9) == 8
-    assert 0 < chosen(16, 0.9) < 8
-    assert chosen(16, 0.3) == 0

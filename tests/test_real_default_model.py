@@ -9,7 +9,7 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
 from drafters import AutoregressiveDrafter, PromptLookupDrafter, build_drafter
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 PROMPTS = [
     "List three uses of a paperclip, one per line.",
@@ -108,7 +108,7 @@ def test_drafter_training_runs_under_accelerate_with_two_processes(real_spec, tm
     tiny.save_pretrained(tmp_path / "target")
     real_spec.tokenizer.save_pretrained(tmp_path / "target")  # only its eos id is read by the trainer
     _fake_distill(tmp_path / "data", tiny, n=16)
-    _accelerate([str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts" / "train_drafter.py"),
+    _accelerate(["-m", "dllm_spec.training.cli",
                  "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--target", str(tmp_path / "target"),
                  "--block-size", "6", "--num-layers", "1", "--num-target-layers", "2", "--draft-vocab-size", "40",
                  "--anchors-per-seq", "4", "--batch-size", "2", "--max-steps", "6", "--eval-every", "3",

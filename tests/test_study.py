@@ -8,27 +8,16 @@ import csv
 import pytest
 
 from dllm_spec import DiffusionSpeculator
-from dllm_spec.bench import BenchPrompt
 from dllm_spec.jsonl import read_records
+from dllm_spec.prompt import Prompt
 from dllm_spec.study import StudyConfig, run_study
 from drafters import NullDrafter
-
-
-class ByteTokenizer:
-    chat_template = None
-    eos_token_id = None
-    pad_token_id = 1
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [0] + [2 + ord(c) % 40 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + int(i) % 26) for i in ids)
+from tests.conftest import CharTokenizer
 
 
 def test_quick_study_writes_csv_summary_and_plots_and_resumes(target, tmp_path):
-    spec = DiffusionSpeculator(target, ByteTokenizer(), NullDrafter())
-    prompts = [BenchPrompt("a", "code", "abcabcabc"), BenchPrompt("b", "chat", "hello there hello")]
+    spec = DiffusionSpeculator(target, CharTokenizer(), NullDrafter())
+    prompts = [Prompt("a", "code", "abcabcabc"), Prompt("b", "chat", "hello there hello")]
     cfg = StudyConfig(lengths=(8, 16), drafters=("prompt-lookup",), policies=("fixed:4", "adaptive"), temperatures=(0.0, 1.0),
                       peers=("hf-prompt-lookup", "hf-assisted"), repeats=1, per_category=1)
     out = run_study(spec, prompts, cfg, tmp_path / "study")

@@ -31,6 +31,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", pad_token="t1", eos_token="t1", unk_token="t2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,drafter_cls", [("ar", AutoregressiveDrafter), ("mdlm", MaskedDiffusionDrafter)])
 def test_token_drafter_training_lowers_the_loss_and_drafts_exactly(target, tmp_path, kind, drafter_cls):
     _fake_distill(tmp_path / "data", target)

@@ -11,24 +11,12 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import FixedLength
 from dllm_spec.traces import completed_ids, generate_traces, merge, read_prompts
 from drafters import PromptLookupDrafter
-
-
-class DigitTokenizer:
-    """Text <-> ids for a tiny model: each character maps to one id."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [0] + [2 + ord(c) % 40 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + int(i) % 26) for i in ids)
+from tests.conftest import CharTokenizer
 
 
 @pytest.fixture()
 def spec(target):
-    return DiffusionSpeculator(target, DigitTokenizer(), PromptLookupDrafter(), policy=FixedLength(4))
+    return DiffusionSpeculator(target, CharTokenizer(), PromptLookupDrafter(), policy=FixedLength(4))
 
 
 def _write(path, prompts):
@@ -50,7 +38,7 @@ def test_malformed_input_names_the_line(tmp_path, content, message):
 def test_plain_text_input_uses_line_numbers_as_ids(tmp_path):
     path = tmp_path / "in.txt"
     path.write_text("first\n\nthird\n")
-    assert [(p.id, p.prompt) for p in read_prompts(path)] == [("1", "first"), ("3", "third")]
+    assert [(p.id, p.text) for p in read_prompts(path)] == [("1", "first"), ("3", "third")]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])

@@ -14,7 +14,7 @@ from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength
 from drafters.base import DraftProposal
 from drafters.fallback import FallbackDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
-from tests.conftest import begin, commit, prefill, propose, VOCAB, sampling_target, tiny_llama, two_token_total_variation
+from tests.conftest import VOCAB, begin, prefill, propose, sampling_target, tiny_llama, two_token_total_variation
 from tests.test_block_diffusion import make_drafter
 from verify.sampling import SamplingParams
 from verify.tree import (
@@ -208,7 +208,7 @@ def test_policy_reads_a_tree_by_paths():
     # path: node 1 then node 4; tested: the root's children (0, 1) and node 1's child (4); node 0's subtree untested
     conf = torch.tensor([0.9, 0.2, 0.9, 0.9, 0.2, 0.9])
     cal.update(conf, 6, 2, PARENTS, torch.tensor([1, 4]))
-    assert cal.observed_trials.tolist() == [2.0, 1.0] and cal.observed_hits.tolist() == [2.0, 0.0]
+    assert cal.trials.tolist() == [3.0, 2.0] and cal.accepted.tolist() == [2.25, 0.75]  # prior 1 trial each, means 0.25 / 0.75
     # the cost-aware policy counts a tree's expected accepted tokens along paths
     policy = CostAwarePolicy(max_k=6, latency=None)
     from dllm_spec.latency import LatencyCurve

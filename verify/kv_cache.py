@@ -73,6 +73,7 @@ class StaticKVCache:
         values = self.lengths[: self.batch] if rows is None else [self.lengths[r] for r in rows]
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
+    @torch.inference_mode()
     def _ensure(self, needed: int) -> None:
         if needed <= self.capacity:
             return
@@ -107,6 +108,7 @@ class StaticKVCache:
         self.reset_rows(rows)
         self.batch = max(self.batch, top)
 
+    @torch.inference_mode()
     def _grow_rows(self, rows: int) -> None:
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
@@ -122,6 +124,7 @@ class StaticKVCache:
         n = max(self.lengths[: self.batch], default=0)
         return self.keys[layer_idx][: self.batch, :, :n], self.values[layer_idx][: self.batch, :, :n]
 
+    @torch.inference_mode()
     def reorder(self, index: list[int]) -> None:
         """Keep the rows ``index`` (new row i = old row index[i]); the active batch becomes len(index).
         Only the rows that move are copied."""
@@ -196,6 +199,7 @@ class StaticKVCache:
             self.lengths[r] += c
         self._write = self._rows = None
 
+    @torch.inference_mode()
     def keep_paths(self, paths: torch.Tensor) -> None:
         """After a tree forward over [root, nodes] of the active rows: move node ``paths[r, i]`` (b, m)
         long of each row to slot ``1 + i`` after the root (pad a shorter path with ``i`` itself).

@@ -15,7 +15,6 @@ import inspect
 import random
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 # torch replaces ``inspect.getfile`` (with an undocumented wrapper) when it is imported, which
@@ -23,22 +22,9 @@ from pathlib import Path
 # generation, training, the benchmark), so the set is defined with it imported, here too.
 import torch  # noqa: F401
 
+from dllm_spec.prompt import Prompt
+
 CATEGORIES = ("reasoning", "code", "explanation", "chat", "docs")
-HELDOUT_FRACTION = 0.03
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One user prompt with its provenance."""
-
-    id: str
-    category: str
-    text: str
-
-    @property
-    def split(self) -> str:
-        digest = int(hashlib.sha1(self.text.encode()).hexdigest()[:8], 16)
-        return "heldout" if digest / 0xFFFFFFFF < HELDOUT_FRACTION else "train"
 
 
 TOPICS = [

@@ -1,4 +1,4 @@
-"""Command line of the drafter-training pipeline (``dllm-spec train`` / ``scripts/train_drafter.py``).
+"""Command line of the drafter-training pipeline (``dllm-spec train``; ``accelerate launch -m dllm_spec.training.cli`` for several processes).
 
 ``--drafter block-diffusion`` (default) trains the target-conditioned block-diffusion drafter;
 ``--drafter ar`` / ``--drafter mdlm`` train the token-only comparison drafters on the same data.
@@ -8,7 +8,9 @@ Every field of the matching config dataclass is a flag (``--block-size``, ``--ma
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -46,10 +48,22 @@ def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dllm-spec train: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv: list[str] | None = None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--drafter", choices=sorted(CONFIGS), default="block-diffusion")
     drafter = pre.parse_known_args(argv)[0].drafter
     args = build_parser(drafter).parse_args(argv)
+    if not Path(args.data).is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no such directory")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator

@@ -1,4 +1,4 @@
-"""Training the token-only drafters of the fair comparison (issue item 3e): a small autoregressive
+"""Training the token-only drafters of the fair comparison with the block-diffusion drafter: a small autoregressive
 LM (standard speculative decoding) and a small masked-diffusion LM (SpecDiff-style MDLM), on the
 same self-distillation data, held-out split and time budget as the block-diffusion drafter.
 

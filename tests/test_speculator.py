@@ -1,4 +1,4 @@
-"""The one generate loop on tiny in-process models: greedy exactness for every drafter (including
+"""DiffusionSpeculator.generate and the one loop on tiny in-process models, one sequence at a time: greedy exactness for every drafter (including
 an always-right oracle and an always-wrong adversary), stops, cache invariant, bad input."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllm_spec import DiffusionSpeculator, GenerationStats, SpeculatorConfig
+from dllm_spec import DiffusionSpeculator, SpeculatorConfig
 from dllm_spec.loop import StopConditions, speculative_decode
 from dllm_spec.policy import (
     AssistedHeuristic,
@@ -16,8 +16,8 @@ from dllm_spec.policy import (
     MovingAverageLength,
 )
 from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
-from drafters.base import Drafter, DraftProposal
-from tests.conftest import SAMPLING_VOCAB, VOCAB, sampling_target, tiny_llama, two_token_total_variation
+from drafters.base import Drafter
+from tests.conftest import SAMPLING_VOCAB, VOCAB, CharTokenizer, sampling_target, tiny_llama, two_token_total_variation
 from verify.sampling import SamplingParams
 from verify.verifier import Verifier
 
@@ -200,24 +200,8 @@ def test_sampled_loop_follows_target_distribution(mode, policy):
 
 
 # ---- bad input ------------------------------------------------------------------------------------
-class CharTokenizer:
-    """A minimal tokenizer for error-path tests."""
-
-    chat_template = None
-    eos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [0] + [3 + (ord(c) % 40) for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + (i % 26)) for i in ids)
-
-    def get_vocab(self):
-        return {str(i): i for i in range(VOCAB)}
-
-
 def test_bad_input_raises_clear_errors(target):
-    spec = DiffusionSpeculator(target, CharTokenizer(), PromptLookupDrafter())
+    spec = DiffusionSpeculator(target, CharTokenizer(eos_token_id=1), PromptLookupDrafter())
     with pytest.raises(ValueError, match="empty prompt"):
         spec.generate("   ")
     with pytest.raises(ValueError, match="empty prompt"):
@@ -252,63 +236,10 @@ def test_generation_stops_at_the_context_limit(target):
     assert out.stats.new_tokens == 6 and out.stats.stop_reason == "context"
 
 
-# ---- block-length policies --------------------------------------------------------------------------
-def test_calibrator_learns_acceptance_rates_per_confidence_bucket():
-    from dllm_spec.policy import AcceptanceCalibrator
+def test_default_drafter_is_prompt_lookup_for_a_target_the_shipped_drafter_does_not_fit(target):
+    from drafters import PromptLookupDrafter
 
-    cal = AcceptanceCalibrator(bins=4)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(400):  # confidence 0.9 is accepted 30% of the time: the drafter is over-confident
-        accepted = int(torch.rand((), generator=g) < 0.3)
-        cal.update(torch.tensor([0.9, 0.9]), verified=2, accepted=accepted)
-    assert abs(float(cal(torch.tensor([0.9]))[0]) - 0.3) < 0.08
-    assert float(cal(torch.tensor([0.1]))[0]) == pytest.approx(0.125)  # untouched bucket keeps its prior
-
-
-def test_cost_aware_policy_verifies_more_when_confident_and_less_when_not():
-    from dllm_spec.latency import LatencyCurve
-
-    curve = LatencyCurve({1: 0.05, 8: 0.08, 16: 0.15})
-    policy = CostAwarePolicy(max_k=16, latency=curve)
-    confident = DraftProposal(torch.zeros((1, 16), dtype=torch.long), None, torch.full((1, 16), 0.97))
-    doubtful = DraftProposal(torch.zeros((1, 16), dtype=torch.long), None, torch.full((1, 16), 0.05))
-    assert policy.choose(confident) == [7]  # 8 tokens fed: past that the curve gets steep
-    assert policy.last_prediction > 5
-    assert policy.choose(doubtful) == [0]
-    assert policy.last_prediction == 0.0
-    flat = CostAwarePolicy(max_k=16, latency=LatencyCurve({1: 0.05, 32: 0.0501}))
-    assert flat.choose(confident) == [16]  # verification is free: verify everything
-
-
-def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_when_they_win():
-    """On a CPU-like latency curve (a 2-token forward costs 1.7 one-token ones) a drafter whose
-    drafts are all rejected is mostly skipped (plain steps), still probed now and then; one whose
-    drafts are all accepted is never skipped; nor is a free one (it costs nothing to look);
-    ``allow_skip=False`` always drafts."""
-    from dllm_spec.latency import LatencyCurve
-
-    def run(policy, accept_all: bool, cycles: int = 200, draft_s: float = 0.01) -> list[int]:
-        lengths = []
-        for _ in range(cycles):
-            k = policy.draft_length()
-            lengths.append(k)
-            if k:
-                proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.5))
-                verified = policy.choose(proposal)[0] or k  # the oracle case verifies what it drafted
-                policy.observe(proposal, [verified], [verified if accept_all else 0], draft_s, 0.1)
-        return lengths
-
-    curve = {1: 0.06, 2: 0.105, 8: 0.13, 16: 0.14}
-    losing = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))
-    lengths = run(losing, accept_all=False)
-    probes = sum(k > 0 for k in lengths[50:])
-    assert 0 < probes < 10 and losing.skipped == lengths.count(0)  # backed off to rare probes
-    winning = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))
-    assert all(k > 0 for k in run(winning, accept_all=True)) and winning.skipped == 0
-    always = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0), allow_skip=False)
-    assert all(k > 0 for k in run(always, accept_all=False))
-    free = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))  # prompt-lookup-like: drafting is free
-    assert all(k > 0 for k in run(free, accept_all=False, draft_s=1e-5))
+    assert type(DiffusionSpeculator(target, None).drafter) is PromptLookupDrafter  # the tiny target: other sizes
 
 
 def test_skipped_drafting_cycles_keep_greedy_output_exact(target, small_drafter_model):
@@ -328,63 +259,3 @@ def test_stats_record_policy_predictions_for_calibration(target):
     s = out.stats
     assert len(s.predicted_accepted) == s.target_forwards == len(s.observed_accepted)
     assert s.calibration_error is not None and s.calibration_error >= 0
-
-
-@pytest.mark.parametrize("bad", [lambda: FixedLength(-1), lambda: ConfidenceThreshold(1.5), lambda: CostAwarePolicy(max_k=0),
-                                 lambda: MovingAverageLength(momentum=1.0), lambda: AssistedHeuristic(k=0)])
-def test_invalid_policy_settings_raise(bad):
-    with pytest.raises(ValueError):
-        bad()
-
-
-def test_cost_aware_policy_skips_a_losing_fallback_but_not_the_free_lookups():
-    """Per-source statistics: with a free source 'lookup' and a costly source 'diffusion' whose
-    drafts are all rejected, the policy never skips drafting as a whole (the lookups go on) and
-    gates the costly source down to rare probes; each source keeps its own calibration."""
-    from dllm_spec.latency import LatencyCurve
-
-    policy = CostAwarePolicy(max_k=8, latency=LatencyCurve({1: 0.06, 2: 0.105, 8: 0.13, 16: 0.14}, momentum=1.0))
-    gated = []
-    for cycle in range(200):
-        k = policy.draft_length()
-        assert k > 0
-        source = "lookup" if cycle % 3 == 0 else "diffusion"
-        if source == "diffusion":
-            allowed = policy.should_draft("diffusion")
-            gated.append(allowed)
-            if not allowed:
-                source = "lookup"
-        cost, accepted = (1e-5, 2) if source == "lookup" else (0.02, 0)
-        proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.9), source=source)
-        verified = max(1, policy.choose(proposal)[0])
-        policy.observe(proposal, [verified], [min(accepted, verified)], cost, 0.1)
-    assert 0 < sum(gated[60:]) < 10  # the losing fallback is probed rarely
-    assert policy.skipped == 0
-    assert policy.stats("lookup").draft_gain > 1.0 > policy.stats("diffusion").draft_gain
-    assert float(policy.stats("diffusion").calibrator(torch.tensor([0.9]))[0]) < float(
-        policy.stats("lookup").calibrator(torch.tensor([0.9]))[0])  # same confidence, learnt apart
-
-
-def test_default_drafter_is_prompt_lookup_for_a_target_the_shipped_drafter_does_not_fit(target):
-    from drafters import PromptLookupDrafter
-
-    assert type(DiffusionSpeculator(target, None).drafter) is PromptLookupDrafter  # the tiny target: other sizes
-
-
-def test_cost_aware_policy_drafts_longer_blocks_when_a_draft_costs_the_same_at_any_length():
-    """Same total draft time and acceptance: a block drafter (one forward per block) is asked for a
-    longer draft than a token-by-token drafter (one forward per token), whose cost grows with k."""
-    from dllm_spec.latency import LatencyCurve
-
-    def trained(forwards_per_token: bool) -> CostAwarePolicy:
-        policy = CostAwarePolicy(max_k=16, latency=LatencyCurve({1: 0.05, 16: 0.06}, momentum=1.0))
-        for _ in range(20):
-            k = 8
-            proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.8),
-                                     forwards=k if forwards_per_token else 1)
-            policy.observe(proposal, verified=[k], accepted=[5], draft_time_s=0.04, verify_time_s=0.055)
-        return policy
-
-    block, per_token = trained(False), trained(True)
-    assert block.draft_length() > per_token.draft_length()
-    assert block.draft_length() >= 12  # verification is nearly flat and the block costs one call

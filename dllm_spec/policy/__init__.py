@@ -1,0 +1,41 @@
+"""Block-length policies: how many tokens to draft and how many of them to verify each cycle.
+
+The loop consults one policy object per cycle for the whole batch: ``draft_length(rows)`` before
+drafting, ``choose()`` on the proposal (one verified length per row), ``observe()`` after
+verification. Policies never change the output (the verifier is lossless for any verified length);
+they only trade verification work against accepted tokens.
+
+* :class:`CostAwarePolicy` (default): expected committed tokens per second from the drafter's
+  per-position confidences, an online-calibrated confidence -> acceptance map, and the target's
+  measured latency curve.
+* Baselines: :class:`FixedLength`, :class:`ConfidenceThreshold` (FailFast-style),
+  :class:`MovingAverageLength` (DiffuSpec/SGLang-style), :class:`AssistedHeuristic`
+  (transformers' +2/-1 schedule).
+"""
+
+from __future__ import annotations
+
+from dllm_spec.policy.base import BlockLengthPolicy
+from dllm_spec.policy.baselines import AssistedHeuristic, ConfidenceThreshold, FixedLength, MovingAverageLength
+from dllm_spec.policy.calibration import AcceptanceCalibrator
+from dllm_spec.policy.cost_aware import CostAwarePolicy, SourceStats
+
+__all__ = ["BlockLengthPolicy", "FixedLength", "ConfidenceThreshold", "MovingAverageLength", "AssistedHeuristic",
+           "AcceptanceCalibrator", "CostAwarePolicy", "SourceStats", "build_policy"]
+
+
+def build_policy(spec: str, default_k: int = 16) -> BlockLengthPolicy:
+    """A policy from a short spec: ``adaptive[:MAX]``, ``fixed:K`` / ``fixed-K``, ``threshold[:THETA]``,
+    ``moving-average``, ``heuristic``."""
+    name, _, arg = spec.replace("fixed-", "fixed:").partition(":")
+    if name == "adaptive":
+        return CostAwarePolicy(max_k=int(arg) if arg else default_k)
+    if name == "fixed":
+        return FixedLength(int(arg) if arg else default_k)
+    if name == "threshold":
+        return ConfidenceThreshold(float(arg) if arg else 0.4, max_k=default_k)
+    if name in ("moving-average", "ema"):
+        return MovingAverageLength(max_k=default_k)
+    if name == "heuristic":
+        return AssistedHeuristic(max_k=default_k)
+    raise ValueError(f"unknown policy {spec!r}: use adaptive[:MAX], fixed:K, threshold[:THETA], moving-average or heuristic")
