@@ -28,7 +28,7 @@ BATCH_POINTS = (1, 2, 3, 4, 6, 8, 12, 17)
 class LatencyCurve:
     """Piecewise-linear seconds(k) through measured points; ``observe`` folds in live timings (EMA)."""
 
-    def __init__(self, points: dict[int, float], momentum: float = 0.9) -> None:
+    def __init__(self, points: dict[int, float], momentum: float = 0.7) -> None:
         if not points or any(k <= 0 or t <= 0 for k, t in points.items()):
             raise ValueError(f"latency points need k > 0 and seconds > 0, got {points}")
         self.points = dict(sorted(points.items()))

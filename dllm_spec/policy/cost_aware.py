@@ -62,11 +62,14 @@ class CostAwarePolicy(BlockLengthPolicy):
         allow_skip: skip drafting when it does not pay (see above); ``False`` always drafts.
         free_draft_fraction: drafting cheaper than this fraction of a one-token step is never skipped.
         probe_every, max_probe_every: the probing interval while skipping (cycles).
+        batch_margin: with several rows, verify drafts only when the expected rate beats plain
+            batched decoding by this fraction (the latency of a wide batch is the least certain
+            input: near break-even the plain step is kept).
     """
 
     def __init__(self, max_k: int = 16, latency: LatencyCurve | LatencySurface | None = None, min_draft: int = 1,
                  momentum: float = 0.9, allow_skip: bool = True, probe_every: int = 4, max_probe_every: int = 64,
-                 free_draft_fraction: float = 0.05) -> None:
+                 free_draft_fraction: float = 0.05, batch_margin: float = 0.1) -> None:
         if max_k < 1 or not 1 <= min_draft <= max_k:
             raise ValueError(f"need max_k >= 1 and 1 <= min_draft <= max_k, got max_k={max_k}, min_draft={min_draft}")
         if not 1 <= probe_every <= max_probe_every:
@@ -77,6 +80,9 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.momentum = momentum
         self.allow_skip = allow_skip
         self.free_draft_fraction = free_draft_fraction
+        if batch_margin < 0:
+            raise ValueError(f"batch_margin must be >= 0, got {batch_margin}")
+        self.batch_margin = batch_margin
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.sources: dict[str | None, SourceStats] = {}
@@ -175,7 +181,10 @@ class CostAwarePolicy(BlockLengthPolicy):
             return [0] * proposal.batch
         per_row = torch.stack([self._expected(proposal, r, k_max) for r in range(proposal.batch)])  # (B, k_max+1)
         cost = max(self.stats(s).draft_cost_per_token for s in set(proposal.sources)) * k_max
-        k = int(self._rate(per_row.sum(0), k_max, torch.full((k_max + 1,), cost)).argmax())
+        rate = self._rate(per_row.sum(0), k_max, torch.full((k_max + 1,), cost))
+        k = int(rate.argmax())
+        if proposal.batch > 1 and rate[k] < (1 + self.batch_margin) * rate[0]:
+            k = 0  # a batch speculates only for a clear gain: near break-even, plain batched decoding is the safe bet
         if proposal.batch > 1:
             self.recent_cap = 0.8 * self.recent_cap + 0.2 * k
         verified = [min(k, n) for n in proposal.lengths]
@@ -187,8 +196,10 @@ class CostAwarePolicy(BlockLengthPolicy):
         k_verify = max(verified, default=0)
         gain = None
         if self._latency is not None:
-            # this cycle's tokens/s relative to a plain step of the same rows (from the latency surface, less noisy than one timing)
-            gain = (sum(accepted) + rows) / (self._step(k_verify + 1, rows) + draft_time_s) * self._step(1, rows) / rows
+            # this cycle's tokens/s relative to a plain step of the same rows: the live verify time (a
+            # wide verify at long contexts costs more than the curve measured at a short one) against
+            # the surface's plain step
+            gain = (sum(accepted) + rows) / (max(verify_time_s, 1e-9) + draft_time_s) * self._step(1, rows) / rows
         if proposal.length:
             m = self.momentum
             for source in set(proposal.sources):

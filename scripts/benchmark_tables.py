@@ -1,0 +1,118 @@
+"""Write the result tables of README.md and BENCHMARKS.md from the result files in benchmarks/.
+
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a document; this script
+rewrites what is between them (atomically), so the documents always show what the files hold:
+
+    python scripts/benchmark_tables.py            # rewrite README.md and BENCHMARKS.md in place
+    python scripts/benchmark_tables.py --check    # exit 1 if a document is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str) -> dict | None:
+    path = BENCH / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _machine(config: dict) -> str:
+    return (f"{config.get('dtype', '?').replace('torch.', '')}, {config.get('threads', '?')} threads, "
+            f"kernels {config.get('kernels', '?')} (transformers: {config.get('hf_kernels', 'default')}), "
+            f"{config.get('cpu_flags', 'CPU flags not recorded')}")
+
+
+def throughput_table(files: list[str], variants: tuple[str, ...] = ("transformers", "plain", "default")) -> str:
+    rows = ["| batch | prompts | transformers tokens/s | plain tokens/s (vs transformers) | default tokens/s (vs transformers, vs plain) | default tau | rows identical to transformers |",
+            "|---|---|---|---|---|---|---|"]
+    configs = []
+    for name in files:
+        result = _load(name)
+        if result is None:
+            continue
+        configs.append(result["config"])
+        prompts = result["config"]["prompts"]
+        for batch, by in sorted(result["summary"].items(), key=lambda kv: int(kv[0])):
+            hf, plain, spec = (by.get(v) for v in variants)
+            if not (hf and plain and spec):
+                continue
+            same = min(plain["rows_identical_to_transformers"], spec["rows_identical_to_transformers"])
+            rows.append(f"| {batch} | {prompts} | {hf['tokens_per_s']:.1f} | {plain['tokens_per_s']:.1f} ({plain['vs_transformers']:.2f}x) | "
+                        f"**{spec['tokens_per_s']:.1f}** (**{spec['vs_transformers']:.2f}x**, {spec['vs_plain']:.2f}x) | "
+                        f"{spec['tau']:.2f} | {same}/{prompts} |")
+    if not configs:
+        return "(no results yet)"
+    return f"{_machine(configs[0])}, {configs[0]['max_new_tokens']} new tokens, one run:\n\n" + "\n".join(rows)
+
+
+def latency_table(files: list[tuple[str, str]]) -> str:
+    points = ("2", "4", "8", "16", "32")
+    rows = ["| dtype, kernels | rows | step(1) | " + " | ".join(f"verify({k})" for k in points) + " |",
+            "|---|---|---|" + "---|" * len(points)]
+    for name, label in files:
+        result = _load(name)
+        if result is None:
+            continue
+        for r, t in result["seconds"].items():
+            rows.append(f"| {label} | {r} | {1000 * t['1']:.1f} ms | " + " | ".join(f"{t[k] / t['1']:.2f}x" for k in points) + " |")
+    return "\n".join(rows)
+
+
+def drafter_table(name: str) -> str:
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    cats = [c for c in next(iter(result["summary"].values())) if c != "all"]
+    rows = ["| drafter@policy | tau (" + " / ".join(cats) + ") | tau | tokens/s | vs plain | identical |", "|---|---|---|---|---|---|"]
+    for variant, by in result["summary"].items():
+        per = " / ".join(f"{by[c]['tau']:.2f}" for c in cats)
+        a = by["all"]
+        rows.append(f"| {variant} | {per} | {a['tau']:.2f} | {a['tokens_per_s']:.1f} | {a['speedup']:.2f}x | {a['identical']} |")
+    c = result["config"]
+    head = f"{c['dtype'].replace('torch.', '')}, {c['threads']} threads, kernels {c.get('kernels', '?')}, {c['prompts']} prompts:\n\n"
+    return head + "\n".join(rows)
+
+
+TABLES = {
+    "throughput-fp32": lambda: throughput_table(["throughput_fp32.json", "throughput_fp32_b32.json"]),
+    "throughput-bf16": lambda: throughput_table(["throughput_bf16.json", "throughput_bf16_b32.json"]),
+    "latency": lambda: latency_table([("latency_fp32.json", "fp32, packed"), ("latency_fp32_default_kernels.json", "fp32, default"),
+                                      ("latency_bf16.json", "bf16, default")]),
+    "drafters-fp32": lambda: drafter_table("drafters_fp32.json"),
+}
+PATTERN = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def render(text: str) -> str:
+    return PATTERN.sub(lambda m: m.group(1) + TABLES[m.group(2)]() + "\n" + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when a document is out of date, write nothing")
+    args = p.parse_args(argv)
+    stale = []
+    for doc in (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
+        old = doc.read_text()
+        new = render(old)
+        if new != old:
+            stale.append(doc.name)
+            if not args.check:
+                tmp = doc.with_suffix(".md.tmp")
+                tmp.write_text(new)
+                tmp.replace(doc)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)} (run python scripts/benchmark_tables.py)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
