@@ -78,10 +78,19 @@ class LatencySurface:
         self.cache_dir = cache_dir
         self._drift: dict[int, tuple[float, int]] = {}  # rows -> (EMA of live / predicted seconds, timings seen)
         self.remeasured = 0  # curves measured again because live timings disagreed
+        self.stale: set[int] = set()  # row counts whose curve live timings disagree with (measured at the next ensure)
 
     def ensure(self, rows: int) -> None:
-        """Measure the row counts bracketing ``rows`` (powers of two) when a model is attached."""
-        if self.model is None or rows in self.curves:
+        """Measure the row counts bracketing ``rows`` (powers of two) when a model is attached, and
+        measure again any curve that live timings found stale."""
+        if self.model is None:
+            return
+        for stale in sorted(self.stale):
+            self.curves[stale] = measure_and_cache(self.model, self.cache_dir, stale)
+            self._drift[stale] = (1.0, 0)
+            self.remeasured += 1
+        self.stale.clear()
+        if rows in self.curves:
             return
         bucket = 1
         while bucket < rows:
@@ -114,7 +123,8 @@ class LatencySurface:
     def observe(self, k: int, seconds: float, rows: int = 1) -> None:
         """Fold a live timing into the curve of ``rows``; track how far live timings run from the
         curve, and when they disagree persistently (a curve measured while the machine was busy, or a
-        machine that changed) re-measure that row count (with a model attached) and re-cache it."""
+        machine that changed) mark it stale: the next :meth:`ensure` (the start of the next
+        generation) measures it again and re-caches it."""
         if rows not in self.curves:
             return
         predicted = self.curves[rows](k)
@@ -124,10 +134,7 @@ class LatencySurface:
         count += 1
         self._drift[rows] = (ema, count)
         if count >= 20 and not 1 / self.STALE_RATIO < ema < self.STALE_RATIO and self.model is not None:
-            self.curves[rows] = measure_and_cache(self.model, self.cache_dir, rows)
-            self._drift[rows] = (1.0, 0)
-            self.remeasured += 1
-            return
+            self.stale.add(rows)  # measured again by the next ensure(), never inside a generation
         self.curves[rows].observe(k, seconds)
 
 

@@ -164,11 +164,13 @@ def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_
     surface = LatencySurface({1: LatencyCurve({1: 1e-9, 2: 2e-9})}, model=model, cache_dir=tmp_path)
     for _ in range(19):
         surface.observe(1, 0.01)
-    assert surface.remeasured == 0  # not on a few timings
+    assert not surface.stale  # not on a few timings
     surface.observe(1, 0.01)
-    assert surface.remeasured == 1 and surface(1) > 1e-6
+    assert surface.stale == {1} and surface.remeasured == 0  # never inside a generation
+    surface.ensure(1)  # the start of the next one
+    assert surface.remeasured == 1 and not surface.stale and surface(1) > 1e-6
     assert load_or_measure(model, tmp_path).points == surface.curves[1].points  # cached for the next process
     steady = LatencySurface({1: LatencyCurve({1: 0.01, 2: 0.02})}, model=model, cache_dir=tmp_path)
     for _ in range(50):
         steady.observe(1, 0.011)
-    assert steady.remeasured == 0
+    assert not steady.stale

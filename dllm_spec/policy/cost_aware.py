@@ -106,7 +106,7 @@ class CostAwarePolicy(BlockLengthPolicy):
             self._latency = LatencySurface({1: load_or_measure(target)}, model=target)
 
     def prepare(self, max_rows: int) -> None:
-        if self._latency is not None:
+        if self._latency is not None:  # measures missing and stale curves, outside any timed cycle
             for rows in sorted({1 << i for i in range(max_rows.bit_length())} | {max_rows}):
                 self._latency.ensure(rows)
 
