@@ -155,12 +155,12 @@ class BlockDiffusionDrafter(Drafter):
         fused = self.model.fuse_context(features)  # (b, n, H)
         for layer_idx, (k, v) in enumerate(self.model.context_kv(fused, positions)):
             ctx.update(k, v, layer_idx)
-        last = torch.tensor([max(c - 1, 0) for c in counts], device=features.device)
-        row_index = torch.arange(len(counts), device=features.device) if rows is None else None
-        picked = fused[torch.arange(len(counts), device=features.device), last]  # (b, H) the last valid position's state
-        keep = torch.tensor([c > 0 for c in counts], device=features.device)[:, None]
-        target_rows = row_index if rows is None else torch.tensor(rows, device=features.device)
-        self._last_fused[target_rows] = torch.where(keep, picked.to(self._last_fused.dtype), self._last_fused[target_rows])
+        device = features.device
+        last = torch.tensor([max(c - 1, 0) for c in counts], device=device)
+        picked = fused[torch.arange(len(counts), device=device), last]  # (b, H) each row's last valid position
+        keep = torch.tensor([c > 0 for c in counts], device=device)[:, None]
+        slots = torch.arange(len(counts), device=device) if rows is None else torch.tensor(rows, device=device)
+        self._last_fused[slots] = torch.where(keep, picked.to(self._last_fused.dtype), self._last_fused[slots])
         ctx.advance(counts, rows)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ class Verifier:
             return None
         return torch.cat([out.hidden_states[i] for i in self.layer_ids], dim=-1)
 
-    def _run(self, feed: torch.Tensor, block: torch.Tensor, offsets: torch.Tensor, rows: list[int] | None, logits: bool):
+    def _run(self, feed: torch.Tensor, block: torch.Tensor, offsets: torch.Tensor, logits: bool):
         """One forward of ``feed`` (b, n) at the planned positions (the cache was planned for n)."""
         mask = self.cache.attention_mask(block, self.model.dtype)
         kwargs = {"logits_to_keep": 1} if not logits else {}
@@ -145,7 +145,7 @@ class Verifier:
         feed = _pad_rows([p[:-1].to(device) for p in prompts], n, None, device)  # (b, n), right-padded
         self.cache.plan(n, rows)
         causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
-        out = self._run(feed, causal, torch.arange(n, device=device), rows, logits=False)
+        out = self._run(feed, causal, torch.arange(n, device=device), logits=False)
         self.cache.advance(counts, rows)
         return rows, self._features(out), counts
 
@@ -192,7 +192,7 @@ class Verifier:
             block = torch.ones((k + 1, k + 1), dtype=torch.bool, device=device).tril()
             offsets = torch.arange(k + 1, device=device)
         self.cache.plan(k + 1)
-        out = self._run(feed, block, offsets, None, logits=True)
+        out = self._run(feed, block, offsets, logits=True)
         logits = out.logits  # (B, k+1, V)
         if banned_ids and banned_until and any(banned_until):
             depth = offsets.expand(b, k + 1)  # (B, k+1): new-token index each logits row predicts
