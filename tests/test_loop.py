@@ -102,7 +102,7 @@ def test_sampled_rows_of_a_batch_follow_the_target_distribution():
         spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(3), config=SpeculatorConfig(max_batch_size=64))
         counts = torch.zeros(vocab * vocab)
         draws = 0
-        for seed in range(0, 1500, 64):
+        for seed in range(0, 3008, 64):  # 47 batches of 64 rows: null TV ~0.045, a lossy rule is far above 0.08
             out = spec.generate([torch.tensor(prompt)] * 64, max_new_tokens=2, temperature=1.0, seed=seed * 1000)
             for o in out:
                 t = o.token_ids[0]
