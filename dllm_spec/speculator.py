@@ -260,17 +260,14 @@ class DiffusionSpeculator:
         return frozenset(ids)
 
     # ---- generation ---------------------------------------------------------------------------
-    def _requests(self, rows: list[torch.Tensor], seed: int | None) -> list[Request]:
-        device = self.target.device
-        requests = []
-        for i, ids in enumerate(rows):
-            generator = torch.Generator(device=device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed + i)  # row i's own stream: its draws never depend on its neighbours
-            requests.append(Request(ids, generator))
-        return requests
+    def _request(self, ids: torch.Tensor, seed: int | None) -> Request:
+        """One sequence with its own generator (seeded, or random when ``seed`` is None)."""
+        generator = torch.Generator(device=self.target.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return Request(ids, generator)
 
     def _run(self, requests: Iterable[Request], max_batch: int, sampling: SamplingParams, stop: StopConditions,
              totals: GenerationStats) -> Iterator[Emitted]:
@@ -307,7 +304,7 @@ class DiffusionSpeculator:
         """Yield the new tokens (1, n) of each cycle as they are committed (one prompt)."""
         sampling, stop = self._conditions(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, min_new_tokens, ignore_eos)
         input_ids = self.encode(prompt, chat, system)
-        request = self._requests([input_ids[0]], seed)[0]
+        request = self._request(input_ids[0], seed)
         if stats is not None:
             request.stats = stats
         for event in self._run([request], 1, sampling, stop, GenerationStats()):
@@ -355,7 +352,7 @@ class DiffusionSpeculator:
             if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
                 prompt = torch.as_tensor(prompt).reshape(-1)[torch.as_tensor(attention_mask).reshape(-1).bool()]
             input_ids = self.encode(prompt, chat, system)
-            request = self._requests([input_ids[0]], seed)[0]
+            request = self._request(input_ids[0], seed)
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             chunks = []
@@ -411,7 +408,7 @@ class DiffusionSpeculator:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         slots = min(len(rows), batch_size or self.config.max_batch_size)
-        requests = [self._requests([ids], seed)[0] for ids, seed in zip(rows, seeds)]
+        requests = [self._request(ids, seed) for ids, seed in zip(rows, seeds)]
         chunks: list[list[torch.Tensor]] = [[] for _ in rows]
         for event in self._run(requests, slots, sampling, stop, totals):
             chunks[event.request].append(event.tokens)

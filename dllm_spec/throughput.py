@@ -137,7 +137,6 @@ def summarize(records: list[dict]) -> dict:
                 tau=statistics.median(taus) if taus else None,
                 rows_identical_to_transformers=mine[-1].get("rows_identical_to_transformers"),
                 rows_identical_to_plain=mine[-1].get("rows_identical_to_plain"),
-                prompts=None,
             )
     return out
 

@@ -69,7 +69,7 @@ def prompt_hash(prompt: Prompt) -> str:
 def check_output_path(out: Path, inputs: list[Path]) -> None:
     """Refuse an output that is an input file or a directory, and check it is writable, before any work."""
     for src in inputs:
-        if src.exists() and out.exists() and os.path.samefile(src, out) or out.resolve() == src.resolve():
+        if out.resolve() == src.resolve() or (src.exists() and out.exists() and os.path.samefile(src, out)):
             raise ValueError(f"--out {out} is the input file: the prompts would be read as finished traces")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give a file path")

@@ -65,16 +65,14 @@ class PromptLookupDrafter(Drafter):
             self._rows[r].extend(seqs.row(r).tolist())
 
     def commit(self, seqs: Sequences, features, counts) -> None:
-        for r in range(seqs.batch):
-            row = self._rows[r]
-            if seqs.lengths[r] > len(row.tokens):
-                row.extend(seqs.ids[r, len(row.tokens): seqs.lengths[r]].tolist())
+        self._sync(seqs)
 
     def reorder(self, index: list[int]) -> None:
         self._rows = [self._rows[i] for i in index]
 
     def _sync(self, seqs: Sequences) -> None:
-        """Rows this drafter was not told about (used on its own, outside the loop) are indexed now."""
+        """Index every row's tokens committed since the last call; rows this drafter was not told about
+        (used on its own, outside the loop) or that now hold another sequence start over."""
         while len(self._rows) < seqs.batch:
             self._rows.append(_RowIndex(self.max_ngram))
         for r in range(seqs.batch):

@@ -40,11 +40,15 @@ def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 
-def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> AcceptResult:
-    """Accept the longest prefix equal to the target's argmax; the next token is the argmax after it."""
+def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor, lengths: torch.Tensor | None = None) -> AcceptResult:
+    """Accept the longest prefix equal to the target's argmax; the next token is the argmax after it.
+    ``lengths`` (B,): row r's drafts are its first ``lengths[r]`` (the rest is padding, never accepted)."""
     choice = target_logits.argmax(dim=-1)  # (B, k+1)
     k = draft_tokens.shape[1]
-    n = _prefix_length(draft_tokens == choice[:, :k])
+    hits = draft_tokens == choice[:, :k]
+    if lengths is not None:
+        hits &= torch.arange(k, device=hits.device)[None, :] < lengths.to(hits.device)[:, None]
+    n = _prefix_length(hits)
     return AcceptResult(n, _at(choice, n))
 
 

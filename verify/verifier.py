@@ -218,14 +218,8 @@ class Verifier:
                 next_tokens.append(res.next_token)
             accepted = [int(p.numel()) for p in paths]
         elif sampling.greedy:
-            choice = logits.argmax(-1)  # (B, k+1)
-            if k:
-                valid = torch.arange(k, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-                hits = (proposal.tokens == choice[:, :k]) & valid  # padding never matches
-                accepted = hits.long().cumprod(dim=1).sum(dim=1).tolist()
-                next_tokens = choice.gather(1, torch.tensor(accepted, device=device)[:, None]).squeeze(1).tolist()
-            else:
-                accepted, next_tokens = [0] * b, choice[:, 0].tolist()
+            result = greedy_accept(proposal.tokens, logits, torch.tensor(lengths, device=device))
+            accepted, next_tokens = result.num_accepted.tolist(), result.next_token.tolist()
         else:
             accepted = []
             for r in range(b):
