@@ -13,8 +13,9 @@ __all__ = ["SpeculatorConfig", "SamplingParams"]
 class SpeculatorConfig:
     """How the speculator drafts and verifies.
 
-    block_size: the longest draft per cycle. The default cost-aware policy drafts and verifies
-        up to this many tokens; ``FixedLength(k)`` and the other policies are passed as ``policy=``.
+    block_size: the most tokens (tree nodes) drafted per cycle, whatever the policy: the default
+        cost-aware policy is built with it as its ``max_k``, and a policy passed as ``policy=``
+        (``FixedLength(k)``, ...) is capped by it. 0 is plain decoding.
     verification: ``"token"`` (Leviathan/Chen speculative sampling) or ``"block"`` (Sun et al.
         block verification); greedy decoding is exact argmax matching either way.
     max_batch_size: the most sequences generated at once (``generate`` with more prompts runs

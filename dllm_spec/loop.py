@@ -101,12 +101,15 @@ def speculative_decode(
     sampling: SamplingParams,
     max_batch: int = 1,
     totals: GenerationStats | None = None,
+    max_draft: int | None = None,
 ) -> Iterator[Emitted]:
     """Generate every request, at most ``max_batch`` at a time; yield what each cycle commits.
 
     Never yields a token past a row's first stop id or past ``max_new_tokens``, even when a verified
     block accepted more. Each request's ``stats`` is filled in as the loop runs; ``totals``, when
     given, gets the batch-level counters (target forwards = cycles, new tokens of all rows).
+    ``max_draft`` caps the tokens (tree nodes) drafted per cycle whatever the policy asks
+    (``SpeculatorConfig.block_size``; 0 is plain decoding).
     """
     pending = enumerate(requests)
     reqs: dict[int, Request] = {}
@@ -123,6 +126,7 @@ def speculative_decode(
     exhausted = False
     start = _timer(device)
     ban = sorted(stop.stop_token_ids) if stop.min_new_tokens else []
+    cap = stop.context_limit if max_draft is None else max_draft  # drafts per cycle, whatever the policy asks
 
     def take() -> tuple[int, Request] | None:
         nonlocal exhausted
@@ -202,7 +206,7 @@ def speculative_decode(
             rooms = [stop.context_limit - n for n in lengths]
             limits = [max(0, min(budget, room) - 1) for budget, room in zip(budgets, rooms)]  # drafts each row may accept
             gens = [reqs[row.request].generator for row in rows]
-            k = max(0, min(policy.draft_length(b), max(rooms) - 1))  # tokens (tree nodes) fed to the target besides the last
+            k = max(0, min(policy.begin_cycle(b), max(rooms) - 1, cap))  # tokens (tree nodes) fed to the target besides the last
             if drafter.tree_width == 1:
                 k = min(k, max(limits))  # a chain's length is its depth
             t0 = _timer(device)

@@ -88,7 +88,7 @@ def default_drafter(target: PreTrainedModel) -> Drafter:
     prompts on a 2-core CPU (BENCHMARKS.md, "Draft trees") it reached tau 3.5 and 2.36x plain AR in
     bf16, against tau 2.1 and 1.86x for the same pair drafting chains."""
     from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, target_mismatches
-    from drafters.fallback import FallbackDrafter
+    from drafters.composite import GraftDrafter
     from drafters.prompt_lookup import PromptLookupDrafter
     from drafters.shipped import shipped_drafter_dir
 
@@ -98,7 +98,7 @@ def default_drafter(target: PreTrainedModel) -> Drafter:
         return PromptLookupDrafter()
     if target_mismatches(BlockDiffusionConfig.from_pretrained(path), target):  # checked before loading the weights
         return PromptLookupDrafter()
-    return FallbackDrafter(PromptLookupDrafter(), BlockDiffusionDrafter.from_pretrained(path, tree_width=DEFAULT_TREE_WIDTH))
+    return GraftDrafter(PromptLookupDrafter(), BlockDiffusionDrafter.from_pretrained(path, tree_width=DEFAULT_TREE_WIDTH))
 
 
 class DiffusionSpeculator:
@@ -124,7 +124,7 @@ class DiffusionSpeculator:
         self.drafter.bind(target, tokenizer)
         self.policy = policy if policy is not None else CostAwarePolicy(max_k=max(1, config.block_size))
         self.policy.bind(target)
-        self.drafter.attach_gate(self.policy.should_draft)
+        self.drafter.attach_gate(self.policy.request_draft)
         self._verifiers: dict[int, Verifier] = {}  # one per batch size: its cache is reused across calls
 
     @classmethod
@@ -277,7 +277,8 @@ class DiffusionSpeculator:
         if verifier is None:
             verifier = self._verifiers[max_batch] = Verifier(self.target, self.drafter.target_layer_ids, self.config.verification,
                                                              max_batch=max_batch)
-        return speculative_decode(verifier, self.drafter, self.policy, requests, stop, sampling, max_batch, totals)
+        return speculative_decode(verifier, self.drafter, self.policy, requests, stop, sampling, max_batch, totals,
+                                  max_draft=self.config.block_size)
 
     def _conditions(self, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, min_new_tokens, ignore_eos):
         check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

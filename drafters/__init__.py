@@ -7,14 +7,14 @@ from transformers import PreTrainedModel
 from drafters.autoregressive import AutoregressiveDrafter
 from drafters.base import Drafter, DraftProposal, NullDrafter
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
-from drafters.fallback import FallbackDrafter
+from drafters.composite import FallbackDrafter, GraftDrafter, pair_drafter
 from drafters.masked_diffusion import MaskedDiffusionDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
 
 __all__ = [
     "Drafter", "DraftProposal", "NullDrafter", "PromptLookupDrafter", "AutoregressiveDrafter",
     "BlockDiffusionDrafter", "BlockDiffusionModel", "BlockDiffusionConfig", "MaskedDiffusionDrafter", "FallbackDrafter",
-    "build_drafter",
+    "GraftDrafter", "pair_drafter", "build_drafter",
 ]
 
 
@@ -25,15 +25,16 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     AR drafter). OPTIONS for the diffusion drafters, ``:``-separated: ``STEPS`` (or ``steps=S``) and
     ``tree=M`` (``block-diffusion:tree=4``: a draft tree of each position's 4 most likely tokens;
     ``block-diffusion:2:tree=4`` with two denoising steps).
-    ``A+B`` asks A first and B when A has nothing good (:class:`FallbackDrafter`), e.g.
-    ``prompt-lookup+block-diffusion``. Specs never contain ``@``, which the CLI uses to attach a
+    ``A+B`` combines a free drafter A with a model drafter B (:func:`pair_drafter`): B's chain where A
+    has nothing good (:class:`FallbackDrafter`), or A's chain grafted onto B's tree
+    (:class:`GraftDrafter`), e.g. ``prompt-lookup+block-diffusion:tree=4``. Specs never contain ``@``, which the CLI uses to attach a
     block-length policy."""
     import json
     import os
 
     if "+" in spec:
         first, _, rest = spec.partition("+")
-        return FallbackDrafter(build_drafter(first, target), build_drafter(rest, target))
+        return pair_drafter(build_drafter(first, target), build_drafter(rest, target))
 
     name, _, arg = spec.partition(":")
     if name in ("none", "ar-baseline"):
@@ -70,7 +71,7 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         return AutoregressiveDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
     raise ValueError(
         f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "
-        "'block-diffusion[:STEPS]', a checkpoint directory '<dir>[:STEPS]', or 'A+B' (A first, B as fallback)"
+        "'block-diffusion[:STEPS]', a checkpoint directory '<dir>[:STEPS]', or 'A+B' (a free drafter A, a model drafter B beside it)"
     )
 
 

@@ -92,7 +92,7 @@ class Drafter(ABC):
         """Sequences start in slots ``rows`` after the target's prefill (``features`` row i is slot rows[i])."""
 
     def attach_gate(self, gate: Callable[[str], bool] | None) -> None:
-        """Receive the block-length policy's ``should_draft(source)``: a composite drafter asks it
+        """Receive the block-length policy's ``request_draft(source)``: a composite drafter asks it
         before running a costly part. Single drafters ignore it (the policy gates them as a whole)."""
 
     @abstractmethod

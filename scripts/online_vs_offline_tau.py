@@ -15,8 +15,10 @@ import torch
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import FixedLength
 from dllm_spec.target import cache_root, load_target
-from dllm_spec.training.block_diffusion import TrainConfig, load_sequences, offline_tau
+from dllm_spec.training.block_diffusion import TrainConfig
+from dllm_spec.training.block_examples import offline_tau
 from dllm_spec.training.features import FeatureStore, feature_dir
+from dllm_spec.training.sequences import load_sequences
 from drafters.block_diffusion import BlockDiffusionDrafter, BlockDiffusionModel
 from drafters.shipped import shipped_drafter_dir
 

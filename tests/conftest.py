@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
+import random
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
 VOCAB = 48
 
@@ -122,3 +127,37 @@ def prefill(verifier, ids: torch.Tensor):
     """Prefill one sequence (1, T) in a fresh verifier batch; returns its features (1, T-1, F) or None."""
     verifier.reset()
     return verifier.prefill([ids[0]])[1]
+
+
+def make_drafter(target, steps=1, scheduler=None, draft_vocab=0, seed=0, tree_width=1) -> BlockDiffusionDrafter:
+    """A one-layer block-diffusion drafter (block 6) for the tiny target, randomly initialised."""
+    torch.manual_seed(seed)
+    cfg = BlockDiffusionConfig.for_target(target, num_layers=1, num_target_layers=2, block_size=6,
+                                          draft_vocab_size=draft_vocab, num_inference_steps=steps)
+    model = BlockDiffusionModel(cfg)
+    if draft_vocab:
+        model.draft_vocab.copy_(torch.arange(0, 2 * draft_vocab, 2))
+    return BlockDiffusionDrafter(model, scheduler, num_inference_steps=steps, tree_width=tree_width)
+
+
+def fake_distill(path, target, n=24, seed=0):
+    """Greedy continuations of the tiny target, written as a distillation shard."""
+    rng = random.Random(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path / "shard-00000.jsonl.gz", "wt") as fh:
+        for i in range(n):
+            prompt = [0] + [rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 8))]
+            out = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=1)[0, len(prompt):].tolist()
+            fh.write(json.dumps({"prompt_id": f"p{i}", "category": "x", "variant": 0, "temperature": 0.0,
+                                 "prompt_ids": prompt, "response_ids": out}) + "\n")
+
+
+# ---- standalone masked-diffusion drafter ------------------------------------------------------------
+def tiny_mdlm(vocab: int = VOCAB, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=512)
+    return BertForMaskedLM(cfg).eval()
+

@@ -127,7 +127,7 @@ def _bad_kernels():
 
 
 def _tree_width_zero():
-    from tests.test_block_diffusion import make_drafter
+    from tests.conftest import make_drafter
 
     make_drafter(tiny_llama(0), tree_width=0)
 
@@ -166,7 +166,7 @@ def test_bad_configs_and_specs_name_the_problem(make, message):
 
 # ---- files ------------------------------------------------------------------------------------------
 def _drafter_dir(tmp_path):
-    from tests.test_block_diffusion import make_drafter
+    from tests.conftest import make_drafter
 
     path = tmp_path / "drafter"
     make_drafter(tiny_llama(0)).save_pretrained(path)

@@ -11,9 +11,8 @@ import torch
 
 from dllm_spec import DiffusionSpeculator, SpeculatorConfig
 from dllm_spec.policy import CostAwarePolicy, FixedLength
-from drafters import AutoregressiveDrafter, FallbackDrafter, NullDrafter, PromptLookupDrafter
-from tests.conftest import SAMPLING_VOCAB, sampling_target
-from tests.test_block_diffusion import make_drafter
+from drafters import AutoregressiveDrafter, FallbackDrafter, GraftDrafter, NullDrafter, PromptLookupDrafter
+from tests.conftest import SAMPLING_VOCAB, make_drafter, sampling_target
 
 # different lengths, repeats (prompt lookup finds matches) and no repeats
 PROMPTS = [[0, 5, 9, 14, 5, 9, 22, 7], [0, 3, 3, 3, 40, 11], [0, 17, 2, 29, 31, 17, 2, 29, 31, 8, 12], [0, 44],
@@ -35,7 +34,7 @@ def drafters(target, small):
         "block-diffusion-2-steps": lambda: make_drafter(target, 2, draft_vocab=12),
         "tree": lambda: make_drafter(target, 1, tree_width=3),
         "pair": lambda: FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)),
-        "tree-pair": lambda: FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1, tree_width=3)),
+        "tree-pair": lambda: GraftDrafter(PromptLookupDrafter(), make_drafter(target, 1, tree_width=3)),
     }
 
 

@@ -48,7 +48,7 @@ def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_wh
     def run(policy, accept_all: bool, cycles: int = 200, draft_s: float = 0.01) -> list[int]:
         lengths = []
         for _ in range(cycles):
-            k = policy.draft_length()
+            k = policy.begin_cycle()
             lengths.append(k)
             if k:
                 proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.5))
@@ -85,11 +85,11 @@ def test_cost_aware_policy_skips_a_losing_fallback_but_not_the_free_lookups():
     policy = CostAwarePolicy(max_k=8, latency=LatencyCurve({1: 0.06, 2: 0.105, 8: 0.13, 16: 0.14}, momentum=1.0))
     gated = []
     for cycle in range(200):
-        k = policy.draft_length()
+        k = policy.begin_cycle()
         assert k > 0
         source = "lookup" if cycle % 3 == 0 else "diffusion"
         if source == "diffusion":
-            allowed = policy.should_draft("diffusion")
+            allowed = policy.request_draft("diffusion")
             gated.append(allowed)
             if not allowed:
                 source = "lookup"
@@ -119,8 +119,8 @@ def test_cost_aware_policy_drafts_longer_blocks_when_a_draft_costs_the_same_at_a
         return policy
 
     block, per_token = trained(False), trained(True)
-    assert block.draft_length() > per_token.draft_length()
-    assert block.draft_length() >= 12  # verification is nearly flat and the block costs one call
+    assert block.begin_cycle() > per_token.begin_cycle()
+    assert block.begin_cycle() >= 12  # verification is nearly flat and the block costs one call
 
 
 def test_policy_prepare_measures_nothing_without_a_model():

@@ -101,13 +101,12 @@ def test_traces_with_two_accelerate_processes_match_a_single_process_run(real_sp
 def test_drafter_training_runs_under_accelerate_with_two_processes(real_spec, tmp_path):
     import json
 
-    from tests.conftest import tiny_llama
-    from tests.test_block_diffusion import _fake_distill
+    from tests.conftest import fake_distill, tiny_llama
 
     tiny = tiny_llama(0)
     tiny.save_pretrained(tmp_path / "target")
     real_spec.tokenizer.save_pretrained(tmp_path / "target")  # only its eos id is read by the trainer
-    _fake_distill(tmp_path / "data", tiny, n=16)
+    fake_distill(tmp_path / "data", tiny, n=16)
     _accelerate(["-m", "dllm_spec.training.cli",
                  "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--target", str(tmp_path / "target"),
                  "--block-size", "6", "--num-layers", "1", "--num-target-layers", "2", "--draft-vocab-size", "40",
@@ -123,10 +122,10 @@ def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_
     block-diffusion drafter behind it (a target the shipped drafter does not fit gets prompt lookup
     alone, see test_generate_loop); its greedy output is the target's, token for token, in fp32,
     under the default cost-aware policy and under a fixed block that always drafts."""
-    from drafters import BlockDiffusionDrafter, FallbackDrafter
+    from drafters import BlockDiffusionDrafter, GraftDrafter
 
     spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer)
-    assert isinstance(spec.drafter, FallbackDrafter) and isinstance(spec.drafter.fallback, BlockDiffusionDrafter)
+    assert isinstance(spec.drafter, GraftDrafter) and isinstance(spec.drafter.fallback, BlockDiffusionDrafter)
     assert spec.drafter.fallback.tree_width > 1  # it drafts trees, with the lookups grafted on
     for policy in (None, FixedLength(7)):
         spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, policy=policy)

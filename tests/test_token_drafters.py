@@ -16,8 +16,7 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import FixedLength
 from dllm_spec.training.token_drafters import OBJECTIVES, TokenDrafterConfig, token_offline_tau, train_token_drafter
 from drafters import AutoregressiveDrafter, MaskedDiffusionDrafter, build_drafter
-from tests.conftest import VOCAB, tiny_llama
-from tests.test_block_diffusion import _fake_distill
+from tests.conftest import VOCAB, fake_distill, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,drafter_cls", [("ar", AutoregressiveDrafter), ("mdlm", MaskedDiffusionDrafter)])
 def test_token_drafter_training_lowers_the_loss_and_drafts_exactly(target, tmp_path, kind, drafter_cls):
-    _fake_distill(tmp_path / "data", target)
+    fake_distill(tmp_path / "data", target)
     cfg = TokenDrafterConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, block_size=6, window=24,
                              batch_size=4, examples_per_seq=6, max_steps=60, warmup_steps=5, eval_every=30,
                              checkpoint_every=20, eval_sequences=8, heldout_mod=6, lr=3e-3)
@@ -53,9 +52,9 @@ def test_token_drafter_training_lowers_the_loss_and_drafts_exactly(target, tmp_p
 
 def test_offline_tau_of_an_ar_drafter_equal_to_the_target_is_the_block_size(target, tmp_path):
     """The target drafting for itself accepts every draft: offline tau = block size (the metric can reach its ceiling)."""
-    from dllm_spec.training.block_diffusion import load_sequences
+    from dllm_spec.training.sequences import load_sequences
 
-    _fake_distill(tmp_path / "data", target)
+    fake_distill(tmp_path / "data", target)
     cfg = TokenDrafterConfig(block_size=6, heldout_mod=3, eval_sequences=8)
     _, held = load_sequences(tmp_path / "data", cfg.max_len, cfg.heldout_mod)
     assert token_offline_tau(OBJECTIVES["ar"](), target, held, cfg) == pytest.approx(6.0)

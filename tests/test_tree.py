@@ -12,10 +12,9 @@ import torch
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength
 from drafters.base import DraftProposal
-from drafters.fallback import FallbackDrafter
+from drafters.composite import GraftDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
-from tests.conftest import VOCAB, begin, prefill, propose, sampling_target, tiny_llama, two_token_total_variation
-from tests.test_block_diffusion import make_drafter
+from tests.conftest import VOCAB, begin, make_drafter, prefill, propose, sampling_target, tiny_llama, two_token_total_variation
 from verify.sampling import SamplingParams
 from verify.tree import (
     ancestor_mask,
@@ -165,7 +164,7 @@ def test_greedy_output_equals_plain_greedy_with_a_draft_tree(target, width, step
     prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
     ref = target.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=1)[0, 8:]
     for policy in (FixedLength(12), CostAwarePolicy(max_k=12)):
-        for d in (drafter, FallbackDrafter(PromptLookupDrafter(), drafter)):
+        for d in (drafter, GraftDrafter(PromptLookupDrafter(), drafter)):
             out = DiffusionSpeculator(target, None, d, policy=policy).generate(prompt, max_new_tokens=30)
             assert out.token_ids[0].tolist() == ref.tolist()
             st = out.stats  # per-position statistics count depths, not node indices
@@ -243,7 +242,7 @@ def _path(parents: torch.Tensor, node: int) -> list[int]:
 def test_prompt_lookup_merged_into_a_tree_drafter_keeps_greedy_and_sampling_exact(target):
     """The pair with a tree drafter grafts every lookup onto the tree (the lookup's continuation is a
     path of the proposal); greedy output stays the target's, sampling keeps its distribution."""
-    drafter = FallbackDrafter(PromptLookupDrafter(), tree_drafter(target, 3))
+    drafter = GraftDrafter(PromptLookupDrafter(), tree_drafter(target, 3))
     prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7, 5, 9, 14, 5, 9, 22, 7, 5, 9]])
     DiffusionSpeculator(target, None, drafter)
     verifier = Verifier(target, drafter.target_layer_ids)
@@ -257,6 +256,6 @@ def test_prompt_lookup_merged_into_a_tree_drafter_keeps_greedy_and_sampling_exac
     out = DiffusionSpeculator(target, None, drafter, policy=FixedLength(12)).generate(prompt, max_new_tokens=24)
     assert out.token_ids[0].tolist() == ref.tolist()
     sampler = sampling_target()
-    spec = DiffusionSpeculator(sampler, None, FallbackDrafter(PromptLookupDrafter(), tree_drafter(sampler, 3)), policy=FixedLength(6))
+    spec = DiffusionSpeculator(sampler, None, GraftDrafter(PromptLookupDrafter(), tree_drafter(sampler, 3)), policy=FixedLength(6))
     tv = two_token_total_variation(spec, sampler, draws=1500, prompt=(0, 2, 3, 2))
     assert tv < 0.1, f"TV {tv:.3f}"

@@ -1,6 +1,6 @@
 """Block-length policies: how many tokens to draft and how many of them to verify each cycle.
 
-The loop consults one policy object per cycle for the whole batch: ``draft_length(rows)`` before
+The loop consults one policy object per cycle for the whole batch: ``begin_cycle(rows)`` before
 drafting, ``choose()`` on the proposal (one verified length per row), ``observe()`` after
 verification. Policies never change the output (the verifier is lossless for any verified length);
 they only trade verification work against accepted tokens.

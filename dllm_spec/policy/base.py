@@ -24,7 +24,11 @@ class BlockLengthPolicy:
     def prepare(self, max_rows: int) -> None:
         """Called before a batch of up to ``max_rows`` rows starts (e.g. to measure its latency)."""
 
-    def draft_length(self, rows: int = 1) -> int:
+    def begin_cycle(self, rows: int = 1) -> int:
+        """Start a cycle over ``rows`` rows and return the longest draft to ask the drafter for.
+
+        Called exactly once per cycle: stateful policies advance their per-cycle counters here (a
+        losing source's sit-out interval), so it is not a query."""
         raise NotImplementedError
 
     def choose(self, proposal: DraftProposal) -> list[int]:
@@ -34,8 +38,10 @@ class BlockLengthPolicy:
     #: expected accepted drafts per row for the last choice (for calibration stats), or None
     last_predictions: list[float] | None = None
 
-    def should_draft(self, source: str) -> bool:
-        """Whether a composite drafter should run its (costly) part ``source`` this cycle."""
+    def request_draft(self, source: str) -> bool:
+        """A composite drafter asks to run its (costly) part ``source`` this cycle; the answer is
+        whether it may. A refusal counts as a cycle the source sat out, so ask only when the answer
+        decides what runs."""
         return True
 
     def observe(self, proposal: DraftProposal, verified: list[int], accepted: list[int], draft_time_s: float,

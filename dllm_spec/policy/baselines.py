@@ -22,7 +22,7 @@ class FixedLength(BlockLengthPolicy):
             raise ValueError(f"block length must be >= 0, got {self.k}")
         self.name = f"fixed-{self.k}"
 
-    def draft_length(self, rows: int = 1) -> int:
+    def begin_cycle(self, rows: int = 1) -> int:
         return self.k
 
 
@@ -38,7 +38,7 @@ class ConfidenceThreshold(BlockLengthPolicy):
             raise ValueError(f"need 0 <= theta <= 1 and max_k >= 1, got theta={self.theta}, max_k={self.max_k}")
         self.name = f"threshold-{self.theta:g}"
 
-    def draft_length(self, rows: int = 1) -> int:
+    def begin_cycle(self, rows: int = 1) -> int:
         return self.max_k
 
     def choose(self, proposal: DraftProposal) -> list[int]:
@@ -62,7 +62,7 @@ class MovingAverageLength(BlockLengthPolicy):
             raise ValueError(f"need max_k >= 1 and 0 <= momentum < 1, got {self.max_k}, {self.momentum}")
         self.name = "moving-average"
 
-    def draft_length(self, rows: int = 1) -> int:
+    def begin_cycle(self, rows: int = 1) -> int:
         return max(1, min(self.max_k, math.ceil(self.average) + 1))
 
     def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, paths=None) -> None:
@@ -83,7 +83,7 @@ class AssistedHeuristic(BlockLengthPolicy):
             raise ValueError(f"need 1 <= k <= max_k, got k={self.k}, max_k={self.max_k}")
         self.name = "heuristic"
 
-    def draft_length(self, rows: int = 1) -> int:
+    def begin_cycle(self, rows: int = 1) -> int:
         return self.k
 
     def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, paths=None) -> None:

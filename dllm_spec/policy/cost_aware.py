@@ -32,7 +32,7 @@ class CostAwarePolicy(BlockLengthPolicy):
     drafted cycles have been committing fewer tokens per second than a plain one-token step would
     (an EMA of (accepted + 1) / (verify latency + draft time), relative to the one-token latency:
     a weak or costly drafter, or a target whose multi-token forward costs much more than a
-    one-token one, as on CPUs), the policy skips drafting (``draft_length() == 0``: the cycle is a
+    one-token one, as on CPUs), the policy skips drafting (``begin_cycle() == 0``: the cycle is a
     plain autoregressive step). A near-free drafter (prompt lookup) is never skipped: ``choose()``
     can already decline to verify its proposal at no cost, and skipping would only miss its
     matches. While skipping it still drafts every ``probe_every``-th cycle to keep its estimates
@@ -42,7 +42,7 @@ class CostAwarePolicy(BlockLengthPolicy):
     Everything it learns (calibration, costs, gain, acceptance rate, probing) is kept per draft
     source (``DraftProposal.source``): a composite drafter such as prompt lookup with a
     block-diffusion fallback gets one calibration per confidence scale, is skipped as a whole only
-    when every source loses, and asks :meth:`should_draft` before running its costly part, so a
+    when every source loses, and asks :meth:`request_draft` before running its costly part, so a
     losing fallback is skipped while the free lookups go on.
 
     With a batch of b rows every row is verified in the same forward, whose cost is that of k + 1
@@ -138,7 +138,7 @@ class CostAwarePolicy(BlockLengthPolicy):
         st.since_draft = 0
         return False
 
-    def draft_length(self, rows: int = 1) -> int:
+    def begin_cycle(self, rows: int = 1) -> int:
         self.rows = rows
         known = list(self.sources.values()) or [self.stats()]
         if len(known) == 1:
@@ -161,7 +161,7 @@ class CostAwarePolicy(BlockLengthPolicy):
             best = max(best, int(rate[1:].argmax()) + 1)
         return best
 
-    def should_draft(self, source: str) -> bool:
+    def request_draft(self, source: str) -> bool:
         return not self._sit_out(self.stats(source))
 
     def _expected(self, proposal: DraftProposal, r: int, k_max: int) -> torch.Tensor:

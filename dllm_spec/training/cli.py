@@ -29,10 +29,10 @@ def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="HF id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--time-budget-min", type=float, default=None,
-                   help="stop (after a checkpoint) when this many minutes have passed; block diffusion anneals its learning rate within the budget")
+                   help="stop (after a checkpoint) when this many minutes have passed; the learning rate anneals within the budget")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                   help="bf16 autocast for the drafter's forward (block diffusion; fast on CPUs with avx512_bf16 and on GPUs)")
+                   help="bf16 autocast for the drafter's forward (fast on CPUs with avx512_bf16 and on GPUs)")
     p.add_argument("--feature-dir", default=None, help="cache of the target's hidden-state features (default: <DLLM_SPEC_CACHE>/features)")
     p.add_argument("--resident-features", action="store_true",
                    help="block diffusion: compute the target features once into (GPU) memory instead of the disk cache (~6 KB per token)")
@@ -73,20 +73,19 @@ def _main(argv: list[str] | None = None) -> None:
     budget = None if args.time_budget_min is None else 60 * args.time_budget_min
     config_cls = CONFIGS[drafter]
     cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
-    if drafter != "block-diffusion":
-        target, tokenizer = load_target(args.target, dtype=args.dtype)
-        best = train_token_drafter(OBJECTIVES[drafter](), target, tokenizer, args.data, args.out, cfg, time_budget_s=budget)
-        print(f"best drafter: {best}")
-        return
     if torch.cuda.is_available():
         # TF32 for the target's fp32 feature passes (the resident fill's cost): its error is far
         # below the bf16 noise the drafter already tolerates, and training needs no exact features.
         torch.backends.cuda.matmul.allow_tf32 = True
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=accelerator.device)
-    best = train_block_diffusion(target, args.data, args.out, cfg, eos_token_id=tokenizer.eos_token_id, accelerator=accelerator,
-                                 time_budget_s=budget, feature_root=args.feature_dir,
-                                 resident_features=args.resident_features)
+    if drafter != "block-diffusion":
+        best = train_token_drafter(OBJECTIVES[drafter](), target, tokenizer, args.data, args.out, cfg, accelerator=accelerator,
+                                   time_budget_s=budget)
+    else:
+        best = train_block_diffusion(target, args.data, args.out, cfg, eos_token_id=tokenizer.eos_token_id, accelerator=accelerator,
+                                     time_budget_s=budget, feature_root=args.feature_dir,
+                                     resident_features=args.resident_features)
     if accelerator.is_main_process:
         print(f"best drafter: {best}")
 

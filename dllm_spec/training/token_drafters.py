@@ -15,25 +15,22 @@ the drafter width by PCA (a cheap, useful start). Each objective is a class:
   t ~ U(t_min, 1) (at least one), exactly how :class:`drafters.MaskedDiffusionDrafter` drafts;
   loss on masked positions, weighted 1/t (MDLM). Offline tau: one denoising step, full block.
 
-Checkpoints (``checkpoint/`` to resume, ``best/`` by held-out tau) are plain transformers
-directories with the tokenizer, loadable by ``AutoregressiveDrafter.from_pretrained`` /
-``MaskedDiffusionDrafter.from_pretrained``.
+Training runs on the shared loop (:mod:`dllm_spec.training.loop`: one run-directory and
+checkpoint format); each checkpoint is a plain transformers directory with the tokenizer, loadable
+by ``AutoregressiveDrafter.from_pretrained`` / ``MaskedDiffusionDrafter.from_pretrained``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
-import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -45,17 +42,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dllm_spec.jsonl import append_record
-from dllm_spec.training.block_diffusion import Sequence, load_sequences
-from dllm_spec.training.common import warmup_cosine, write_dir_atomic
+from dllm_spec.training.loop import ScheduleConfig, TrainingTask, resume_dir, run_training
+from dllm_spec.training.sequences import Sequence, load_sequences
 from drafters.base import target_vocab_size
 
 MASK_TOKEN = "<|mask|>"
 
 
 @dataclass(frozen=True)
-class TokenDrafterConfig:
-    """Size and training hyper-parameters of a token-only drafter."""
+class TokenDrafterConfig(ScheduleConfig):
+    """Size and examples of a token-only drafter (the schedule fields come from
+    :class:`~dllm_spec.training.loop.ScheduleConfig`)."""
 
     hidden_size: int = 256
     num_layers: int = 4
@@ -63,23 +60,15 @@ class TokenDrafterConfig:
     intermediate_size: int = 768
     block_size: int = 16
     window: int = 64
-    batch_size: int = 8
     examples_per_seq: int = 4
-    max_len: int = 448
     lr: float = 1e-3
-    weight_decay: float = 0.01
     warmup_steps: int = 20
     max_steps: int = 400
     t_min: float = 0.1
-    eval_every: int = 50
-    eval_sequences: int = 48
-    checkpoint_every: int = 25
-    heldout_mod: int = 20
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "window", "batch_size", "examples_per_seq",
-                     "max_steps", "eval_every", "checkpoint_every"):
+        super().__post_init__()
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "window", "examples_per_seq"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
@@ -93,7 +82,7 @@ class TokenDrafterConfig:
 def projected_embeddings(target: PreTrainedModel, width: int, rows: int) -> torch.Tensor:
     """The target's token embeddings projected to ``width`` dims by PCA, scaled to the target's
     per-entry std: (rows, width); rows past the target's vocabulary get small random vectors."""
-    emb = target.get_input_embeddings().weight.detach().float()  # (V, H)
+    emb = target.get_input_embeddings().weight.detach().float().cpu()  # (V, H)
     centered = emb - emb.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(centered, full_matrices=False)  # v (H, H)
     proj = centered @ v[:width].T  # (V, width)
@@ -162,13 +151,13 @@ class NextTokenObjective(Objective):
         return ids, attention, labels
 
     def loss(self, model, seqs, cfg, rng):
-        ids, attention, labels = self._batch(seqs)
+        ids, attention, labels = (t.to(model.device) for t in self._batch(seqs))
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # (N, T-1, V): position i predicts i+1
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
     def leading_matches(self, model, seq, anchors, cfg):
-        ids = torch.tensor([seq.ids])
-        pred = model(input_ids=ids).logits[0].argmax(-1)  # (T,): position i predicts token i+1
+        ids = torch.tensor([seq.ids], device=model.device)
+        pred = model(input_ids=ids).logits[0].argmax(-1).cpu()  # (T,): position i predicts token i+1
         out = []
         for a in anchors:  # a = last committed position; drafts predict a+1 .. a+B-1
             span = range(a, min(a + cfg.block_size - 1, len(seq.ids) - 1))
@@ -232,6 +221,7 @@ class MaskedBlockObjective(Objective):
     @staticmethod
     def _forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Logits with positions counted from the first real token (as when drafting, unpadded)."""
+        ids, attention = ids.to(model.device), attention.to(model.device)
         positions = (attention.cumsum(1) - 1).clamp_min(0)
         return model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
 
@@ -246,13 +236,14 @@ class MaskedBlockObjective(Objective):
         parts = [self._examples(model, s, [a], cfg, [t], rng) for s, a, t in zip(owners, anchors, ts)]
         ids, attention, masked, labels, valid = (torch.cat([p[i] for p in parts]) for i in range(5))
         logits = self._forward(model, ids, attention)[:, cfg.window:]  # (n, B-1, V+1)
+        masked, labels, valid = masked.to(logits.device), labels.to(logits.device), valid.to(logits.device)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view(labels.shape)
-        w = (masked & valid).float() / torch.tensor(ts).unsqueeze(1)  # MDLM 1/t weighting
+        w = (masked & valid).float() / torch.tensor(ts, device=logits.device).unsqueeze(1)  # MDLM 1/t weighting
         return (ce * w).sum() / (masked & valid).float().sum().clamp_min(1.0)
 
     def leading_matches(self, model, seq, anchors, cfg):
         ids, attention, _, labels, valid = self._examples(model, seq, anchors, cfg, None, None)
-        logits = self._forward(model, ids, attention)[:, cfg.window:]
+        logits = self._forward(model, ids, attention)[:, cfg.window:].cpu()
         logits[..., model.config.mask_token_id] = float("-inf")
         correct = (logits.argmax(-1) == labels) & valid
         return _teacher_forced_leading(correct).tolist()
@@ -277,14 +268,27 @@ def token_offline_tau(objective: Objective, model: PreTrainedModel, held: list[S
     return 1.0 + sum(accepted) / max(1, len(accepted))
 
 
-def _save(model: PreTrainedModel, objective: Objective, tokenizer, out: Path, name: str, trainer: dict | None = None) -> None:
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        objective.save_tokenizer(tokenizer, tmp)
-        if trainer is not None:
-            torch.save(trainer, tmp / "trainer_state.pt")
+class TokenDrafterTask(TrainingTask):
+    """A token-only drafter's side of the shared loop: its objective's loss and offline tau."""
 
-    write_dir_atomic(out, name, write)
+    def __init__(self, objective: Objective, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: TokenDrafterConfig,
+                 device: torch.device) -> None:
+        self.objective, self.tokenizer, self.cfg, self.device = objective, tokenizer, cfg, device
+        self.kind = objective.kind
+        self.model = model.to(device=device, dtype=torch.float32)
+
+    def loss(self, seqs: list[Sequence], rng: random.Random) -> torch.Tensor:
+        return self.objective.loss(self.model, seqs, self.cfg, rng)
+
+    def evaluate(self, model: torch.nn.Module, seqs: list[Sequence]) -> float:
+        return token_offline_tau(self.objective, model, seqs, self.cfg)
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+        self.objective.save_tokenizer(self.tokenizer, directory)
+
+    def load(self, directory: Path) -> torch.nn.Module:
+        return self.objective.load(directory).to(self.device)
 
 
 def train_token_drafter(
@@ -294,68 +298,16 @@ def train_token_drafter(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfg: TokenDrafterConfig = TokenDrafterConfig(),
+    accelerator=None,
     time_budget_s: float | None = None,
 ) -> Path:
-    """Train (or resume) a token-only drafter; returns the best checkpoint's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(cfg.seed)
+    """Train (or resume) a token-only drafter on the shared loop; returns the best checkpoint's path."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
     torch.manual_seed(cfg.seed)
     train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
-    resume = out / "checkpoint"
-    model = objective.load(resume) if (resume / "config.json").is_file() else objective.build(target, tokenizer, cfg)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
-    state = {"step": 0, "best_tau": 0.0, "tokens": 0}
-    if (resume / "trainer_state.pt").is_file():
-        saved = torch.load(resume / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state.update(saved["state"])
-    (out / "train_config.json").write_text(json.dumps({"objective": objective.kind, **asdict(cfg)}, indent=1))
-    log = out / "train_log.jsonl"
-    start = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train {objective.kind} drafter")
-    order: list[int] = []
-    while state["step"] < cfg.max_steps:
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            break
-        if len(order) < cfg.batch_size:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-        seqs = [train[i] for i in order[: cfg.batch_size]]
-        order = order[cfg.batch_size:]
-        loss = objective.loss(model, seqs, cfg, rng)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += sum(len(s.ids) for s in seqs)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        record = {"step": state["step"], "loss": loss.item(), "tokens": state["tokens"], "time_s": time.perf_counter() - start}
-        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
-            tau = token_offline_tau(objective, model, held, cfg)
-            record["heldout_tau"] = tau
-            if tau > state["best_tau"]:
-                state["best_tau"] = tau
-                _save(model, objective, tokenizer, out, "best")
-            bar.write(f"step {state['step']}: held-out offline tau {tau:.3f} (best {state['best_tau']:.3f})")
-        append_record(log, record)
-        if state["step"] % cfg.checkpoint_every == 0:
-            _save(model, objective, tokenizer, out, "checkpoint",
-                  {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state})
-    _save(model, objective, tokenizer, out, "checkpoint", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state})
-    if not (out / "best" / "config.json").is_file():
-        _save(model, objective, tokenizer, out, "best")
-    final = token_offline_tau(objective, objective.load(out / "best"), held, cfg)
-    summary = {"objective": objective.kind, "final_heldout_tau": final, "steps": state["step"], "train_tokens_seen": state["tokens"],
-               "train_sequences": len(train), "heldout_sequences": len(held)}
-    (out / "eval.json").write_text(json.dumps(summary, indent=1))
-    bar.write(f"final held-out offline tau of the best {objective.kind} checkpoint: {final:.3f}")
-    bar.close()
-    return out / "best"
+    resume = resume_dir(out_dir)
+    model = objective.load(resume) if resume is not None else objective.build(target, tokenizer, cfg)
+    task = TokenDrafterTask(objective, model, tokenizer, cfg, acc.device)
+    return run_training(task, cfg, train, held, out_dir, accelerator=acc, time_budget_s=time_budget_s)

@@ -1,0 +1,83 @@
+"""Training sequences from distillation shards: the train / held-out split every trainer uses."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+
+from dllm_spec.data.distill import iter_shards
+
+
+@dataclass
+class Sequence:
+    """One prompt + response of the distillation data (token ids), and where it came from."""
+
+    ids: list[int]
+    prompt_len: int
+    greedy: bool  # the target's own greedy continuation (offline tau is measured on these)
+    shard: str = ""
+    row: int = 0  # row within the shard: the feature caches are indexed by (shard, row)
+
+
+def load_sequences(data_dir: str | os.PathLike, max_len: int, heldout_mod: int) -> tuple[list[Sequence], list[Sequence]]:
+    """(train, held-out) sequences from distillation shards; held out by prompt-id hash. Each
+    sequence remembers its (shard, row) for the feature cache."""
+    train, held = [], []
+    for shard, records in iter_shards(data_dir):
+        row = 0
+        for r in records:
+            if not r["response_ids"]:
+                continue
+            seq = Sequence((r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0, shard, row)
+            if seq.prompt_len >= len(seq.ids) - 1:
+                continue
+            row += 1
+            bucket = int(hashlib.sha1(r["prompt_id"].encode()).hexdigest()[:8], 16) % heldout_mod
+            (held if bucket == 0 else train).append(seq)
+    if not train:
+        raise ValueError(f"no training sequences found in {data_dir}")
+    return train, held
+
+
+def cap_positions(train: list[Sequence], max_positions: int, seed: int) -> list[Sequence]:
+    """At most ``max_positions`` token positions of ``train`` (0: all): greedy sequences first,
+    then sampled ones, each group in a seeded random order. Bounds the memory of resident features
+    (~6 KB a position) when the data outgrows the device."""
+    if max_positions <= 0 or sum(len(s.ids) for s in train) <= max_positions:
+        return train
+    rng = random.Random(seed)
+    greedy, sampled = [s for s in train if s.greedy], [s for s in train if not s.greedy]
+    rng.shuffle(greedy)
+    rng.shuffle(sampled)
+    kept, total = [], 0
+    for seq in greedy + sampled:
+        if total + len(seq.ids) <= max_positions:
+            kept.append(seq)
+            total += len(seq.ids)
+    return kept
+
+
+def shard_rows(sequences: list[Sequence]) -> dict[str, list[list[int]]]:
+    """Token ids of ``sequences`` grouped by shard, in row order (what the feature cache stores).
+    Every row of a shard must be present (pass train + held-out): the caches are indexed by row."""
+    shards: dict[str, dict[int, list[int]]] = {}
+    for s in sequences:
+        shards.setdefault(s.shard, {})[s.row] = s.ids
+    for name, rows in shards.items():
+        if sorted(rows) != list(range(len(rows))):
+            raise ValueError(f"shard {name}: rows {sorted(set(range(max(rows) + 1)) - set(rows))[:5]}... are missing; "
+                             "the caches are indexed by row, so pass every sequence of the shard")
+    return {name: [rows[i] for i in sorted(rows)] for name, rows in sorted(shards.items())}
+
+
+def length_bucketed_order(sequences: list[Sequence], rng: random.Random, bucket: int = 64, chunk: int = 8) -> list[int]:
+    """One epoch's order of ``sequences``: shuffled, grouped into ``chunk``-sized runs of similar
+    length (less padding per batch), the runs shuffled."""
+    order = list(range(len(sequences)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: len(sequences[i].ids) // bucket)  # stable: shuffled within buckets
+    chunks = [order[i: i + chunk] for i in range(0, len(order), chunk)]
+    rng.shuffle(chunks)
+    return [i for c in chunks for i in c]
