@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal, Sequences
+from drafters.base import Drafter, DraftProposal, Sequences, target_vocab_size
 from drafters.block_diffusion_model import (  # noqa: F401  (re-exported: the drafter's network lives there)
     BlockDiffusionConfig,
     BlockDiffusionModel,
@@ -27,6 +27,7 @@ from drafters.block_diffusion_model import (  # noqa: F401  (re-exported: the dr
     target_mismatches,
 )
 from drafters.denoise import denoise_block
+from drafters.dflash_format import checkpoint_layout, load_dflash, save_dflash
 from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler, UnmaskingScheduler
 from verify.kv_cache import StaticKVCache
 from verify.sampling import SamplingParams
@@ -62,6 +63,7 @@ class BlockDiffusionDrafter(Drafter):
         self.name = f"block-diffusion-s{steps}" + (f"-tree{tree_width}" if tree_width > 1 else "")
         self._embed: nn.Module | None = None
         self._head: torch.Tensor | None = None  # (V_draft, H) rows of the target's LM head
+        self._full_head: torch.Tensor | None = None  # (V, H) the target's LM head
         self._ctx: StaticKVCache | None = None  # per-row context keys/values of every drafter layer
         self._last_fused: torch.Tensor | None = None  # (max_batch, H) fused state of each row's last context position
 
@@ -69,9 +71,17 @@ class BlockDiffusionDrafter(Drafter):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_inference_steps: int | None = None, tree_width: int = 1,
                         min_block: int = 8, **kwargs) -> "BlockDiffusionDrafter":
+        """Load a drafter saved by :meth:`save_pretrained`, or a DFlash-format checkpoint (z-lab /
+        vLLM / SGLang's ``DFlashDraftModel`` or transformers' ``MuseGlimmerAssistantModel`` layout,
+        :mod:`drafters.dflash_format`)."""
         p = Path(path)
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"no block-diffusion drafter checkpoint at {p} (config.json missing)")
+        if checkpoint_layout(p) is not None:  # z-lab / vLLM / SGLang or transformers' DFlash layout
+            model = load_dflash(p)
+            if kwargs.get("dtype") is not None:
+                model.to(kwargs["dtype"])
+            return cls(model, None, num_inference_steps, tree_width, min_block)
         try:
             model = BlockDiffusionModel.from_pretrained(p, **kwargs)
         except Exception as exc:  # corrupt config.json, truncated weights (SafetensorError), ...: name the files
@@ -92,6 +102,15 @@ class BlockDiffusionDrafter(Drafter):
         self.model.save_pretrained(path)
         self.scheduler.save_pretrained(path)
 
+    def export(self, path: str | os.PathLike, layout: str = "dflash", dtype: torch.dtype | None = None,
+               target: PreTrainedModel | None = None) -> Path:
+        """Write the drafter in a DFlash layout (``"dflash"``: z-lab / vLLM / SGLang; ``"transformers"``:
+        ``MuseGlimmerAssistantModel``). A reduced draft vocabulary needs ``target`` (its LM head rows
+        are written for vLLM) unless the drafter is bound."""
+        head = target.get_output_embeddings().weight if target is not None else (
+            self._full_head if self._full_head is not None else None)
+        return save_dflash(self.model, path, layout, dtype, head)
+
     @property
     def vocab_size(self) -> int:
         return int(self.config.target_vocab_size)
@@ -104,9 +123,14 @@ class BlockDiffusionDrafter(Drafter):
         problems = target_mismatches(self.config, target)
         if problems:
             raise ValueError("this block-diffusion drafter was trained for another target: " + "; ".join(problems))
+        if self.config.target_vocab_size is None:  # an imported checkpoint that did not record them
+            self.config.target_vocab_size = target_vocab_size(target)
+        if self.config.target_num_layers is None:
+            self.config.target_num_layers = target.config.num_hidden_layers
         self.model.to(device=target.device, dtype=target.dtype)
         self._embed = target.get_input_embeddings()
         head = target.get_output_embeddings().weight
+        self._full_head = head
         vocab = self.model.draft_vocab
         self._head = head[vocab] if vocab.numel() else head
 
@@ -185,7 +209,7 @@ class BlockDiffusionDrafter(Drafter):
         ctx_len = self._ctx.length_tensor()  # (B,) = each row's position of its last committed token
         positions = ctx_len[:, None] + torch.arange(length + 1, device=device)  # (B, L+1)
         first = self._embed(seqs.last()[:, None])  # (B, 1, H)
-        mask_vec = self.model.mask_embedding.to(first.dtype)
+        mask_vec = self.model.mask_vector(self._embed).to(first.dtype)
         vocab = self.model.draft_vocab if self.model.draft_vocab.numel() else None
         ctx_kv = [self._ctx.view(i) for i in range(self.config.num_hidden_layers)]
         lens = self._ctx.lengths[:batch]

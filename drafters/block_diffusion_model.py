@@ -7,8 +7,20 @@ the states of several target layers spread over depth are concatenated, fused by
 then projected by each drafter layer's own k/v projections and prepended to that layer's keys and
 values ("KV injection"). Queries come only from the block ``[last committed token, MASK x (B-1)]``.
 The drafter owns no token embedding or LM head: it uses the target's frozen ones (optionally only
-the rows of a reduced draft vocabulary, mapped back to target ids). Masked positions get a learned
-mask embedding, so no token id is reserved for the mask.
+the rows of a reduced draft vocabulary, mapped back to target ids).
+
+Two architectures (``config.architecture``):
+
+* ``"dllm"`` (this library's own): one RMSNorm per conditioning layer before the fusion (the
+  target's residual stream has a few massive dimensions), the context normalised by each drafter
+  layer's input norm before its k/v, the fused state of the last context position added to every
+  block input, and a learned mask embedding.
+* ``"dflash"``: the layout every DFlash consumer loads (z-lab's reference, vLLM, SGLang,
+  transformers' ``MuseGlimmerAssistantModel``): Qwen3-style layers with per-head q/k RMSNorm, the
+  fusion ``fc`` + ``hidden_norm`` with the context k/v projected straight from it, no last-state
+  injection, and the mask as a target token id (``mask_token_id``, embedded by the target). The
+  massive activations are tamed by a static per-channel ``feature_scale`` on the fusion's input,
+  folded into ``fc`` on export (:mod:`drafters.dflash_format`).
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from drafters.base import target_vocab_size
+
+ARCHITECTURES = ("dllm", "dflash")
 
 
 class BlockDiffusionConfig(PretrainedConfig):
@@ -40,15 +54,32 @@ class BlockDiffusionConfig(PretrainedConfig):
         block_size: int = 16,
         target_layer_ids: tuple[int, ...] | list[int] = (2, 8, 14, 20, 27),
         target_hidden_size: int = 576,
-        target_vocab_size: int = 49152,
-        target_num_layers: int = 30,
+        target_vocab_size: int | None = 49152,
+        target_num_layers: int | None = 30,
         draft_vocab_size: int = 0,
         loss_decay_gamma: float = 7.0,
         num_inference_steps: int = 1,
-        inject_last_context: bool = True,
+        inject_last_context: bool | None = None,
+        architecture: str = "dllm",
+        mask_token_id: int | None = None,
+        max_position_embeddings: int = 8192,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if inject_last_context is None:
+            inject_last_context = architecture == "dllm"
+        if architecture == "dflash":
+            if inject_last_context:
+                raise ValueError("architecture 'dflash' has no last-context injection: inject_last_context must be False")
+            if mask_token_id is None:
+                raise ValueError("architecture 'dflash' embeds the mask as a target token: pass mask_token_id")
+        if mask_token_id is not None and not 0 <= mask_token_id < (target_vocab_size or mask_token_id + 1):
+            raise ValueError(f"mask_token_id must be a target token id in [0, {target_vocab_size}), got {mask_token_id}")
+        self.architecture = architecture
+        self.mask_token_id = mask_token_id
+        self.max_position_embeddings = max_position_embeddings
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_hidden_layers = num_hidden_layers
@@ -70,8 +101,9 @@ class BlockDiffusionConfig(PretrainedConfig):
             raise ValueError(f"block_size must be >= 2 (the last committed token plus at least one mask), got {block_size}")
         if num_attention_heads % num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if not self.target_layer_ids or min(self.target_layer_ids) < 0 or max(self.target_layer_ids) > target_num_layers:
-            raise ValueError(f"target_layer_ids must index hidden_states 0..{target_num_layers}, got {self.target_layer_ids}")
+        top = target_num_layers if target_num_layers is not None else max(self.target_layer_ids or [0])
+        if not self.target_layer_ids or min(self.target_layer_ids) < 0 or max(self.target_layer_ids) > top:
+            raise ValueError(f"target_layer_ids must index hidden_states 0..{top}, got {self.target_layer_ids}")
 
     @classmethod
     def for_target(cls, target: PreTrainedModel, num_layers: int = 2, num_target_layers: int = 5, **kwargs) -> "BlockDiffusionConfig":
@@ -87,7 +119,8 @@ class BlockDiffusionConfig(PretrainedConfig):
             num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
             head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
             rms_norm_eps=tc.rms_norm_eps, rope_theta=float(rope), target_layer_ids=ids, target_hidden_size=tc.hidden_size,
-            target_vocab_size=target_vocab_size(target), target_num_layers=total, **kwargs,
+            target_vocab_size=target_vocab_size(target), target_num_layers=total,
+            max_position_embeddings=getattr(tc, "max_position_embeddings", 8192), **kwargs,
         )
 
 
@@ -135,17 +168,25 @@ class DrafterLayer(nn.Module):
         self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        # per-head RMSNorm of queries and keys (Qwen3 / DFlash); the dllm architecture has none
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.architecture == "dflash" else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.architecture == "dflash" else None
 
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of (already normalised) states x (B, T, H) -> (B, nkv, T, hd) each."""
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.nkv)
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.nkv)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
 
     def forward(self, x, ctx_k, ctx_v, cos, sin, mask) -> torch.Tensor:
         """x (B, L, H) block states; ctx_k/ctx_v (B, nkv, T, hd); mask (B|1, 1, L, T+L) bool or None."""
         h = self.input_norm(x)
-        q = apply_rotary(rearrange(self.q_proj(h), "b l (h d) -> b h l d", h=self.nh), cos, sin)
+        q = rearrange(self.q_proj(h), "b l (h d) -> b h l d", h=self.nh)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = apply_rotary(q, cos, sin)
         k, v = self.kv(h, cos, sin)
         keys = torch.cat([ctx_k, k], dim=2)  # (B, nkv, T+L, hd)
         values = torch.cat([ctx_v, v], dim=2)
@@ -168,9 +209,16 @@ class BlockDiffusionModel(PreTrainedModel):
     def __init__(self, config: BlockDiffusionConfig) -> None:
         super().__init__(config)
         n_feat = len(config.target_layer_ids) * config.target_hidden_size
+        dflash = config.architecture == "dflash"
         # one RMSNorm per conditioning layer: the target's residual stream has a few massive
-        # dimensions (|h| up to ~25K in SmolLM2) that would otherwise swamp the fusion
-        self.feature_norms = nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in config.target_layer_ids)
+        # dimensions (|h| up to ~25K in SmolLM2) that would otherwise swamp the fusion. The dflash
+        # layout has no such norm; a static per-channel scale (folded into fc on export) does its job.
+        self.feature_norms = None if dflash else nn.ModuleList(
+            RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in config.target_layer_ids)
+        if dflash:
+            self.register_buffer("feature_scale", torch.ones(n_feat), persistent=True)
+        else:
+            self.feature_scale = None
         self.fuse = nn.Linear(n_feat, config.hidden_size, bias=False)
         self.fuse_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # EAGLE-style direct input: the fused target state of the last context position (the one
@@ -179,7 +227,8 @@ class BlockDiffusionModel(PreTrainedModel):
         self.last_context_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.inject_last_context else None
         self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        # a learned mask embedding (dllm); the dflash layout embeds config.mask_token_id with the target's table
+        self.mask_embedding = None if dflash else nn.Parameter(torch.zeros(config.hidden_size))
         # target ids of the draft vocabulary (empty: the full target vocabulary)
         self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long), persistent=True)
         self.post_init()
@@ -187,18 +236,30 @@ class BlockDiffusionModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, BlockDiffusionModel):
+        elif isinstance(module, BlockDiffusionModel) and module.mask_embedding is not None:
             nn.init.normal_(module.mask_embedding, std=0.02)
+
+    def mask_vector(self, embed: nn.Module) -> torch.Tensor:
+        """The input state of a masked block position (H,): the learned mask embedding, or the
+        target's embedding of ``mask_token_id`` (``embed``: the target's input embedding)."""
+        if self.mask_embedding is not None:
+            return self.mask_embedding
+        return embed.weight[self.config.mask_token_id]
 
     def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
         """Target features (B, T, n_layers * H_target) -> fused context states (B, T, H)."""
-        parts = features.to(self.fuse.weight.dtype).split(self.config.target_hidden_size, dim=-1)  # n x (B, T, H_target)
+        features = features.to(self.fuse.weight.dtype)
+        if self.feature_norms is None:
+            return self.fuse_norm(self.fuse(features * self.feature_scale.to(features.dtype)))
+        parts = features.split(self.config.target_hidden_size, dim=-1)  # n x (B, T, H_target)
         normed = torch.cat([norm(part) for norm, part in zip(self.feature_norms, parts)], dim=-1)
         return self.fuse_norm(self.fuse(normed))
 
     def context_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k, v) of fused context states at ``positions`` (B|1, T)."""
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
+        if self.config.architecture == "dflash":  # straight from the fusion (the keys get the per-head k norm)
+            return [layer.kv(fused, cos, sin) for layer in self.layers]
         # each layer normalises the context with its own input norm, like its block states, so
         # context and block keys share a scale (else the ~400 context keys swamp the block's own)
         return [layer.kv(layer.input_norm(fused), cos, sin) for layer in self.layers]
@@ -234,22 +295,43 @@ class BlockDiffusionModel(PreTrainedModel):
                     dst.copy_(src)
             self.norm.weight.copy_(target.model.norm.weight)
             layers = list(target.model.layers)
-            for norm, layer_id in zip(self.feature_norms, self.config.target_layer_ids):
+            for i, layer_id in enumerate(self.config.target_layer_ids):
                 # hidden_states[i] is the input of decoder layer i (the last one feeds the final norm)
                 src = layers[layer_id].input_layernorm.weight if layer_id < len(layers) else target.model.norm.weight
-                norm.weight.copy_(src)
+                if self.feature_norms is not None:
+                    self.feature_norms[i].weight.copy_(src)
+                else:  # the static scale starts as that gain; calibrate_feature_scale divides by the typical RMS
+                    h = self.config.target_hidden_size
+                    self.feature_scale[i * h: (i + 1) * h] = src.float()
+
+    @torch.no_grad()
+    def calibrate_feature_scale(self, features: torch.Tensor) -> None:
+        """Divide each conditioning layer's part of ``feature_scale`` by the median per-token RMS of
+        that layer's states in ``features`` (N, n_layers * H_target): the static counterpart of an
+        RMSNorm per layer (the dflash architecture; a no-op for dllm)."""
+        if self.feature_scale is None:
+            return
+        h = self.config.target_hidden_size
+        for i, part in enumerate(features.float().split(h, dim=-1)):  # n x (N, H_target)
+            rms = part.pow(2).mean(-1).sqrt().median().clamp_min(1e-6)
+            self.feature_scale[i * h: (i + 1) * h] /= rms
 
 
 def target_mismatches(cfg: BlockDiffusionConfig, target: PreTrainedModel) -> list[str]:
-    """Why a drafter with config ``cfg`` cannot serve ``target`` (empty when it can)."""
+    """Why a drafter with config ``cfg`` cannot serve ``target`` (empty when it can). Fields an
+    imported checkpoint did not record (None) are not checked."""
     tc = target.config
     problems = []
     if cfg.target_hidden_size != tc.hidden_size:
         problems.append(f"hidden size {cfg.target_hidden_size} vs the target's {tc.hidden_size}")
-    if cfg.target_num_layers != tc.num_hidden_layers:
+    if cfg.target_num_layers is not None and cfg.target_num_layers != tc.num_hidden_layers:
         problems.append(f"{cfg.target_num_layers} target layers vs the target's {tc.num_hidden_layers} (layer ids {cfg.target_layer_ids})")
-    if cfg.target_vocab_size != target_vocab_size(target):
+    if max(cfg.target_layer_ids) > tc.num_hidden_layers:
+        problems.append(f"target layer ids {cfg.target_layer_ids} past the target's {tc.num_hidden_layers} layers")
+    if cfg.target_vocab_size is not None and cfg.target_vocab_size != target_vocab_size(target):
         problems.append(f"vocabulary {cfg.target_vocab_size} vs the target's {target_vocab_size(target)}")
     if cfg.hidden_size != target.get_input_embeddings().weight.shape[1]:
         problems.append(f"drafter hidden size {cfg.hidden_size} differs from the target's embedding width")
+    if cfg.mask_token_id is not None and cfg.mask_token_id >= target_vocab_size(target):
+        problems.append(f"mask_token_id {cfg.mask_token_id} outside the target's vocabulary of {target_vocab_size(target)}")
     return problems

@@ -125,7 +125,7 @@ def block_states(model: BlockDiffusionModel, batch: BlockBatch, features: torch.
     fused = model.fuse_context(features)
     ctx_kv = model.context_kv(fused, torch.arange(width, device=dev).unsqueeze(0))
     first = embed(batch.first_tokens.to(dev)).unsqueeze(2)  # (N, A, 1, H)
-    body = torch.where(batch.masked.to(dev).unsqueeze(-1), model.mask_embedding.to(first.dtype),
+    body = torch.where(batch.masked.to(dev).unsqueeze(-1), model.mask_vector(embed).to(first.dtype),
                        embed(batch.body_tokens.to(dev)))  # (N, A, B-1, H)
     last = fused.gather(1, (batch.anchor.to(dev) - 1).clamp_min(0).unsqueeze(-1).expand(n, A, fused.shape[-1]))  # (N, A, H)
     last = last * (batch.anchor.to(dev) > 0).unsqueeze(-1)  # no context before position 0
