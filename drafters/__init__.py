@@ -20,7 +20,8 @@ __all__ = [
 
 def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     """A drafter from a short spec: ``none``, ``prompt-lookup[:MAX_NGRAM]``, ``early-exit[:N]``,
-    ``ar:<HF id or path>``, ``block-diffusion[:OPTIONS]`` (the shipped drafter), or a checkpoint
+    ``ar:<HF id or path>``, ``block-diffusion[:OPTIONS]`` (the shipped drafter),
+    ``block-diffusion-dflash[:OPTIONS]`` (the shipped DFlash-layout drafter), or a checkpoint
     directory ``<dir>[:OPTIONS]`` (a block-diffusion drafter, a masked LM, or else a causal LM used as
     AR drafter). OPTIONS for the diffusion drafters, ``:``-separated: ``STEPS`` (or ``steps=S``) and
     ``tree=M`` (``block-diffusion:tree=4``: a draft tree of each position's 4 most likely tokens;
@@ -46,10 +47,11 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     if name == "ar" and arg:
         return AutoregressiveDrafter.from_pretrained(arg, dtype=target.dtype, device=target.device)
     path, options = spec, {}
-    if name == "block-diffusion":
-        from drafters.shipped import shipped_drafter_dir
+    if name in ("block-diffusion", "block-diffusion-dflash"):
+        from drafters.shipped import DEFAULT_BLOCK_DIFFUSION, DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
 
-        path, options = str(shipped_drafter_dir()), _diffusion_options(arg, spec)
+        asset = DEFAULT_BLOCK_DIFFUSION if name == "block-diffusion" else DFLASH_BLOCK_DIFFUSION
+        path, options = str(shipped_drafter_dir(asset)), _diffusion_options(arg, spec)
     elif not os.path.isdir(spec) and arg and os.path.isdir(name):
         path, options = name, _diffusion_options(arg, spec)
     if os.path.isdir(path):

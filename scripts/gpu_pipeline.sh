@@ -55,7 +55,7 @@ echo "== train exit $?, $(left)s left"
 echo "== export"
 rm -rf /tmp/gpu_export && mkdir -p /tmp/gpu_export
 if [ -f "$RUN/best/config.json" ]; then
-    python3 scripts/export_drafter.py "$RUN/best" /tmp/gpu_export/drafter \
+    python3 -m dllm_spec.cli export "$RUN/best" --format dllm --dtype bfloat16 --out /tmp/gpu_export/drafter \
         && tar -C /tmp/gpu_export -cf - drafter | split -b 15m - "$OUT/drafter.tar.part-"
 fi
 cp "$RUN/train_log.jsonl" "$RUN/eval.json" "$OUT/" 2>/dev/null

@@ -239,6 +239,7 @@ CLI_CASES = [
     (lambda t: ["bench", "--max-new-tokens", "0"], "--max-new-tokens"),
     (lambda t: ["bench", "--out", str(t)], "is a directory"),
     (lambda t: ["bench", "--batch-sizes", "0,x"], "--batch-sizes"),
+    (lambda t: ["bench", "--peers", "vllm"], "--peers"),
     (lambda t: ["bench", "--prompts", str(t / "missing.txt")], "missing.txt"),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t / "in.txt")], "is the input file"),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t)], "is a directory"),
@@ -251,6 +252,13 @@ CLI_CASES = [
     (lambda t: ["study", "--repeats", "0"], "repeats"),
     (lambda t: ["study", "--prompts", str(t / "missing.txt")], "missing.txt"),
     (lambda t: ["train", "--data", str(t / "nowhere"), "--out", str(t / "run")], "--data"),
+    (lambda t: ["train", "--data", str(t), "--out", str(t / "run"), "--architecture", "eagle"], "architecture"),
+    (lambda t: ["export", "block-diffusion", "--format", "gguf", "--out", str(t / "x")], "--format"),
+    (lambda t: ["export", "block-diffusion", "--format", "dflash", "--out", str(t)] if (t / "f").write_text("x") else [],
+     "not an empty directory"),
+    (lambda t: ["export", str(t / "nothing"), "--format", "dflash", "--out", str(t / "x")], "no drafter checkpoint"),
+    (lambda t: ["export", "block-diffusion", "--format", "transformers", "--out", str(t / "x"), "--dtype", "int3"], "--dtype"),
+    (lambda t: ["export", "block-diffusion", "--format", "transformers", "--out", str(t / "x")], "cannot be exported.*architecture"),
 ]
 
 

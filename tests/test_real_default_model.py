@@ -134,3 +134,38 @@ def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_
             ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
             out = spec.generate(prompt, max_new_tokens=48)
             assert out.token_ids[0].tolist() == ref.tolist(), f"default drafter diverged on {prompt!r}"
+
+
+def _dflash_drafter(target):
+    """The shipped DFlash-layout drafter, else a random one of that architecture (the greedy check
+    holds for any drafter; only tau needs a trained one)."""
+    from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+    from drafters.shipped import DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
+
+    try:
+        return BlockDiffusionDrafter.from_pretrained(shipped_drafter_dir(DFLASH_BLOCK_DIFFUSION))
+    except FileNotFoundError:
+        import torch
+
+        torch.manual_seed(0)
+        cfg = BlockDiffusionConfig.for_target(target, architecture="dflash", mask_token_id=0, draft_vocab_size=0)
+        return BlockDiffusionDrafter(BlockDiffusionModel(cfg))
+
+
+def test_an_exported_drafter_in_transformers_generate_keeps_greedy_output(real_spec, tmp_path):
+    """``target.generate(ids, assistant_model=exported, speculation_type="dflash")`` equals plain
+    greedy on the real target in fp32, and so does our engine with the same drafter."""
+    import torch
+    from transformers import AutoModel
+
+    target = real_spec.target
+    drafter = _dflash_drafter(target)
+    drafter.export(tmp_path / "tf", "transformers")
+    assistant = AutoModel.from_pretrained(tmp_path / "tf", dtype=torch.float32).eval()
+    spec = DiffusionSpeculator(target, real_spec.tokenizer, drafter, policy=FixedLength(drafter.config.block_size - 1))
+    for prompt in PROMPTS:
+        ids = spec.encode(prompt)
+        ref = target.generate(ids, max_new_tokens=48, do_sample=False)
+        got = target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant, speculation_type="dflash")
+        assert got.tolist() == ref.tolist(), prompt
+        assert spec.generate(prompt, max_new_tokens=48).token_ids[0].tolist() == ref[0, ids.shape[1]:].tolist()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.policy import FixedLength
 from drafters.block_diffusion import BlockDiffusionDrafter
 from tests.conftest import (
     VOCAB,
@@ -136,3 +137,41 @@ def test_capping_positions_keeps_greedy_sequences_first_and_stays_under_the_cap(
     with pytest.raises(ValueError, match="max_positions"):
         TrainConfig(max_positions=-1)
 
+
+
+@pytest.mark.slow
+def test_a_dflash_drafter_trains_from_scratch_and_from_a_converted_dllm_drafter(target, tmp_path):
+    """--architecture dflash: a fresh run, and a warm start from a dllm drafter (converted first,
+    scored at step 0); both best/ checkpoints export to transformers' layout and draft exactly."""
+    from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
+
+    fake_distill(tmp_path / "data", target)
+    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=0, anchors_per_seq=6, batch_size=4,
+                      max_steps=20, warmup_steps=3, eval_every=10, checkpoint_every=10, eval_sequences=8, heldout_mod=6, lr=3e-3,
+                      architecture="dflash")
+    fresh = train_block_diffusion(target, tmp_path / "data", tmp_path / "fresh", cfg, feature_root=tmp_path / "features")
+    make_drafter(target, 1).save_pretrained(tmp_path / "warm" / "checkpoint")  # a dllm drafter
+    warm = train_block_diffusion(target, tmp_path / "data", tmp_path / "warm", cfg, feature_root=tmp_path / "features")
+    log = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "heldout_tau" in log[0]
+    prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
+    ref = target.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=1)[0, 8:]
+    for best in (fresh, warm):
+        drafter = BlockDiffusionDrafter.from_pretrained(best)
+        assert drafter.config.architecture == "dflash" and drafter.config.mask_token_id is not None
+        drafter.export(tmp_path / f"tf-{best.parent.name}", "transformers")
+        spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5))
+        assert spec.generate(prompt, max_new_tokens=20).token_ids[0].tolist() == ref.tolist()
+
+
+@pytest.mark.slow
+def test_a_position_cap_trains_on_the_kept_sequences_only(target, tmp_path):
+    """max_positions leaves rows out of a shard; the caches then hold only the kept rows."""
+    from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
+
+    fake_distill(tmp_path / "data", target)
+    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=4, batch_size=4,
+                      max_steps=4, warmup_steps=1, eval_every=4, checkpoint_every=4, eval_sequences=4, heldout_mod=6, max_positions=300)
+    train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg, feature_root=tmp_path / "features")
+    summary = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert summary["train_sequences"] < 20 and summary["steps"] == 4

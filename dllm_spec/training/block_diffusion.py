@@ -43,11 +43,13 @@ from dllm_spec.training.block_examples import (
     sequence_features,
     weighted_loss,
 )
+from dllm_spec.training.convert import to_dflash_architecture
 from dllm_spec.training.features import FeatureStore, ResidentStore, TeacherStore, build_stores, feature_dir, teacher_dir
-from dllm_spec.training.loop import ScheduleConfig, TrainingTask, resume_dir, run_training
+from dllm_spec.training.loop import TRAINER_STATE, ScheduleConfig, TrainingTask, resume_dir, run_training
 from dllm_spec.training.sequences import Sequence, cap_positions, load_sequences, shard_rows
 from drafters.base import target_vocab_size
 from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionModel
+from drafters.block_diffusion_model import ARCHITECTURES
 from drafters.schedulers import ConfidenceUnmaskingScheduler
 
 
@@ -59,7 +61,7 @@ class TrainConfig(ScheduleConfig):
     block_size: int = 16
     num_layers: int = 2
     num_target_layers: int = 5
-    draft_vocab_size: int = 8192
+    draft_vocab_size: int = 8192  # 0: the full target vocabulary (what transformers and z-lab's DFlash need)
     anchors_per_seq: int = 16
     full_mask_prob: float = 0.5
     t_min: float = 0.1
@@ -68,9 +70,15 @@ class TrainConfig(ScheduleConfig):
     distill_weight: float = 0.0
     teacher_top_k: int = 8
     max_positions: int = 0
+    architecture: str = "dllm"
+    mask_token_id: int = -1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.mask_token_id < -1:
+            raise ValueError(f"mask_token_id must be a target token id, or -1 to choose one, got {self.mask_token_id}")
         for name in ("block_size", "num_layers", "num_target_layers", "anchors_per_seq"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -94,7 +102,8 @@ class BlockDiffusionTask(TrainingTask):
                  store: FeatureStore | ResidentStore, teachers: TeacherStore | ResidentStore | None, device: torch.device) -> None:
         self.model = model.to(device=device, dtype=torch.float32)
         self.target, self.cfg, self.store, self.teachers, self.device = target, cfg, store, teachers, device
-        self.vocab = model.draft_vocab.clone()
+        # target ids of the draft vocabulary; the full target vocabulary when the drafter has none
+        self.vocab = model.draft_vocab.clone() if model.draft_vocab.numel() else torch.arange(target_vocab_size(target))
         self.head = target.get_output_embeddings().weight[self.vocab].detach()  # (V_draft, H)
         self.embed = target.get_input_embeddings()
         self.vocab_map = draft_vocab_map(self.vocab, target_vocab_size(target))
@@ -117,6 +126,21 @@ class BlockDiffusionTask(TrainingTask):
         return BlockDiffusionModel.from_pretrained(directory).to(self.device)
 
 
+def rarest_token(sequences: list[Sequence], vocab_size: int) -> int:
+    """The target token that occurs least in ``sequences`` (ties: the lowest id): the mask id of a
+    fresh dflash drafter, so the mask is a token the drafter almost never sees as text."""
+    counts = torch.bincount(torch.tensor([t for s in sequences for t in s.ids]), minlength=vocab_size)
+    return int(counts.argmin())
+
+
+def _feature_sample(store, train: list[Sequence], device, n: int = 16) -> torch.Tensor:
+    """Target features of the first ``n`` training sequences' positions: (positions, width)."""
+    seqs = train[:n]
+    feats = store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs], device)  # (n, T, width)
+    valid = torch.arange(feats.shape[1], device=feats.device)[None, :] < torch.tensor([len(s.ids) for s in seqs], device=feats.device)[:, None]
+    return feats[valid]
+
+
 def train_block_diffusion(
     target: PreTrainedModel,
     data_dir: str | os.PathLike,
@@ -134,27 +158,25 @@ def train_block_diffusion(
     ``resident_features``: compute the target features (and teacher outputs) once into memory on
     the target's device instead of the disk cache: for GPU runs (~6 KB per token in float16).
     ``time_budget_s``: stop after this many seconds of training; the learning-rate schedule is
-    paced by whichever of steps or time runs out first, so a budgeted run still anneals."""
+    paced by whichever of steps or time runs out first, so a budgeted run still anneals.
+    ``cfg.architecture="dflash"`` trains the layout DFlash consumers load; a ``"dllm"`` drafter
+    copied into ``out_dir/checkpoint`` is then converted first (:mod:`dllm_spec.training.convert`)."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
     torch.manual_seed(cfg.seed)
     train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
-    if len(capped := cap_positions(train, cfg.max_positions, cfg.seed)) < len(train):
+    capped = cap_positions(train, cfg.max_positions, cfg.seed)
+    gaps = len(capped) < len(train)  # the caches then hold only the kept sequences' rows
+    if gaps:
         acc.print(f"max_positions {cfg.max_positions}: training on {len(capped)} of {len(train)} sequences")
         train = capped
     resume = resume_dir(out_dir)
-    if resume is not None:
-        model = BlockDiffusionModel.from_pretrained(resume)
+    incoming = BlockDiffusionModel.from_pretrained(resume) if resume is not None else None
+    if incoming is not None:
+        layer_ids = list(incoming.config.target_layer_ids)
     else:
-        vocab = build_draft_vocab(train, cfg.draft_vocab_size, [eos_token_id] if eos_token_id is not None else [])
-        mcfg = BlockDiffusionConfig.for_target(target, num_layers=cfg.num_layers, num_target_layers=cfg.num_target_layers,
-                                               block_size=cfg.block_size, draft_vocab_size=len(vocab), loss_decay_gamma=cfg.gamma)
-        model = BlockDiffusionModel(mcfg)
-        model.draft_vocab.copy_(vocab)
-        if cfg.init_from_target:
-            model.init_from_target(target)
-    layer_ids = list(model.config.target_layer_ids)
+        layer_ids = list(BlockDiffusionConfig.for_target(target, num_target_layers=cfg.num_target_layers).target_layer_ids)
     if feature_root is None:
         from dllm_spec.target import cache_root
 
@@ -164,11 +186,35 @@ def train_block_diffusion(
     if cfg.distill_weight > 0:
         teachers = TeacherStore(teacher_dir(feature_root, target, cfg.teacher_top_k), target, cfg.teacher_top_k)
     if resident_features:  # every process holds its own copy, computed on its own device
-        resident = ResidentStore.fill([store] if teachers is None else [store, teachers], shard_rows(train + held),
+        resident = ResidentStore.fill([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps),
                                       show_progress=acc.is_main_process)
         store, teachers = resident[0], (resident[1] if teachers is not None else None)
     elif acc.is_main_process:
-        build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held))
+        build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps))
     acc.wait_for_everyone()
+    embed = target.get_input_embeddings().weight.detach()
+    if incoming is not None and incoming.config.architecture != cfg.architecture:
+        if cfg.architecture != "dflash":
+            raise ValueError(f"{resume}: cannot warm-start a {cfg.architecture!r} drafter from a {incoming.config.architecture!r} one")
+        if (resume / TRAINER_STATE).is_file():
+            raise ValueError(f"{resume} is a {incoming.config.architecture!r} run to resume; warm-start a new run directory instead")
+        acc.print(f"warm start: converting the {incoming.config.architecture!r} drafter in {resume} to the dflash architecture")
+        sample = _feature_sample(store, train, device=target.device)
+        incoming = to_dflash_architecture(incoming, embed, sample, None if cfg.mask_token_id < 0 else cfg.mask_token_id)
+    if incoming is not None:
+        model = incoming
+    else:
+        always = [eos_token_id] if eos_token_id is not None else []
+        vocab = build_draft_vocab(train, cfg.draft_vocab_size, always) if cfg.draft_vocab_size else torch.zeros(0, dtype=torch.long)
+        dflash = cfg.architecture == "dflash"
+        mask_id = (cfg.mask_token_id if cfg.mask_token_id >= 0 else rarest_token(train, target_vocab_size(target))) if dflash else None
+        mcfg = BlockDiffusionConfig.for_target(target, num_layers=cfg.num_layers, num_target_layers=cfg.num_target_layers,
+                                               block_size=cfg.block_size, draft_vocab_size=len(vocab), loss_decay_gamma=cfg.gamma,
+                                               architecture=cfg.architecture, mask_token_id=mask_id)
+        model = BlockDiffusionModel(mcfg)
+        model.draft_vocab.copy_(vocab)
+        if cfg.init_from_target:
+            model.init_from_target(target)
+        model.calibrate_feature_scale(_feature_sample(store, train, device=target.device))
     task = BlockDiffusionTask(model, target, cfg, store, teachers, acc.device)
     return run_training(task, cfg, train, held, out_dir, accelerator=acc, time_budget_s=time_budget_s)

@@ -192,7 +192,7 @@ def _target_outputs(stores: list[PositionStore], shards: dict[str, list[list[int
     bar = tqdm(total=total, desc=f"target {label}", unit="tok", disable=not show_progress or not total)
 
     def batches(rows: list[list[int]]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # limit padding
+        order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))  # limit padding; empty rows: none
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             width = max(len(rows[i]) for i in idx)

@@ -59,12 +59,15 @@ def cap_positions(train: list[Sequence], max_positions: int, seed: int) -> list[
     return kept
 
 
-def shard_rows(sequences: list[Sequence]) -> dict[str, list[list[int]]]:
+def shard_rows(sequences: list[Sequence], allow_gaps: bool = False) -> dict[str, list[list[int]]]:
     """Token ids of ``sequences`` grouped by shard, in row order (what the feature cache stores).
-    Every row of a shard must be present (pass train + held-out): the caches are indexed by row."""
+    The caches are indexed by row, so every row of a shard must be present (pass train + held-out);
+    with ``allow_gaps`` (a position cap left some out) a missing row is empty and gets no features."""
     shards: dict[str, dict[int, list[int]]] = {}
     for s in sequences:
         shards.setdefault(s.shard, {})[s.row] = s.ids
+    if allow_gaps:
+        return {name: [rows.get(i, []) for i in range(max(rows) + 1)] for name, rows in sorted(shards.items())}
     for name, rows in shards.items():
         if sorted(rows) != list(range(len(rows))):
             raise ValueError(f"shard {name}: rows {sorted(set(range(max(rows) + 1)) - set(rows))[:5]}... are missing; "

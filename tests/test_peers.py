@@ -1,0 +1,56 @@
+"""Benchmark peers (dllm_spec/peers.py): the llama.cpp peer decodes from the same prompt ids,
+stops like this library (stop id emitted, then stop; max_new_tokens exact; ignore_eos; it has
+no min_new_tokens), and asks for its package by name when it is missing."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from dllm_spec.peers import LlamaCppPeer, build_peer
+
+
+class FakeLlama:
+    """Stands in for llama_cpp.Llama: echoes a fixed continuation, recording what it was given."""
+
+    seen: list[list[int]] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+    def reset(self) -> None:
+        pass
+
+    def generate(self, tokens, **kwargs):
+        FakeLlama.seen.append(list(tokens))
+        assert kwargs["temp"] == 0.0 and kwargs["top_k"] == 1 and kwargs["repeat_penalty"] == 1.0
+        yield from [5, 6, 2, 7, 8, 9, 10, 11]
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    FakeLlama.seen = []
+
+
+def test_the_llama_cpp_peer_stops_like_the_library(fake_llama_cpp, tmp_path):
+    peer = LlamaCppPeer(lambda prompt: torch.tensor([[0, 3, 4]]), frozenset({2}), gguf_path=tmp_path / "m.gguf", threads=2)
+    out = peer.generate("hi", max_new_tokens=6)
+    assert FakeLlama.seen == [[0, 3, 4]] and out.token_ids.tolist() == [[5, 6, 2]]  # the stop id is emitted
+    assert out.stats.new_tokens == 3 and out.stats.tau == 1.0 and out.stats.wall_time_s >= 0
+    assert peer.generate("hi", max_new_tokens=6, ignore_eos=True).token_ids.tolist() == [[5, 6, 2, 7, 8, 9]]
+    with pytest.raises(ValueError, match="ignore_eos"):
+        peer.generate("hi", min_new_tokens=4)
+    with pytest.raises(ValueError, match="greedy"):
+        peer.generate("hi", temperature=0.7)
+
+
+def test_a_missing_llama_cpp_names_its_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
+    with pytest.raises(ValueError, match="pip install llama-cpp-python"):
+        LlamaCppPeer(lambda p: torch.tensor([[0]]), frozenset())
+    with pytest.raises(ValueError, match="unknown peer"):
+        build_peer("vllm", None)
