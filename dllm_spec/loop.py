@@ -18,7 +18,6 @@ the finished rows leave and the rest are moved down (only the rows that move are
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import torch
 
 from dllm_spec.policy import BlockLengthPolicy
 from dllm_spec.stats import GenerationStats
+from dllm_spec.timing import CycleClock, wall_clock
 from drafters.base import Drafter, DraftProposal, Sequences
 from verify.sampling import SamplingParams
 from verify.verifier import Verifier
@@ -69,12 +69,6 @@ class Emitted:
     request: int
     tokens: torch.Tensor
     finished: bool
-
-
-def _timer(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _first_stop(tokens: list[int], stop_ids: frozenset[int]) -> int | None:
@@ -124,7 +118,8 @@ def speculative_decode(
     rows: list[_Row] = []
     finished: list[int] = []  # rows whose request stopped in the last cycle
     exhausted = False
-    start = _timer(device)
+    start = wall_clock(device)
+    clock = CycleClock(device)  # phase timings without extra device synchronisations
     ban = sorted(stop.stop_token_ids) if stop.min_new_tokens else []
     cap = stop.context_limit if max_draft is None else max_draft  # drafts per cycle, whatever the policy asks
 
@@ -177,7 +172,7 @@ def speculative_decode(
                 starting.append((len(rows) + appended, *item))
                 appended += 1
             if starting:
-                now = _timer(device)
+                now = wall_clock(device)
                 for row, index, request in starting:
                     reqs[index] = request
                     if row == len(rows):
@@ -193,7 +188,7 @@ def speculative_decode(
                 slots = [row for row, _, _ in starting]
                 _, features, counts = verifier.prefill([q.input_ids for _, _, q in starting], slots)
                 drafter.begin(slots, Sequences(ids, lengths), features, counts)
-                done = _timer(device)
+                done = wall_clock(device)
                 for row, _, request in starting:
                     request.stats.prefill_time_s = done - now
             if not rows:
@@ -209,19 +204,20 @@ def speculative_decode(
             k = max(0, min(policy.begin_cycle(b), max(rooms) - 1, cap))  # tokens (tree nodes) fed to the target besides the last
             if drafter.tree_width == 1:
                 k = min(k, max(limits))  # a chain's length is its depth
-            t0 = _timer(device)
+            t0 = clock.mark()
             drafted = drafter.propose(seqs, k, sampling, gens) if k > 0 else DraftProposal.empty(b, device)
             drafted = drafted.limit_depth(limits)  # never accept past max_new_tokens or the context
             proposal = drafted.truncate([min(k, v) for v in policy.choose(drafted)])  # what is verified
-            t1 = _timer(device)
+            t1 = clock.mark()
             banned = [max(0, stop.min_new_tokens - row.generated) for row in rows] if ban else None
             outcome = verifier.verify(seqs.last(), proposal, sampling, gens, banned_ids=ban, banned_until=banned)
-            t2 = _timer(device)
-            accepted = outcome.num_accepted
+            t2 = clock.mark()
+            accepted = outcome.num_accepted  # host lists: the device has finished this cycle
+            draft_s, verify_s = clock.seconds(t0, t1), clock.seconds(t1, t2)
             paths = [outcome.paths[r, : accepted[r]] for r in range(b)] if proposal.is_tree else None
-            policy.observe(drafted, proposal.lengths, accepted, t1 - t0, t2 - t1, paths=paths)
-            totals.draft_time_s += t1 - t0
-            totals.verify_time_s += t2 - t1
+            policy.observe(drafted, proposal.lengths, accepted, draft_s, verify_s, paths=paths)
+            totals.draft_time_s += draft_s
+            totals.verify_time_s += verify_s
             totals.draft_forwards += proposal.forwards
             totals.target_forwards += 1
             totals.row_forwards += b
@@ -232,8 +228,8 @@ def speculative_decode(
             drafts = outcome.tokens.tolist()
             for r, row in enumerate(rows):
                 st = reqs[row.request].stats
-                st.draft_time_s += t1 - t0
-                st.verify_time_s += t2 - t1
+                st.draft_time_s += draft_s
+                st.verify_time_s += verify_s
                 st.draft_forwards += proposal.forwards
                 st.record_cycle(proposal.lengths[r], accepted[r], None if predictions is None else predictions[r], proposal.row_depth(r))
                 new = drafts[r][: accepted[r]] + [next_tokens[r]]
@@ -250,9 +246,9 @@ def speculative_decode(
                     reason = "context"
                 if reason is not None:
                     st.stop_reason = reason
-                    st.wall_time_s = _timer(device) - row.started
+                    st.wall_time_s = wall_clock(device) - row.started
                     finished.append(r)
                 yield Emitted(row.request, torch.tensor(new, dtype=torch.long), reason is not None)
             drafter.commit(Sequences(ids, lengths), outcome.features, outcome.feature_counts)
     finally:
-        totals.wall_time_s = _timer(device) - start
+        totals.wall_time_s = wall_clock(device) - start
