@@ -1,7 +1,8 @@
 """Speedup study on long outputs: output length x drafter x block policy x temperature, every
 variant side by side in one process (interleaved per prompt, order rotated every repeat), speedup
 = ratio of medians against plain AR in the same run. Also transformers' own assisted generation
-(with the same early-exit AR drafter, and its prompt lookup) as external peers.
+(with the same early-exit AR drafter, and its prompt lookup) and its plain ``generate`` as
+external peers.
 
 Results are appended to ``records.jsonl`` as they come (a rerun skips finished runs), then
 summarised into ``results.csv``, ``summary.md`` and PNG plots.
@@ -24,9 +25,10 @@ from tqdm.auto import tqdm
 
 from dllm_spec.bench import BASELINE, build_variant, default_prompts, load_prompt_file
 from dllm_spec.jsonl import append_record, read_records, write_atomic
+from dllm_spec.peers import PEERS, build_peer
 from dllm_spec.prompt import Prompt
 
-HF_PEERS = ("hf-assisted", "hf-prompt-lookup")
+HF_PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")  # transformers: plain greedy, assisted, prompt lookup
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class StudyConfig:
     drafters: tuple[str, ...] = ("prompt-lookup", "early-exit:26")
     policies: tuple[str, ...] = ("fixed:8", "adaptive")
     temperatures: tuple[float, ...] = (0.0, 1.0)
-    peers: tuple[str, ...] = HF_PEERS
+    peers: tuple[str, ...] = ("hf-assisted", "hf-prompt-lookup")
     repeats: int = 2
     per_category: int = 1
     max_k: int = 16
@@ -47,8 +49,8 @@ class StudyConfig:
             raise ValueError(f"lengths must be positive, got {self.lengths}")
         if self.repeats < 1 or self.per_category < 1:
             raise ValueError("repeats and per_category must be >= 1")
-        if any(p not in HF_PEERS for p in self.peers):
-            raise ValueError(f"peers must be among {HF_PEERS}, got {self.peers}")
+        if any(p not in HF_PEERS + PEERS for p in self.peers):
+            raise ValueError(f"peers must be among {HF_PEERS + PEERS}, got {self.peers}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
 
@@ -68,7 +70,7 @@ def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     if label == "hf-assisted":
         kwargs["assistant_model"] = assistant
-    else:
+    elif label == "hf-prompt-lookup":
         kwargs["prompt_lookup_num_tokens"] = 10
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -92,6 +94,7 @@ def run_study(spec, prompts: list[Prompt], cfg: StudyConfig, out_dir: str | Path
 
         assistant = AutoregressiveDrafter.from_target_layers(spec.target, None).model
         assistant.generation_config.num_assistant_tokens = 8
+    engines = {name: build_peer(name, spec) for name in cfg.peers if name in PEERS}  # other engines' plain decoding
     labels = variants + list(cfg.peers)
     jobs = [(length, temp, p, r) for length in cfg.lengths for temp in cfg.temperatures for r in range(cfg.repeats) for p in prompts]
     bar = tqdm(total=len(jobs) * len(labels), desc="study", unit="run")
@@ -102,7 +105,11 @@ def run_study(spec, prompts: list[Prompt], cfg: StudyConfig, out_dir: str | Path
             bar.update()
             if key in done:
                 continue
-            if label in HF_PEERS:
+            if label in engines:
+                s = engines[label].generate(prompt.text, max_new_tokens=length, temperature=temp, ignore_eos=cfg.ignore_eos).stats
+                row = dict(new_tokens=s.new_tokens, wall_time_s=s.wall_time_s, tau=None, accepted_per_position=None,
+                           verified_per_position=None)
+            elif label in HF_PEERS:
                 row = _hf_generate(spec, label, prompt.text, length, temp, rep, assistant,
                                    length if cfg.ignore_eos else min(cfg.min_new_tokens, length))
             else:
@@ -162,15 +169,20 @@ def _plots(records: list[dict], table: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     temps = sorted({k[1] for k in table})
-    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
-    for ax, temp in zip(axes[0], temps):
+    fig, axes = plt.subplots(2, len(temps), figsize=(6 * len(temps), 7), squeeze=False)
+    for col, temp in enumerate(temps):
+        speed_ax, tau_ax = axes[0][col], axes[1][col]
         for variant in sorted({k[0] for k in table if k[1] == temp}):
-            pts = sorted((k[2], v["speedup"]) for k, v in table.items() if k[0] == variant and k[1] == temp)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
-        ax.set_xscale("log", base=2)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set(title=f"speedup vs output length (T={temp:g})", xlabel="new tokens", ylabel="speedup over plain AR")
-        ax.legend(fontsize=7)
+            pts = sorted((k[2], v["speedup"], v["tau"]) for k, v in table.items() if k[0] == variant and k[1] == temp)
+            speed_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+            if variant != BASELINE and all(p[2] is not None for p in pts):
+                tau_ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=variant)
+        for ax in (speed_ax, tau_ax):
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+        speed_ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        speed_ax.set(title=f"speedup vs output length (T={temp:g})", xlabel="new tokens", ylabel="speedup over plain AR")
+        tau_ax.set(title=f"tau vs output length (T={temp:g})", xlabel="new tokens", ylabel="tokens per target forward")
     fig.tight_layout()
     fig.savefig(out / "speedup_vs_length.png", dpi=110)
     plt.close(fig)
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drafters", default=None, help="comma-separated drafter specs")
     p.add_argument("--policies", default=None, help="comma-separated policy specs")
     p.add_argument("--temperatures", default=None)
-    p.add_argument("--peers", default=None, help="hf-assisted,hf-prompt-lookup (or empty)")
+    p.add_argument("--peers", default=None, help="comma-separated, from hf-generate, hf-assisted, hf-prompt-lookup, llama.cpp (or empty)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--per-category", type=int, default=None)
     p.add_argument("--prompts", default=None)

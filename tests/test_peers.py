@@ -54,3 +54,21 @@ def test_a_missing_llama_cpp_names_its_install_command(monkeypatch):
         LlamaCppPeer(lambda p: torch.tensor([[0]]), frozenset())
     with pytest.raises(ValueError, match="unknown peer"):
         build_peer("vllm", None)
+
+
+def test_the_study_runs_the_llama_cpp_peer_and_transformers_plain_generate(fake_llama_cpp, target, tmp_path, monkeypatch):
+    from dllm_spec import DiffusionSpeculator
+    from dllm_spec.jsonl import read_records
+    from dllm_spec.prompt import Prompt
+    from dllm_spec.study import StudyConfig, run_study
+    from drafters import NullDrafter
+    from tests.conftest import CharTokenizer
+
+    monkeypatch.setattr("dllm_spec.target.default_gguf_dir", lambda: tmp_path)
+    spec = DiffusionSpeculator(target, CharTokenizer(), NullDrafter())
+    cfg = StudyConfig(lengths=(4,), drafters=(), policies=(), temperatures=(0.0,), peers=("hf-generate", "llama.cpp"), repeats=1,
+                      ignore_eos=True)
+    out = run_study(spec, [Prompt("a", "code", "abcabc")], cfg, tmp_path / "study")
+    rows = {r["variant"]: r for r in read_records(out / "records.jsonl")}
+    assert set(rows) == {"none", "hf-generate", "llama.cpp"}
+    assert rows["llama.cpp"]["new_tokens"] == 4 and rows["hf-generate"]["new_tokens"] == 4
