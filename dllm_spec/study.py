@@ -169,17 +169,20 @@ def _plots(records: list[dict], table: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     temps = sorted({k[1] for k in table})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {v: palette[i % len(palette)] for i, v in enumerate(sorted({k[0] for k in table}))}  # one colour per variant
     fig, axes = plt.subplots(2, len(temps), figsize=(6 * len(temps), 7), squeeze=False)
     for col, temp in enumerate(temps):
         speed_ax, tau_ax = axes[0][col], axes[1][col]
         for variant in sorted({k[0] for k in table if k[1] == temp}):
             pts = sorted((k[2], v["speedup"], v["tau"]) for k, v in table.items() if k[0] == variant and k[1] == temp)
-            speed_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+            speed_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant, color=colors[variant])
             if variant != BASELINE and all(p[2] is not None for p in pts):
-                tau_ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=variant)
+                tau_ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=variant, color=colors[variant])
         for ax in (speed_ax, tau_ax):
             ax.set_xscale("log", base=2)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         speed_ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         speed_ax.set(title=f"speedup vs output length (T={temp:g})", xlabel="new tokens", ylabel="speedup over plain AR")
         tau_ax.set(title=f"tau vs output length (T={temp:g})", xlabel="new tokens", ylabel="tokens per target forward")

@@ -71,14 +71,38 @@ def drafter_table(name: str) -> str:
     if result is None:
         return "(no results yet)"
     cats = [c for c in next(iter(result["summary"].values())) if c != "all"]
-    rows = ["| drafter@policy | tau (" + " / ".join(cats) + ") | tau | tokens/s | vs plain | identical |", "|---|---|---|---|---|---|"]
+    rows = ["| drafter@policy | tau (" + " / ".join(cats) + ") | tau | tokens/s | vs plain | outputs identical to plain |",
+            "|---|---|---|---|---|---|"]
     for variant, by in result["summary"].items():
         per = " / ".join(f"{by[c]['tau']:.2f}" for c in cats)
         a = by["all"]
-        rows.append(f"| {variant} | {per} | {a['tau']:.2f} | {a['tokens_per_s']:.1f} | {a['speedup']:.2f}x | {a['identical']} |")
+        runs = [r for r in result["records"] if r["drafter"] == variant]
+        same = sum(bool(r.get("identical_to_ar")) for r in runs)
+        rows.append(f"| {variant} | {per} | {a['tau']:.2f} | {a['tokens_per_s']:.1f} | {a['speedup']:.2f}x | {same}/{len(runs)} |")
     c = result["config"]
     head = f"{c['dtype'].replace('torch.', '')}, {c['threads']} threads, kernels {c.get('kernels', '?')}, {c['prompts']} prompts:\n\n"
     return head + "\n".join(rows)
+
+
+def dflash_table(offline: str, online: str) -> str:
+    """Held-out offline tau of the shipped drafters (draft / full vocabulary), and the DFlash-layout
+    drafter inside transformers' generate against the same drafter in this library's loop."""
+    off, on = _load(offline), _load(online)
+    if off is None:
+        return "(no results yet)"
+    rows = ["| drafter | architecture | offline tau, draft vocabulary | offline tau, full vocabulary |", "|---|---|---|---|"]
+    for name, r in off["results"].items():
+        rows.append(f"| {name} | {r['architecture']} | {r['draft_vocab']:.2f} | {r['full_vocab']:.2f} |")
+    text = f"{off['config']['sequences']} held-out greedy sequences, fp32, one denoising step, full block:\n\n" + "\n".join(rows)
+    if on is not None:
+        s, c = on["summary"], on["config"]
+        text += (f"\n\nIn transformers' `generate(speculation_type=\"dflash\")` and in this library's loop (chains of "
+                 f"{c['block_size'] - 1}, no prompt lookup), {s['prompts']} held-out prompts x {c['max_new_tokens']} new tokens, "
+                 f"fp32, {c['threads']} threads:\n\n| engine | tau | outputs identical to plain greedy |\n|---|---|---|\n"
+                 f"| transformers | {s['transformers_tau']:.2f} | {s['transformers_identical']}/{s['prompts']} |\n"
+                 f"| dllm-spec | {s['ours_tau']:.2f} | {s['ours_identical']}/{s['prompts']} |\n\n"
+                 f"transformers reaches {s['ratio']:.2f}x this library's tau with the same drafter.")
+    return text
 
 
 TABLES = {
@@ -87,6 +111,10 @@ TABLES = {
     "latency": lambda: latency_table([("latency_fp32.json", "fp32, packed"), ("latency_fp32_default_kernels.json", "fp32, default"),
                                       ("latency_bf16.json", "bf16, default")]),
     "drafters-fp32": lambda: drafter_table("drafters_fp32.json"),
+    "throughput-int4": lambda: throughput_table(["throughput_int4.json"]),
+    "int4-batch1": lambda: drafter_table("int4_batch1.json"),
+    "latency-int4": lambda: latency_table([("latency_int4.json", "int4 (bf16 activations)")]),
+    "dflash": lambda: dflash_table("dflash_offline_tau.json", "dflash_transformers.json"),
 }
 PATTERN = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

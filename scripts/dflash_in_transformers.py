@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     counter = ForwardCounter(target)
     rows = []
     for prompt in tqdm(default_prompts(args.per_category), desc="prompts"):
-        ids = spec.encode(prompt)
+        ids = spec.encode(prompt.text)
         n = ids.shape[1]
         kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         ref = target.generate(ids, **kwargs)[0, n:].tolist()

@@ -26,10 +26,12 @@ def _drafters(target):
         "block-diffusion:1": (build_drafter("block-diffusion:1", target), 15),  # the shipped drafter, one step
         "block-diffusion:2": (build_drafter("block-diffusion:2", target), 7),
         "block-diffusion:tree=4": (build_drafter("block-diffusion:tree=4", target), 24),  # a 24-node draft tree
+        "block-diffusion-dflash:tree=4": (build_drafter("block-diffusion-dflash:tree=4", target), 16),  # the DFlash-layout drafter
     }
 
 
-@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self", "block-diffusion:1", "block-diffusion:2", "block-diffusion:tree=4"])
+@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self", "block-diffusion:1", "block-diffusion:2", "block-diffusion:tree=4",
+                                  "block-diffusion-dflash:tree=4"])
 def test_greedy_output_equals_target_generate_in_fp32(real_spec, name):
     drafter, block = _drafters(real_spec.target)[name]
     policy = CostAwarePolicy(max_k=block) if name == "prompt-lookup" else FixedLength(block)
