@@ -141,6 +141,36 @@ def _feature_sample(store, train: list[Sequence], device, n: int = 16) -> torch.
     return feats[valid]
 
 
+def _initial_model(cfg: TrainConfig, target: PreTrainedModel, incoming: BlockDiffusionModel | None, resume: Path | None,
+                   train: list[Sequence], store, eos_token_id: int | None, acc) -> BlockDiffusionModel:
+    """The weights a run starts from: ``incoming`` (resumed or warm-started; converted when it has
+    the other architecture) or a fresh drafter initialised from the target."""
+    if incoming is not None and incoming.config.architecture != cfg.architecture:
+        if cfg.architecture != "dflash":
+            raise ValueError(f"{resume}: cannot warm-start a {cfg.architecture!r} drafter from a {incoming.config.architecture!r} one")
+        if (resume / TRAINER_STATE).is_file():
+            raise ValueError(f"{resume} is a {incoming.config.architecture!r} run to resume; warm-start a new run directory instead")
+        acc.print(f"warm start: converting the {incoming.config.architecture!r} drafter in {resume} to the dflash architecture")
+        sample = _feature_sample(store, train, device=target.device)
+        embed = target.get_input_embeddings().weight.detach()
+        incoming = to_dflash_architecture(incoming, embed, sample, None if cfg.mask_token_id < 0 else cfg.mask_token_id)
+    if incoming is not None:
+        return incoming
+    always = [eos_token_id] if eos_token_id is not None else []
+    vocab = build_draft_vocab(train, cfg.draft_vocab_size, always) if cfg.draft_vocab_size else torch.zeros(0, dtype=torch.long)
+    dflash = cfg.architecture == "dflash"
+    mask_id = (cfg.mask_token_id if cfg.mask_token_id >= 0 else rarest_token(train, target_vocab_size(target))) if dflash else None
+    mcfg = BlockDiffusionConfig.for_target(target, num_layers=cfg.num_layers, num_target_layers=cfg.num_target_layers,
+                                           block_size=cfg.block_size, draft_vocab_size=len(vocab), loss_decay_gamma=cfg.gamma,
+                                           architecture=cfg.architecture, mask_token_id=mask_id)
+    model = BlockDiffusionModel(mcfg)
+    model.draft_vocab.copy_(vocab)
+    if cfg.init_from_target:
+        model.init_from_target(target)
+    model.calibrate_feature_scale(_feature_sample(store, train, device=target.device))
+    return model
+
+
 def train_block_diffusion(
     target: PreTrainedModel,
     data_dir: str | os.PathLike,
@@ -192,29 +222,6 @@ def train_block_diffusion(
     elif acc.is_main_process:
         build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps))
     acc.wait_for_everyone()
-    embed = target.get_input_embeddings().weight.detach()
-    if incoming is not None and incoming.config.architecture != cfg.architecture:
-        if cfg.architecture != "dflash":
-            raise ValueError(f"{resume}: cannot warm-start a {cfg.architecture!r} drafter from a {incoming.config.architecture!r} one")
-        if (resume / TRAINER_STATE).is_file():
-            raise ValueError(f"{resume} is a {incoming.config.architecture!r} run to resume; warm-start a new run directory instead")
-        acc.print(f"warm start: converting the {incoming.config.architecture!r} drafter in {resume} to the dflash architecture")
-        sample = _feature_sample(store, train, device=target.device)
-        incoming = to_dflash_architecture(incoming, embed, sample, None if cfg.mask_token_id < 0 else cfg.mask_token_id)
-    if incoming is not None:
-        model = incoming
-    else:
-        always = [eos_token_id] if eos_token_id is not None else []
-        vocab = build_draft_vocab(train, cfg.draft_vocab_size, always) if cfg.draft_vocab_size else torch.zeros(0, dtype=torch.long)
-        dflash = cfg.architecture == "dflash"
-        mask_id = (cfg.mask_token_id if cfg.mask_token_id >= 0 else rarest_token(train, target_vocab_size(target))) if dflash else None
-        mcfg = BlockDiffusionConfig.for_target(target, num_layers=cfg.num_layers, num_target_layers=cfg.num_target_layers,
-                                               block_size=cfg.block_size, draft_vocab_size=len(vocab), loss_decay_gamma=cfg.gamma,
-                                               architecture=cfg.architecture, mask_token_id=mask_id)
-        model = BlockDiffusionModel(mcfg)
-        model.draft_vocab.copy_(vocab)
-        if cfg.init_from_target:
-            model.init_from_target(target)
-        model.calibrate_feature_scale(_feature_sample(store, train, device=target.device))
+    model = _initial_model(cfg, target, incoming, resume, train, store, eos_token_id, acc)
     task = BlockDiffusionTask(model, target, cfg, store, teachers, acc.device)
     return run_training(task, cfg, train, held, out_dir, accelerator=acc, time_budget_s=time_budget_s)

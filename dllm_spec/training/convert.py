@@ -53,10 +53,9 @@ def to_dflash_architecture(model: BlockDiffusionModel, embed: torch.Tensor, feat
         raise RuntimeError(f"unexpected weights converting to dflash: {unexpected}")
     h = cfg.target_hidden_size
     features = features.float()
-    for i, norm in enumerate(src.feature_norms):
-        part = features[:, i * h: (i + 1) * h]
-        rms = part.pow(2).mean(-1).sqrt().median().clamp_min(1e-6)
-        out.feature_scale[i * h: (i + 1) * h] = norm.weight.float() / rms
+    for i, norm in enumerate(src.feature_norms):  # each norm's gain, then over its layer's typical RMS
+        out.feature_scale[i * h: (i + 1) * h] = norm.weight.float()
+    out.calibrate_feature_scale(features)
     fused = out.fuse_context(features[None])[0]  # (N, H)
     for layer, old in zip(out.layers, src.layers):
         x = old.input_norm(fused)
