@@ -56,7 +56,7 @@ def export_blockers(config: BlockDiffusionConfig, layout: str) -> list[str]:
     if config.architecture != "dflash":
         problems.append(f"architecture {config.architecture!r} (per-layer feature norms, the context normalised by each "
                         "layer's input norm, last-context injection, no q/k norm, a learned mask embedding); "
-                        "train with architecture='dflash'")
+                        "train it with dllm-spec train --architecture dflash")
     if config.target_layer_ids and min(config.target_layer_ids) < 1:
         problems.append(f"target_layer_ids {config.target_layer_ids} include 0 (the embeddings), which DFlash's "
                         "hidden_states[id + 1] cannot address")
@@ -130,6 +130,9 @@ def save_dflash(model: BlockDiffusionModel, out: str | os.PathLike, layout: str,
     tensors = {k: (v if not v.is_floating_point() else v.to(dtype)).contiguous() for k, v in
                dflash_state_dict(model, layout, lm_head).items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # readable like config.json (safetensors writes it 0600)
     (out / "config.json").write_text(json.dumps(dflash_config(model.config, layout, dtype), indent=2) + "\n")
     return out
 
