@@ -53,6 +53,9 @@ class StudyConfig:
             raise ValueError(f"peers must be among {HF_PEERS + PEERS}, got {self.peers}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if any(p in PEERS for p in self.peers) and (any(t != 0 for t in self.temperatures) or self.min_new_tokens):
+            raise ValueError(f"peers {[p for p in self.peers if p in PEERS]} decode greedily without min_new_tokens: "
+                             "use temperatures 0 (and ignore_eos for long outputs)")
 
     @classmethod
     def quick(cls) -> "StudyConfig":

@@ -107,8 +107,7 @@ class BlockDiffusionDrafter(Drafter):
         """Write the drafter in a DFlash layout (``"dflash"``: z-lab / vLLM / SGLang; ``"transformers"``:
         ``MuseGlimmerAssistantModel``). A reduced draft vocabulary needs ``target`` (its LM head rows
         are written for vLLM) unless the drafter is bound."""
-        head = target.get_output_embeddings().weight if target is not None else (
-            self._full_head if self._full_head is not None else None)
+        head = target.get_output_embeddings().weight if target is not None else self._full_head
         return save_dflash(self.model, path, layout, dtype, head)
 
     @property

@@ -39,3 +39,5 @@ def test_study_config_rejects_bad_values():
         StudyConfig(lengths=(0,))
     with pytest.raises(ValueError, match="peers"):
         StudyConfig(peers=("vllm",))
+    with pytest.raises(ValueError, match="greedily"):  # refused before any run, not halfway through
+        StudyConfig(peers=("llama.cpp",), temperatures=(0.0, 1.0))
