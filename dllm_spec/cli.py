@@ -105,14 +105,16 @@ def cmd_bench(args) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
-    out = _writable(args.out)
-    if args.latency:
-        return _bench_latency(args, _int_list(args.latency, "--latency"), out)
     from dllm_spec.peers import PEERS
 
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     if any(p not in PEERS for p in peers):
         raise ValueError(f"--peers must name engines among {', '.join(PEERS)}, got {args.peers!r}")
+    if peers and (args.latency or batch_sizes):
+        raise ValueError("--peers runs beside the drafter bench, not with --latency or --batch-sizes")
+    out = _writable(args.out)
+    if args.latency:
+        return _bench_latency(args, _int_list(args.latency, "--latency"), out)
     prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(args.per_category)
     if batch_sizes:
         return _bench_throughput(args, prompts, batch_sizes, out)

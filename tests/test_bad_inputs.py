@@ -240,6 +240,7 @@ CLI_CASES = [
     (lambda t: ["bench", "--out", str(t)], "is a directory"),
     (lambda t: ["bench", "--batch-sizes", "0,x"], "--batch-sizes"),
     (lambda t: ["bench", "--peers", "vllm"], "--peers"),
+    (lambda t: ["bench", "--peers", "llama.cpp", "--batch-sizes", "1"], "--peers"),
     (lambda t: ["bench", "--prompts", str(t / "missing.txt")], "missing.txt"),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t / "in.txt")], "is the input file"),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t)], "is a directory"),
