@@ -138,13 +138,17 @@ class LatencySurface:
         self.curves[rows].observe(k, seconds)
 
 
+#: bumped when the engine's kernels change what a forward costs, so curves cached before are not reused
+CURVE_FORMAT = 2
+
+
 def _key(model: PreTrainedModel, rows: int) -> str:
     cfg = model.config
     ident = f"{getattr(cfg, '_name_or_path', '')}|{cfg.model_type}|{cfg.hidden_size}|{cfg.num_hidden_layers}|{cfg.vocab_size}"
     dev = model.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
     suffix = ("" if rows == 1 else f"|rows{rows}") + f"|{getattr(model, 'dllm_kernels', 'default')}"
-    return hashlib.sha1(f"{ident}|{name}|{model.dtype}|static{suffix}".encode()).hexdigest()[:16]
+    return hashlib.sha1(f"{ident}|{name}|{model.dtype}|static{suffix}|v{CURVE_FORMAT}".encode()).hexdigest()[:16]
 
 
 @torch.inference_mode()

@@ -5,13 +5,13 @@
 For the embedded default target the codes are the GGUF file's own Q4_1 blocks, taken as they are
 (Q4_1 is exactly this format: per 32 weights a scale ``d`` and a minimum ``m``, w = d * q + m,
 q in 0..15); any other model is quantized from its weights with the same grouping. The token
-embedding and the tied LM head stay dense bf16 (the GGUF stores them as Q8_0, which this kernel
-cannot take).
+embedding and the tied LM head stay bf16 (the GGUF stores them as Q8_0, which this kernel cannot
+take); the LM head runs on oneDNN-packed weights (:mod:`dllm_spec.kernels`).
 
 Kernel choice by measurement: the int4 kernel wins at a few rows (it reads a quarter of the
 bytes) and loses at many (it dequantizes per tile), so each :class:`Int4Linear` also holds the
-dequantized bf16 weight and switches to the dense bf16 matmul above ``dense_from`` rows, a
-crossover measured once per weight shape on this CPU (:func:`measure_crossover`).
+dequantized bf16 weight, packed for oneDNN, and switches to that dense bf16 matmul from
+``dense_from`` rows, a crossover measured once per weight shape on this CPU (:func:`measure_crossover`).
 
 Precision: ``dtype="int4"`` is its own precision. Greedy speculative output equals the same
 engine's plain greedy decoding in int4 (up to bf16 near-ties, as in bf16), not the fp32 model's.
@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from dllm_spec.kernels import pack_weight, packed_available, packed_linear
 
 GROUP = 32
 # llama.cpp's GGUF tensor names -> transformers' Llama module names (decoder linears only)
@@ -90,6 +92,7 @@ class Int4Linear(nn.Module):
         # the same weights, dequantized with the kernel's bf16 scales, for many rows: (N, K)
         full = (codes.float() - 8).reshape(self.out_features, -1, group) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
         self.dense = full.reshape(self.out_features, self.in_features).to(torch.bfloat16)
+        self._dense_packed = pack_weight(self.dense) if packed_available() else None
         self.dense_from = dense_from if dense_from is not None else measure_crossover(self.in_features, self.out_features)
 
     @property
@@ -101,37 +104,55 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (..., K) -> (M, K)
         if flat.shape[0] >= self.dense_from:
-            out = nn.functional.linear(flat, self.dense)
+            out = self._dense(flat)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group, self.scales_and_zeros)
         return out.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """The dequantized bf16 matmul (M, K) -> (M, N), oneDNN-packed where available."""
+        if self._dense_packed is not None:
+            return packed_linear(flat, self._dense_packed)
+        return nn.functional.linear(flat, self.dense)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4 below {self.dense_from} rows"
 
 
+#: bytes of weights the crossover measurement cycles through: more than the last-level cache, so each
+#: matmul streams its weight from memory as it does inside a model (a hot-cache micro-benchmark
+#: favours the dense weight, four times the bytes, and puts the crossover too late)
+COLD_BYTES = 96 << 20
+
+
 @functools.lru_cache(maxsize=None)
-def measure_crossover(k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 7) -> int:
-    """The fewest rows at which the dense bf16 matmul beats the int4 kernel for a (N, K) weight on
-    this CPU (median of ``repeats``); past the last measured size when it never does."""
+def measure_crossover(k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 64), repeats: int = 7) -> int:
+    """The fewest rows at which the (packed) dense bf16 matmul beats the int4 kernel for a (N, K)
+    weight on this CPU (median of ``repeats`` passes over copies of the weight that do not fit in
+    cache together); past the last measured size when it never does."""
     torch.manual_seed(0)
     codes, scale, lo = quantize_groups(torch.randn(n, k) * 0.02)
     layer = Int4Linear(codes, scale, lo, dense_from=1 << 30)
+    copies = max(2, -(-COLD_BYTES // (2 * n * k)))
+    int4_weights = [layer.packed.clone() for _ in range(copies)]
+    dense_weights = [pack_weight(layer.dense.clone()) if packed_available() else layer.dense.clone() for _ in range(copies)]
+    dense_mm = packed_linear if packed_available() else nn.functional.linear
 
-    def timed(fn) -> float:
-        fn()
+    def timed(fn, weights) -> float:
+        fn(weights[0])
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+            for w in weights:
+                fn(w)
+            samples.append((time.perf_counter() - t0) / len(weights))
         return float(np.median(samples))
 
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16)
         with torch.inference_mode():
-            t_int4 = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, layer.group, layer.scales_and_zeros))
-            t_dense = timed(lambda: nn.functional.linear(x, layer.dense))
+            t_int4 = timed(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, layer.group, layer.scales_and_zeros), int4_weights)
+            t_dense = timed(lambda w: dense_mm(x, w), dense_weights)
         if t_dense < t_int4:
             return m
     return rows[-1] * 2

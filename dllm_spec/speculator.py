@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dllm_spec.config import SpeculatorConfig
+from dllm_spec.kernels import pack_linears, packed_available
 from dllm_spec.loop import Emitted, Request, StopConditions, speculative_decode
 from dllm_spec.policy import BlockLengthPolicy, CostAwarePolicy
 from dllm_spec.stats import GenerationStats
@@ -122,6 +123,9 @@ class DiffusionSpeculator:
         self.config = config
         self.drafter = drafter if drafter is not None else default_drafter(target)
         self.drafter.bind(target, tokenizer)
+        if getattr(target, "dllm_kernels", "default") != "default" and packed_available():  # the drafter's own linears too
+            for module in self.drafter.kernel_modules():
+                pack_linears(module)
         self.policy = policy if policy is not None else CostAwarePolicy(max_k=max(1, config.block_size))
         self.policy.bind(target)
         self.drafter.attach_gate(self.policy.request_draft)

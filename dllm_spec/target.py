@@ -148,7 +148,7 @@ def load_target(
             or ``"int4"`` (CPU): the decoder linears as 4-bit grouped weights with bf16 activations,
             taken from the GGUF's own Q4_1 blocks for the embedded default (see :mod:`dllm_spec.quant`).
         device: ``"cpu"``, ``"cuda"``, ... or ``None`` for CUDA when available.
-        kernels: ``"auto"`` (oneDNN-packed linear weights for fp32 on CPU, where they are faster),
+        kernels: ``"auto"`` (oneDNN-packed linear weights for fp32 and bf16 on CPU, where they are faster),
             ``"packed"`` or ``"default"`` (see :mod:`dllm_spec.kernels`).
     """
     if kernels not in KERNELS:
@@ -169,6 +169,8 @@ def load_target(
         from dllm_spec.quant import quantize_linears
 
         quantize_linears(model, default_gguf_dir() / DEFAULT_GGUF_FILE if target is None else None)
+        if kernels != "default":
+            apply_kernels(model, kernels)  # what stays bf16 (the LM head) runs packed
         model.dllm_kernels = "int4"
         return model, tokenizer
     model.dllm_kernels = apply_kernels(model, kernels)  # recorded for benchmarks and the latency cache key

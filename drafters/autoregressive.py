@@ -89,6 +89,9 @@ class AutoregressiveDrafter(Drafter):
             raise ValueError(f"Tokenizer mismatch: drafter '{self.name}' uses a different tokenizer from the target's")
         self.model.to(target.device)
 
+    def kernel_modules(self) -> list[nn.Module]:
+        return [self.model]  # an early-exit draft's layers are the target's own (already given kernels)
+
     def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
         if self._cache is None:
             self._cache = StaticKVCache.for_model(self.model, max(rows) + 1)

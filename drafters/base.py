@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from verify.proposal import DraftProposal
@@ -87,6 +88,13 @@ class Drafter(ABC):
     def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
         """Pair with a target: check compatibility, move to its device. Raises ValueError on mismatch."""
         check_vocab_compatible(self.vocab_size, target, self.name)
+
+    def kernel_modules(self) -> list[nn.Module]:
+        """The modules that run this drafter's own matmuls, after :meth:`bind`: the engine swaps the
+        linears inside them for the target's CPU kernels (``dllm_spec.kernels``), so each is a
+        container, not a bare ``nn.Linear``. Modules shared with the target are left out (they have
+        the kernels already); none by default."""
+        return []
 
     def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
         """Sequences start in slots ``rows`` after the target's prefill (``features`` row i is slot rows[i])."""

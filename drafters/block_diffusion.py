@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -62,7 +61,7 @@ class BlockDiffusionDrafter(Drafter):
         self.target_layer_ids = tuple(self.config.target_layer_ids)
         self.name = f"block-diffusion-s{steps}" + (f"-tree{tree_width}" if tree_width > 1 else "")
         self._embed: nn.Module | None = None
-        self._head: torch.Tensor | None = None  # (V_draft, H) rows of the target's LM head
+        self._head: nn.Module | None = None  # H -> V_draft: the rows of the target's LM head the drafter predicts
         self._full_head: torch.Tensor | None = None  # (V, H) the target's LM head
         self._ctx: StaticKVCache | None = None  # per-row context keys/values of every drafter layer
         self._last_fused: torch.Tensor | None = None  # (max_batch, H) fused state of each row's last context position
@@ -131,7 +130,18 @@ class BlockDiffusionDrafter(Drafter):
         head = target.get_output_embeddings().weight
         self._full_head = head
         vocab = self.model.draft_vocab
-        self._head = head[vocab] if vocab.numel() else head
+        if vocab.numel():  # a reduced draft vocabulary: its rows of the LM head, as a module of its own
+            rows = nn.Linear(head.shape[1], vocab.numel(), bias=False, device=head.device, dtype=head.dtype)
+            rows.weight = nn.Parameter(head.detach()[vocab.to(head.device)], requires_grad=False)
+            self._head = nn.Sequential(rows)  # a container, so a kernel pass can swap the linear inside
+        else:
+            self._head = target.get_output_embeddings()  # the target's own LM head (and its kernels)
+
+    def kernel_modules(self) -> list[nn.Module]:
+        own = [self.model]
+        if self._head is not None and self.model.draft_vocab.numel():
+            own.append(self._head)
+        return own
 
     # ---- sequence state -----------------------------------------------------------------------
     # Per row, a position-indexed cache of the projected context keys/values of every drafter layer
@@ -191,7 +201,7 @@ class BlockDiffusionDrafter(Drafter):
         vocabulary when the drafter has no reduced one)."""
         b, L, h = hidden.shape
         flat = hidden.reshape(b * L, h)  # (B, L, H) -> (B*L, H): one 2-D matmul (a strided 3-D input dispatches to a slow bmm)
-        return F.linear(flat, self._head).view(b, L, -1).float()
+        return self._head(flat).view(b, L, -1).float()
 
     @torch.inference_mode()
     def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators) -> DraftProposal:

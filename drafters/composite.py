@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from drafters.base import Drafter, DraftProposal, Sequences
@@ -63,6 +64,9 @@ class _PairDrafter(Drafter):
     def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.primary.bind(target, tokenizer)
         self.fallback.bind(target, tokenizer)
+
+    def kernel_modules(self) -> list[nn.Module]:
+        return self.primary.kernel_modules() + self.fallback.kernel_modules()
 
     def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
         self.primary.begin(rows, seqs, None, counts)

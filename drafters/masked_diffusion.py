@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
@@ -73,6 +74,9 @@ class MaskedDiffusionDrafter(Drafter):
         """The vocabulary shared with the target: the model's, less a mask row appended past it."""
         v = target_vocab_size(self.model)
         return v - 1 if self.mask_token_id == v - 1 and self._appended_mask else v
+
+    def kernel_modules(self) -> list[nn.Module]:
+        return [self.model]
 
     def bind(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
         # a mask token added after the shared vocabulary (one extra row) is allowed: its logit is dropped

@@ -1,6 +1,7 @@
 """oneDNN-packed linear weights (dllm_spec/kernels.py): the same outputs up to rounding, the same
-greedy output through the loop, training falls back to autograd, state dicts unchanged, and the
-auto choice packs only fp32 on CPU."""
+greedy output through the loop, training falls back to autograd, state dicts unchanged, the auto
+choice packs fp32 and bf16 on CPU only, and the speculator gives a drafter's own linears the
+target's kernels."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dllm_spec import DiffusionSpeculator
 from dllm_spec.kernels import PackedLinear, apply_kernels, pack_linears
 from dllm_spec.policy import FixedLength
 from drafters import PromptLookupDrafter
-from tests.conftest import tiny_llama
+from tests.conftest import make_drafter, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -39,9 +40,36 @@ def test_packed_linear_trains_through_autograd():
     assert x.grad is not None and layer.weight.grad is not None
 
 
-def test_auto_packs_fp32_on_cpu_only():
+def test_auto_packs_fp32_and_bf16_on_cpu_only():
     assert apply_kernels(tiny_llama(0), "auto") == "packed"
-    assert apply_kernels(tiny_llama(0).to(torch.bfloat16), "auto") == "default"
+    assert apply_kernels(tiny_llama(0).to(torch.bfloat16), "auto") == "packed"
+    assert apply_kernels(tiny_llama(0).to(torch.float16), "auto") == "default"
     assert apply_kernels(tiny_llama(0), "default") == "default"
+    half = tiny_llama(0).to(torch.float16)
+    assert pack_linears(half) == 0  # a dtype oneDNN's packed path does not serve is left alone
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_linear_equals_linear_at_every_row_count(dtype, tol):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 40).to(dtype)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for rows in (0, 1, 2, 7, 16, 33):
+            x = torch.randn(2, rows, 64).to(dtype)  # 3-D input, as decoder layers pass it
+            torch.testing.assert_close(packed(x), linear(x), rtol=tol, atol=tol)
+
+
+def test_the_speculator_packs_the_drafters_own_linears_and_keeps_greedy_output():
+    target = tiny_llama(0)
+    want = target.generate(torch.tensor([[0, 3, 3, 40, 11]]), max_new_tokens=20, do_sample=False, pad_token_id=1)[0, 5:].tolist()
+    apply_kernels(target, "packed")
+    target.dllm_kernels = "packed"
+    drafter = make_drafter(target, draft_vocab=12)
+    spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(4))
+    own = [m for module in drafter.kernel_modules() for m in module.modules()]
+    assert own and not any(type(m) is torch.nn.Linear for m in own)
+    assert any(isinstance(m, PackedLinear) for m in drafter._head.modules())  # the reduced-vocabulary head too
+    assert spec.generate(torch.tensor([[0, 3, 3, 40, 11]]), max_new_tokens=20).token_ids[0].tolist() == want
     with pytest.raises(ValueError, match="kernels"):
         apply_kernels(tiny_llama(0), "fast")
