@@ -10,6 +10,11 @@ copies). oneDNN chooses the blocked layout from a batch-size hint: packing for o
 layout that is slow for every larger M, a hint of a few rows is as fast at M = 1 and twice as fast
 at M = 16 (:data:`PACK_ROWS_HINT`).
 
+Sibling projections that read the same input (q/k/v, gate/up: :data:`FUSED_GROUPS`) are also
+multiplied as one matmul over their concatenated weights (:class:`FusedProjection`): 4 calls per
+decoder layer instead of 7, a one-token step 9% faster. Each output column is computed as before,
+so the logits are the same as unfused packing (bit for bit here).
+
 ``kernels="auto"`` packs fp32 and bf16 models on CPU and leaves everything else alone. Different
 kernels round differently, so greedy output is exactly the same engine's plain greedy output (same
 kernels on both sides), and equals transformers' unpacked greedy output except at floating-point
@@ -18,6 +23,8 @@ causal LM (and for any ``nn.Module`` with linears, such as a drafter).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,6 +73,97 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=oneDNN"
 
 
+#: sibling linears that modeling code calls on the same input tensor, one after another
+#: (transformers' names for Llama-family attention and gated MLPs)
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _version(x: torch.Tensor) -> int:
+    """``x``'s in-place version counter; inference-mode tensors keep none (-1): for them the group
+    relies on the object alone, which decoder layers never modify between sibling calls."""
+    return -1 if x.is_inference() else x._version
+
+
+class SharedInput:
+    """A group of sibling linears computed as one: ``matmul`` maps an input (..., K) to the
+    concatenated outputs (..., sum of ``sizes``); the last result is kept for the other members."""
+
+    def __init__(self, matmul: Callable[[torch.Tensor], torch.Tensor], sizes: list[int]) -> None:
+        self.matmul, self.sizes = matmul, sizes
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._outputs: tuple[torch.Tensor, ...] = ()
+
+    @classmethod
+    def packed(cls, linears: list[nn.Linear]) -> "SharedInput":
+        """The group's weights (and biases) concatenated and packed for oneDNN."""
+        with torch.no_grad():
+            weight = pack_weight(torch.cat([lin.weight.detach() for lin in linears]))
+            biases = [lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
+                      for lin in linears]
+            bias = torch.cat(biases) if any(lin.bias is not None for lin in linears) else None
+        return cls(lambda x: packed_linear(x, weight, bias), [lin.out_features for lin in linears])
+
+    def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Member ``member``'s output for ``x``: the whole group is computed once per input tensor
+        (the same object, not modified in place since), and each member takes its columns. The
+        group keeps a reference to its last input, so that object cannot be replaced by another
+        at the same address."""
+        version = _version(x)
+        if self._input is not x or self._version != version:
+            fused = self.matmul(x)  # (..., sum of sizes)
+            self._input, self._version = x, version
+            self._outputs = fused.split(self.sizes, dim=-1)
+        return self._outputs[member]
+
+
+class FusedProjection(nn.Module):
+    """One linear of a group of siblings that read the same input (q/k/v, gate/up): the first one
+    called on an input runs the group's single matmul (:class:`SharedInput`), the others take their
+    columns of it.
+    ``weight``/``bias`` stay the original parameters, so ``state_dict`` is unchanged; training (grad
+    enabled) takes the autograd path through them, member by member."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: SharedInput, member: int,
+                 kernel: str = "oneDNN") -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self._group, self._member, self._kernel = group, member, kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return nn.functional.linear(x, self.weight, self.bias)
+        return self._group.output(x, self._member)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._kernel}, fused member {self._member} of {len(self._group.sizes)}")
+
+
+def _packable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in PACKED_DTYPES
+
+
+def _fuse_siblings(module: nn.Module) -> int:
+    """Swap each complete group of :data:`FUSED_GROUPS` among ``module``'s children for
+    :class:`FusedProjection` members; returns how many linears were swapped."""
+    swapped = 0
+    children = dict(module.named_children())
+    for names in FUSED_GROUPS:
+        linears = [children.get(name) for name in names]
+        if not all(lin is not None and _packable(lin) for lin in linears):
+            continue
+        if len({(lin.in_features, lin.weight.dtype) for lin in linears}) != 1:
+            continue
+        group = SharedInput.packed(linears)
+        for member, (name, lin) in enumerate(zip(names, linears)):
+            setattr(module, name, FusedProjection(lin.weight, lin.bias, group, member))
+            swapped += 1
+    return swapped
+
+
 def packing_pays(model: nn.Module) -> bool:
     """Whether :func:`pack_linears` is the faster path for ``model`` here: fp32 or bf16 weights on a
     CPU with oneDNN."""
@@ -73,12 +171,16 @@ def packing_pays(model: nn.Module) -> bool:
     return param is not None and param.device.type == "cpu" and param.dtype in PACKED_DTYPES and packed_available()
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Swap every ``nn.Linear`` of ``model`` (CPU, fp32/bf16) for a :class:`PackedLinear` in place; returns how many."""
+def pack_linears(model: nn.Module, fuse: bool = True) -> int:
+    """Swap every ``nn.Linear`` of ``model`` (CPU, fp32/bf16) in place for a packed one: sibling
+    groups for :class:`FusedProjection` members (``fuse``), the rest for :class:`PackedLinear`;
+    returns how many linears were swapped."""
     swapped = 0
     for module in list(model.modules()):
+        if fuse:
+            swapped += _fuse_siblings(module)
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES:
+            if _packable(child):
                 setattr(module, child_name, PackedLinear(child))
                 swapped += 1
     return swapped

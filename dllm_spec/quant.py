@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dllm_spec.kernels import pack_weight, packed_available, packed_linear
+from dllm_spec.kernels import FUSED_GROUPS, FusedProjection, SharedInput, pack_weight, packed_available, packed_linear
 
 GROUP = 32
 # llama.cpp's GGUF tensor names -> transformers' Llama module names (decoder linears only)
@@ -165,24 +165,42 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_linears(model: nn.Module, gguf_path: str | Path | None = None) -> int:
     """Swap the decoder linears of a Llama-style ``model`` (bf16, CPU) for :class:`Int4Linear` in
-    place; returns how many. With ``gguf_path`` (a Q4_1 GGUF of this very model) the file's codes
+    place (sibling groups: one fused :class:`Int4Linear` behind ``FusedProjection`` members);
+    returns how many linears were swapped. With ``gguf_path`` (a Q4_1 GGUF of this very model) the file's codes
     are used as they are, else the weights are quantized (:func:`quantize_groups`)."""
     if not int4_available():
         raise ValueError("dtype='int4' needs torch's CPU int4 kernels (_weight_int4pack_mm_for_cpu), missing from this build")
     blocks = _gguf_q4_1(gguf_path, model) if gguf_path is not None else {}
-    swapped = 0
-    for name, module in list(model.named_modules()):
+    weights = {}  # module name -> (codes, scale, minimum)
+    for name, module in model.named_modules():
         if type(module) is not nn.Linear or module.bias is not None or module.in_features % GROUP:
             continue
         if name.endswith("lm_head"):
             continue  # tied to the embedding; stays dense
-        if name in blocks:
-            codes, scale, lo = blocks[name]
-        else:
-            codes, scale, lo = quantize_groups(module.weight)
+        weights[name] = blocks[name] if name in blocks else quantize_groups(module.weight)
+    swapped = len(weights)
+    for parent_name, parent in list(model.named_modules()):
+        prefix = f"{parent_name}." if parent_name else ""
+        for names in FUSED_GROUPS:
+            if all(prefix + n in weights for n in names):
+                _fuse_group(parent, names, [weights.pop(prefix + n) for n in names])
+    for name, (codes, scale, lo) in weights.items():
         _set(model, name, Int4Linear(codes, scale, lo))
-        swapped += 1
     return swapped
+
+
+def _fuse_group(parent: nn.Module, names: tuple[str, ...], parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """Sibling linears of ``parent`` that read the same input (q/k/v, gate/up: ``kernels.FUSED_GROUPS``)
+    as one :class:`Int4Linear` over their concatenated codes: fewer, larger kernel calls, each output
+    column computed as before."""
+    fused = Int4Linear(*(torch.cat(x) for x in zip(*parts)))  # codes, scale, minimum stacked along N
+    sizes = [codes.shape[0] for codes, _, _ in parts]
+    group = SharedInput(fused, sizes)
+    start = 0
+    for member, (name, size) in enumerate(zip(names, sizes)):
+        weight = fused.dense[start: start + size]  # (N_member, K) rows of the dequantized weight
+        setattr(parent, name, FusedProjection(weight, None, group, member, kernel="int4"))
+        start += size
 
 
 def _gguf_q4_1(path: str | Path, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

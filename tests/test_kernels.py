@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
-from dllm_spec.kernels import PackedLinear, apply_kernels, pack_linears
+from dllm_spec.kernels import FusedProjection, PackedLinear, apply_kernels, pack_linears
 from dllm_spec.policy import FixedLength
 from drafters import PromptLookupDrafter
 from tests.conftest import make_drafter, tiny_llama
@@ -73,3 +73,31 @@ def test_the_speculator_packs_the_drafters_own_linears_and_keeps_greedy_output()
     assert spec.generate(torch.tensor([[0, 3, 3, 40, 11]]), max_new_tokens=20).token_ids[0].tolist() == want
     with pytest.raises(ValueError, match="kernels"):
         apply_kernels(tiny_llama(0), "fast")
+
+
+def test_fused_siblings_give_each_linear_its_own_output_whatever_the_call_order():
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = torch.nn.Linear(16, 12), torch.nn.Linear(16, 4, bias=False), torch.nn.Linear(16, 4)
+    ref = copy.deepcopy(attn)
+    assert pack_linears(attn) == 3
+    assert all(isinstance(m, FusedProjection) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    x, y = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        for name in ("k_proj", "q_proj", "v_proj", "q_proj"):  # any order, repeated calls
+            torch.testing.assert_close(getattr(attn, name)(x), getattr(ref, name)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn.v_proj(y), ref.v_proj(y), rtol=1e-5, atol=1e-5)  # a new input: computed afresh
+        attn.q_proj(x)
+        x.add_(1.0)  # modified in place after the group ran: not served from the stale result
+        torch.testing.assert_close(attn.k_proj(x), ref.k_proj(x), rtol=1e-5, atol=1e-5)
+    assert list(attn.state_dict()) == list(ref.state_dict())
+
+
+def test_fusion_leaves_groups_alone_when_incomplete_or_mismatched():
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.down_proj = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)  # no up_proj: nothing to fuse
+    assert pack_linears(mlp) == 2 and isinstance(mlp.gate_proj, PackedLinear)
+    odd = torch.nn.Module()
+    odd.gate_proj, odd.up_proj = torch.nn.Linear(8, 16), torch.nn.Linear(4, 16)  # different inputs
+    assert pack_linears(odd) == 2 and isinstance(odd.up_proj, PackedLinear)
+    assert pack_linears(tiny_llama(0), fuse=False) == 2 * 7 + 1
