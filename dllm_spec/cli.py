@@ -157,14 +157,14 @@ def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -
 
 def _bench_latency(args, rows: list[int], out: Path | None) -> None:
     """``bench --latency ROWS``: the target's cached forward over k = 1..32 tokens per row, as
-    multiples of a one-token step with the same rows (median of 5), for each row count."""
+    multiples of a one-token step with the same rows (median of 7 round-robin passes), for each row count."""
     from dllm_spec.latency import measure_latency
 
     spec = _load(args, "none")
     points = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
     table = {}
     for r in rows:
-        curve = measure_latency(spec.target, points, repeats=5, rows=r)
+        curve = measure_latency(spec.target, points, repeats=7, rows=r)
         table[r] = {k: curve.points[k] for k in points}
     print(f"{spec.target.dtype}, {torch_threads()} threads, kernels {getattr(spec.target, 'dllm_kernels', 'default')}, {_cpu_flags()}")
     print("| rows | step(1) ms | " + " | ".join(f"k={k}" for k in points[1:]) + " |")

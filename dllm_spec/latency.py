@@ -139,7 +139,7 @@ class LatencySurface:
 
 
 #: bumped when the engine's kernels change what a forward costs, so curves cached before are not reused
-CURVE_FORMAT = 2
+CURVE_FORMAT = 3
 
 
 def _key(model: PreTrainedModel, rows: int) -> str:
@@ -155,7 +155,8 @@ def _key(model: PreTrainedModel, rows: int) -> str:
 def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_POINTS, context: int = 128, repeats: int = 3,
                     rows: int = 1) -> LatencyCurve:
     """Time cached forwards of k tokens per row over ``rows`` rows after a ``context``-token prefix
-    (median of ``repeats``), through the same position-indexed cache and mask the verifier uses."""
+    (median of ``repeats`` passes over every k, after one warm-up pass), through the same
+    position-indexed cache and mask the verifier uses."""
     device = model.device
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (rows, context + max(points)), generator=torch.Generator().manual_seed(0)).to(device)
@@ -170,19 +171,19 @@ def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_PO
 
     forward(ids[:, :context])
     cache.advance([context] * rows)
-    timings = {}
-    for k in (points[0], *points):  # first entry doubles as warm-up
-        runs = []
-        for _ in range(repeats):
+    runs: dict[int, list[float]] = {k: [] for k in points}
+    for rep in range(repeats + 1):  # round-robin over k, so a slow spell of the machine hits every k alike; pass 0 warms up
+        for k in points:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             forward(ids[:, context: context + k])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            runs.append(time.perf_counter() - t0)
+            if rep:
+                runs[k].append(time.perf_counter() - t0)
             cache.advance([0] * rows)
-        timings[k] = sorted(runs)[len(runs) // 2]
+    timings = {k: sorted(r)[len(r) // 2] for k, r in runs.items()}
     return LatencyCurve(timings)
 
 
@@ -202,9 +203,9 @@ def _path(model: PreTrainedModel, cache_dir: str | os.PathLike | None, rows: int
 
 
 def measure_and_cache(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1) -> LatencyCurve:
-    """Measure the curve of ``rows`` (median of 5 timings per point) and write it to the cache."""
+    """Measure the curve of ``rows`` (median of 7 round-robin passes) and write it to the cache."""
     path = _path(model, cache_dir, rows)
-    curve = measure_latency(model, DEFAULT_POINTS if rows == 1 else BATCH_POINTS, rows=rows, repeats=5)
+    curve = measure_latency(model, DEFAULT_POINTS if rows == 1 else BATCH_POINTS, rows=rows, repeats=7)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

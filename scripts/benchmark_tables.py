@@ -109,7 +109,7 @@ TABLES = {
     "throughput-fp32": lambda: throughput_table(["throughput_fp32.json", "throughput_fp32_b32.json"]),
     "throughput-bf16": lambda: throughput_table(["throughput_bf16.json", "throughput_bf16_b32.json"]),
     "latency": lambda: latency_table([("latency_fp32.json", "fp32, packed"), ("latency_fp32_default_kernels.json", "fp32, default"),
-                                      ("latency_bf16.json", "bf16, default")]),
+                                      ("latency_bf16.json", "bf16, packed"), ("latency_bf16_default_kernels.json", "bf16, default")]),
     "drafters-fp32": lambda: drafter_table("drafters_fp32.json"),
     "throughput-int4": lambda: throughput_table(["throughput_int4.json"]),
     "int4-batch1": lambda: drafter_table("int4_batch1.json"),
