@@ -22,7 +22,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--kernels", default="auto", choices=["auto", "packed", "default"],
-                   help="auto: oneDNN-packed linear weights for fp32 on CPU (faster there), else the default kernels")
+                   help="auto: oneDNN-packed linear weights for fp32 and bf16 on CPU (faster there), else the default kernels")
 
 
 def _load(args, drafter: str | None, max_batch: int = 64):

@@ -145,7 +145,7 @@ class DiffusionSpeculator:
         """Load a target (HF id/path, or ``None`` for the embedded SmolLM2-135M-Instruct) and pair it
         with ``drafter``: an instance, a name understood by :func:`drafters.build_drafter`
         (``"prompt-lookup"``, ``"early-exit[:N]"``, ``"none"``) or a path/id of a drafter checkpoint.
-        ``kernels``: ``"auto"`` packs the linear weights for oneDNN where that is faster (fp32 on CPU;
+        ``kernels``: ``"auto"`` packs the linear weights for oneDNN where that is faster (fp32 and bf16 on CPU;
         :mod:`dllm_spec.kernels`), ``"packed"`` or ``"default"``."""
         from drafters import build_drafter
 
