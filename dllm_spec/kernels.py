@@ -1,5 +1,5 @@
-"""CPU matmul kernels for the target: every ``nn.Linear`` of a model can be swapped for
-:class:`PackedLinear`, which multiplies dense activations by oneDNN weights packed once.
+"""CPU matmul kernels for the target and the drafter: every ``nn.Linear`` of a model can be swapped
+for :class:`PackedLinear`, which multiplies dense activations by oneDNN weights packed once.
 
 Why: on CPU the stock paths are slow exactly where speculative decoding lives (1 to a few dozen
 rows). Measured on the 576 -> 49152 LM head of SmolLM2 (2 cores, AVX512-BF16 machine; medians,
@@ -12,14 +12,15 @@ at M = 16 (:data:`PACK_ROWS_HINT`).
 
 Sibling projections that read the same input (q/k/v, gate/up: :data:`FUSED_GROUPS`) are also
 multiplied as one matmul over their concatenated weights (:class:`FusedProjection`): 4 calls per
-decoder layer instead of 7, a one-token step 9% faster. Each output column is computed as before,
+decoder layer instead of 7, a one-token step 7-9% faster. Each output column is computed as before,
 so the logits are the same as unfused packing (bit for bit here).
 
 ``kernels="auto"`` packs fp32 and bf16 models on CPU and leaves everything else alone. Different
 kernels round differently, so greedy output is exactly the same engine's plain greedy output (same
 kernels on both sides), and equals transformers' unpacked greedy output except at floating-point
 near-ties. No modeling file is forked: the swap is module-level and works for any transformers
-causal LM (and for any ``nn.Module`` with linears, such as a drafter).
+causal LM (and for any ``nn.Module`` with linears, such as a drafter). The packed copy is taken
+once, at the swap: weights loaded into the model afterwards need the swap again.
 """
 
 from __future__ import annotations
