@@ -52,10 +52,17 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def stock_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a packed layer must take ``F.linear`` instead: training (autograd through the
+    parameters), autocast (it picks the compute dtype), or an input in another dtype."""
+    return ((torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or x.dtype != weight.dtype
+            or torch.is_autocast_enabled(x.device.type))
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight also held packed for oneDNN. ``weight``/``bias`` stay the
     original parameters (shared, not copied), so code reading them and ``state_dict`` see the usual
-    layout; training (grad enabled) takes the autograd path through them."""
+    layout; training, autocast and inputs of another dtype take ``F.linear`` on them (:func:`stock_path`)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -66,8 +73,8 @@ class PackedLinear(nn.Module):
             self._packed = pack_weight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return nn.functional.linear(x, self.weight, self.bias)  # training: the autograd path
+        if stock_path(x, self.weight):
+            return nn.functional.linear(x, self.weight, self.bias)
         return packed_linear(x, self._packed, self.bias)
 
     def extra_repr(self) -> str:
@@ -122,8 +129,8 @@ class FusedProjection(nn.Module):
     """One linear of a group of siblings that read the same input (q/k/v, gate/up): the first one
     called on an input runs the group's single matmul (:class:`SharedInput`), the others take their
     columns of it.
-    ``weight``/``bias`` stay the original parameters, so ``state_dict`` is unchanged; training (grad
-    enabled) takes the autograd path through them, member by member."""
+    ``weight``/``bias`` stay the original parameters, so ``state_dict`` is unchanged; training,
+    autocast and inputs of another dtype take ``F.linear`` on them, member by member (:func:`stock_path`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: SharedInput, member: int,
                  kernel: str = "oneDNN") -> None:
@@ -134,7 +141,7 @@ class FusedProjection(nn.Module):
         self._group, self._member, self._kernel = group, member, kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if stock_path(x, self.weight):
             return nn.functional.linear(x, self.weight, self.bias)
         return self._group.output(x, self._member)
 

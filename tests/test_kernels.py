@@ -101,3 +101,15 @@ def test_fusion_leaves_groups_alone_when_incomplete_or_mismatched():
     odd.gate_proj, odd.up_proj = torch.nn.Linear(8, 16), torch.nn.Linear(4, 16)  # different inputs
     assert pack_linears(odd) == 2 and isinstance(odd.up_proj, PackedLinear)
     assert pack_linears(tiny_llama(0), fuse=False) == 2 * 7 + 1
+
+
+def test_packed_models_run_under_autocast_and_refuse_other_dtypes_as_linear_does():
+    base = tiny_llama(0)
+    packed = copy.deepcopy(base)
+    pack_linears(packed)
+    ids = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks bf16: the stock path
+        torch.testing.assert_close(packed(ids).logits, base(ids).logits, rtol=0, atol=0)
+    layer = PackedLinear(torch.nn.Linear(8, 4))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="same dtype"):  # nn.Linear's own error, not oneDNN's
+        layer(torch.randn(3, 8, dtype=torch.bfloat16))
