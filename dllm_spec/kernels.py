@@ -101,6 +101,7 @@ class SharedInput:
         self._input: torch.Tensor | None = None
         self._version = -1
         self._outputs: tuple[torch.Tensor, ...] = ()
+        self._waiting: set[int] = set()  # members that have not taken their output of the last input
 
     @classmethod
     def packed(cls, linears: list[nn.Linear]) -> "SharedInput":
@@ -114,15 +115,21 @@ class SharedInput:
 
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """Member ``member``'s output for ``x``: the whole group is computed once per input tensor
-        (the same object, not modified in place since), and each member takes its columns. The
-        group keeps a reference to its last input, so that object cannot be replaced by another
-        at the same address."""
+        (the same object, not modified in place since), and each member takes its columns once.
+        The group holds its input and outputs only until every member has taken its part (then a
+        long prefill's activations are not kept alive); while it holds the input, that object
+        cannot be replaced by another at the same address."""
         version = _version(x)
-        if self._input is not x or self._version != version:
+        if self._input is not x or self._version != version or member not in self._waiting:
             fused = self.matmul(x)  # (..., sum of sizes)
             self._input, self._version = x, version
             self._outputs = fused.split(self.sizes, dim=-1)
-        return self._outputs[member]
+            self._waiting = set(range(len(self.sizes)))
+        out = self._outputs[member]
+        self._waiting.discard(member)
+        if not self._waiting:
+            self._input, self._outputs = None, ()
+        return out
 
 
 class FusedProjection(nn.Module):

@@ -113,3 +113,17 @@ def test_packed_models_run_under_autocast_and_refuse_other_dtypes_as_linear_does
     layer = PackedLinear(torch.nn.Linear(8, 4))
     with torch.no_grad(), pytest.raises(RuntimeError, match="same dtype"):  # nn.Linear's own error, not oneDNN's
         layer(torch.randn(3, 8, dtype=torch.bfloat16))
+
+
+def test_a_fused_group_lets_go_of_its_activations_once_every_member_took_its_part():
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = (torch.nn.Linear(16, n, bias=False) for n in (8, 4, 4))
+    pack_linears(attn)
+    group = attn.q_proj._group
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        attn.q_proj(x)
+        attn.k_proj(x)
+        assert group._input is x  # v has not taken its part yet
+        attn.v_proj(x)
+    assert group._input is None and group._outputs == ()
