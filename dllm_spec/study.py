@@ -28,7 +28,9 @@ from dllm_spec.jsonl import append_record, read_records, write_atomic
 from dllm_spec.peers import PEERS, build_peer
 from dllm_spec.prompt import Prompt
 
-HF_PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")  # transformers: plain greedy, assisted, prompt lookup
+#: transformers: plain greedy, plain greedy on its static cache (which ``generate`` compiles on GPUs),
+#: assisted generation, prompt lookup
+HF_PEERS = ("hf-generate", "hf-static", "hf-assisted", "hf-prompt-lookup")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature
         kwargs["assistant_model"] = assistant
     elif label == "hf-prompt-lookup":
         kwargs["prompt_lookup_num_tokens"] = 10
+    elif label == "hf-static":
+        kwargs["cache_implementation"] = "static"
     torch.manual_seed(seed)
     start = time.perf_counter()
     out = spec.target.generate(ids, **kwargs)
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drafters", default=None, help="comma-separated drafter specs")
     p.add_argument("--policies", default=None, help="comma-separated policy specs")
     p.add_argument("--temperatures", default=None)
-    p.add_argument("--peers", default=None, help="comma-separated, from hf-generate, hf-assisted, hf-prompt-lookup, llama.cpp (or empty)")
+    p.add_argument("--peers", default=None, help="comma-separated, from hf-generate, hf-static, hf-assisted, hf-prompt-lookup, llama.cpp (or empty)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--per-category", type=int, default=None)
     p.add_argument("--prompts", default=None)
