@@ -92,7 +92,7 @@ class Int4Linear(nn.Module):
         # the same weights, dequantized with the kernel's bf16 scales, for many rows: (N, K)
         full = (codes.float() - 8).reshape(self.out_features, -1, group) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
         self.dense = full.reshape(self.out_features, self.in_features).to(torch.bfloat16)
-        self._dense_packed = pack_weight(self.dense) if packed_available() else None
+        self._dense_weight = _dense_weight(self.dense)
         self.dense_from = dense_from if dense_from is not None else measure_crossover(self.in_features, self.out_features)
 
     @property
@@ -104,19 +104,23 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (..., K) -> (M, K)
         if flat.shape[0] >= self.dense_from:
-            out = self._dense(flat)
+            out = _dense_matmul(flat, self._dense_weight)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group, self.scales_and_zeros)
         return out.view(*shape[:-1], self.out_features).to(x.dtype)
 
-    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
-        """The dequantized bf16 matmul (M, K) -> (M, N), oneDNN-packed where available."""
-        if self._dense_packed is not None:
-            return packed_linear(flat, self._dense_packed)
-        return nn.functional.linear(flat, self.dense)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4 below {self.dense_from} rows"
+
+
+def _dense_weight(dense: torch.Tensor) -> torch.Tensor:
+    """A dequantized bf16 weight (N, K) as the dense matmul takes it: oneDNN-packed where available."""
+    return pack_weight(dense) if packed_available() else dense
+
+
+def _dense_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ a weight from :func:`_dense_weight` -> (M, N)."""
+    return packed_linear(flat, weight) if packed_available() else nn.functional.linear(flat, weight)
 
 
 #: bytes of weights the crossover measurement cycles through: more than the last-level cache, so each
@@ -135,8 +139,7 @@ def measure_crossover(k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 12, 1
     layer = Int4Linear(codes, scale, lo, dense_from=1 << 30)
     copies = max(2, -(-COLD_BYTES // (2 * n * k)))
     int4_weights = [layer.packed.clone() for _ in range(copies)]
-    dense_weights = [pack_weight(layer.dense.clone()) if packed_available() else layer.dense.clone() for _ in range(copies)]
-    dense_mm = packed_linear if packed_available() else nn.functional.linear
+    dense_weights = [_dense_weight(layer.dense.clone()) for _ in range(copies)]
 
     def timed(fn, weights) -> float:
         fn(weights[0])
@@ -152,7 +155,7 @@ def measure_crossover(k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 12, 1
         x = torch.randn(m, k, dtype=torch.bfloat16)
         with torch.inference_mode():
             t_int4 = timed(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, layer.group, layer.scales_and_zeros), int4_weights)
-            t_dense = timed(lambda w: dense_mm(x, w), dense_weights)
+            t_dense = timed(lambda w: _dense_matmul(x, w), dense_weights)
         if t_dense < t_int4:
             return m
     return rows[-1] * 2

@@ -169,8 +169,7 @@ def load_target(
         from dllm_spec.quant import quantize_linears
 
         quantize_linears(model, default_gguf_dir() / DEFAULT_GGUF_FILE if target is None else None)
-        if kernels != "default":
-            apply_kernels(model, kernels)  # what stays bf16 (the LM head) runs packed
+        apply_kernels(model, kernels)  # what stays bf16 (the LM head) runs packed
         model.dllm_kernels = "int4"
         return model, tokenizer
     model.dllm_kernels = apply_kernels(model, kernels)  # recorded for benchmarks and the latency cache key
