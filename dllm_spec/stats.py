@@ -35,6 +35,7 @@ class GenerationStats:
     verify_time_s: float = 0.0
     stop_reason: str = ""
     drafter: str = ""
+    seed: int | None = None  # the row's sampling seed: generate with seed=this to reproduce it
 
     @property
     def tau(self) -> float:
@@ -56,7 +57,9 @@ class GenerationStats:
         """Mean |predicted - observed| accepted drafts per cycle, over cycles where the policy predicted."""
         if not self.predicted_accepted:
             return None
-        return sum(abs(p - o) for p, o in zip(self.predicted_accepted, self.observed_accepted)) / len(self.predicted_accepted)
+        return sum(abs(p - o) for p, o in zip(self.predicted_accepted, self.observed_accepted)) / len(
+            self.predicted_accepted
+        )
 
     @property
     def prediction_bias(self) -> float | None:
@@ -65,9 +68,14 @@ class GenerationStats:
             return None
         return (sum(self.predicted_accepted) - sum(self.observed_accepted)) / len(self.predicted_accepted)
 
-    def record_cycle(self, verified: int, accepted: int, predicted: float | None = None, depth: int | None = None) -> None:
+    def record_cycle(
+        self, verified: int, accepted: int, predicted: float | None = None, depth: int | None = None
+    ) -> None:
         """``verified`` draft tokens, ``accepted`` of them; ``depth``: a tree's depth (default: a chain's, = verified)."""
-        for store, count in ((self.verified_per_position, verified if depth is None else depth), (self.accepted_per_position, accepted)):
+        for store, count in (
+            (self.verified_per_position, verified if depth is None else depth),
+            (self.accepted_per_position, accepted),
+        ):
             if len(store) < count:
                 store.extend([0] * (count - len(store)))
             for i in range(count):
@@ -82,8 +90,13 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_s=self.tokens_per_s,
-                 calibration_error=self.calibration_error, prediction_bias=self.prediction_bias)
+        d.update(
+            tau=self.tau,
+            acceptance_rate=self.acceptance_rate,
+            tokens_per_s=self.tokens_per_s,
+            calibration_error=self.calibration_error,
+            prediction_bias=self.prediction_bias,
+        )
         return d
 
     def summary(self) -> str:

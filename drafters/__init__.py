@@ -1,20 +1,30 @@
-"""Drafters behind one protocol (:class:`drafters.base.Drafter`)."""
+"""Drafters behind one protocol (:class:`dllm_spec.drafters.base.Drafter`)."""
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from drafters.autoregressive import AutoregressiveDrafter
-from drafters.base import Drafter, DraftProposal, NullDrafter
-from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
-from drafters.composite import FallbackDrafter, GraftDrafter, pair_drafter
-from drafters.masked_diffusion import MaskedDiffusionDrafter
-from drafters.prompt_lookup import PromptLookupDrafter
+from dllm_spec.drafters.autoregressive import AutoregressiveDrafter
+from dllm_spec.drafters.base import Drafter, DraftProposal, NullDrafter
+from dllm_spec.drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+from dllm_spec.drafters.composite import FallbackDrafter, GraftDrafter, pair_drafter
+from dllm_spec.drafters.masked_diffusion import MaskedDiffusionDrafter
+from dllm_spec.drafters.prompt_lookup import PromptLookupDrafter
 
 __all__ = [
-    "Drafter", "DraftProposal", "NullDrafter", "PromptLookupDrafter", "AutoregressiveDrafter",
-    "BlockDiffusionDrafter", "BlockDiffusionModel", "BlockDiffusionConfig", "MaskedDiffusionDrafter", "FallbackDrafter",
-    "GraftDrafter", "pair_drafter", "build_drafter",
+    "Drafter",
+    "DraftProposal",
+    "NullDrafter",
+    "PromptLookupDrafter",
+    "AutoregressiveDrafter",
+    "BlockDiffusionDrafter",
+    "BlockDiffusionModel",
+    "BlockDiffusionConfig",
+    "MaskedDiffusionDrafter",
+    "FallbackDrafter",
+    "GraftDrafter",
+    "pair_drafter",
+    "build_drafter",
 ]
 
 
@@ -41,14 +51,16 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
     if name in ("none", "ar-baseline"):
         return NullDrafter()
     if name in ("prompt-lookup", "pld"):
-        return PromptLookupDrafter(max_ngram=int(arg)) if arg else PromptLookupDrafter()
+        return PromptLookupDrafter(max_ngram=_int_arg(spec, arg, "MAX_NGRAM")) if arg else PromptLookupDrafter()
     if name == "early-exit":
-        return AutoregressiveDrafter.from_target_layers(target, int(arg) if arg else None)
+        return AutoregressiveDrafter.from_target_layers(
+            target, _int_arg(spec, arg, "N (the target layers it keeps)") if arg else None
+        )
     if name == "ar" and arg:
         return AutoregressiveDrafter.from_pretrained(arg, dtype=target.dtype, device=target.device)
     path, options = spec, {}
     if name in ("block-diffusion", "block-diffusion-dflash"):
-        from drafters.shipped import DEFAULT_BLOCK_DIFFUSION, DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
+        from dllm_spec.drafters.shipped import DEFAULT_BLOCK_DIFFUSION, DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
 
         asset = DEFAULT_BLOCK_DIFFUSION if name == "block-diffusion" else DFLASH_BLOCK_DIFFUSION
         path, options = str(shipped_drafter_dir(asset)), _diffusion_options(arg, spec)
@@ -64,17 +76,33 @@ def build_drafter(spec: str, target: PreTrainedModel) -> Drafter:
         except (OSError, ValueError) as exc:
             raise ValueError(f"drafter {spec!r}: cannot read {config}: {exc}") from None
         if meta.get("model_type") == BlockDiffusionConfig.model_type:
-            return BlockDiffusionDrafter.from_pretrained(path, num_inference_steps=options.get("steps"), tree_width=options.get("tree", 1))
+            return BlockDiffusionDrafter.from_pretrained(
+                path, num_inference_steps=options.get("steps"), tree_width=options.get("tree", 1)
+            )
         if any(arch.endswith("ForMaskedLM") for arch in meta.get("architectures") or []):
             kwargs = {"num_inference_steps": options["steps"]} if "steps" in options else {}
-            return MaskedDiffusionDrafter.from_pretrained(path, dtype=target.dtype, tree_width=options.get("tree", 1), **kwargs)
+            return MaskedDiffusionDrafter.from_pretrained(
+                path, dtype=target.dtype, tree_width=options.get("tree", 1), **kwargs
+            )
         if options:
-            raise ValueError(f"drafter {spec!r}: steps/tree options apply to diffusion drafters, and {path} is a causal LM")
+            raise ValueError(
+                f"drafter {spec!r}: steps/tree options apply to diffusion drafters, and {path} is a causal LM"
+            )
         return AutoregressiveDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
     raise ValueError(
         f"unknown drafter {spec!r}: use 'none', 'prompt-lookup', 'early-exit[:N]', 'ar:<path or id>', "
         "'block-diffusion[:STEPS]', a checkpoint directory '<dir>[:STEPS]', or 'A+B' (a free drafter A, a model drafter B beside it)"
     )
+
+
+def _int_arg(spec: str, arg: str, what: str) -> int:
+    """``arg`` as a positive integer, or a ValueError naming ``spec`` and what it expects."""
+    if not arg.strip().isdigit() or int(arg) < 1:
+        name = spec.partition(":")[0]
+        raise ValueError(
+            f"drafter {spec!r}: expected {name}:{what.split()[0]} with {what} a positive integer, got {arg!r}"
+        )
+    return int(arg)
 
 
 def _diffusion_options(arg: str, spec: str) -> dict[str, int]:
@@ -83,6 +111,8 @@ def _diffusion_options(arg: str, spec: str) -> dict[str, int]:
     for item in arg.split(":") if arg else []:
         key, _, value = item.partition("=") if "=" in item else ("steps", "", item)
         if key not in ("steps", "tree") or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"drafter {spec!r}: options are STEPS, steps=S and tree=M (positive integers, ':'-separated), got {item!r}")
+            raise ValueError(
+                f"drafter {spec!r}: options are STEPS, steps=S and tree=M (positive integers, ':'-separated), got {item!r}"
+            )
         options[key] = int(value)
     return options

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
-from verify.kv_cache import StaticKVCache
-from verify.sampling import SamplingParams, probs_from_logits, sample
+from dllm_spec.drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
+from dllm_spec.verify.keyed import keyed_candidates
+from dllm_spec.verify.kv_cache import StaticKVCache
+from dllm_spec.verify.sampling import SamplingParams, probs_from_logits, sample, warp_logits
 
 
 class AutoregressiveDrafter(Drafter):
@@ -27,7 +28,9 @@ class AutoregressiveDrafter(Drafter):
         name: label in stats and benchmarks.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "autoregressive") -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "autoregressive"
+    ) -> None:
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -56,11 +59,15 @@ class AutoregressiveDrafter(Drafter):
         body = getattr(target, "model", None)
         layers = getattr(body, "layers", None)
         if layers is None:
-            raise ValueError(f"{type(target).__name__} has no `model.layers`; early-exit drafting needs a decoder-only stack")
+            raise ValueError(
+                f"{type(target).__name__} has no `model.layers`; early-exit drafting needs a decoder-only stack"
+            )
         total = len(layers)
         num_layers = max(1, total // 4) if num_layers is None else num_layers
         if not 1 <= num_layers < total:
-            raise ValueError(f"num_layers must be in [1, {total - 1}] for a target with {total} layers, got {num_layers}")
+            raise ValueError(
+                f"num_layers must be in [1, {total - 1}] for a target with {total} layers, got {num_layers}"
+            )
         config = copy.deepcopy(target.config)
         config.num_hidden_layers = num_layers
         if isinstance(getattr(config, "layer_types", None), list):
@@ -133,8 +140,13 @@ class AutoregressiveDrafter(Drafter):
             self._cached[r] += f.tolist()
         cache.plan(n)
         mask = cache.attention_mask(torch.ones((n, n), dtype=torch.bool, device=device).tril(), self.model.dtype)
-        logits = self.model(input_ids=feed, cache=cache, use_cache=True, attention_mask=mask,
-                            position_ids=cache.positions(torch.arange(n, device=device))).logits  # (B, n, V)
+        logits = self.model(
+            input_ids=feed,
+            cache=cache,
+            use_cache=True,
+            attention_mask=mask,
+            position_ids=cache.positions(torch.arange(n, device=device)),
+        ).logits  # (B, n, V)
         cache.advance(counts)
         last = torch.tensor([c - 1 for c in counts], device=device)
         return logits[torch.arange(len(feeds), device=device), last].float()
@@ -146,16 +158,20 @@ class AutoregressiveDrafter(Drafter):
         if self._cache is None or self._cache.batch != seqs.batch:
             raise RuntimeError("propose() before begin(): the drafter does not know these rows")
         feeds = self._sync(seqs)
+        keyed = sampling.keyed and seqs.keys is not None
         tokens, qs, confidence = [], [], []
         for i in range(max_tokens):
             logits = self._forward(feeds)  # (B, V)
-            q = probs_from_logits(logits, sampling)
-            token = logits.argmax(-1) if sampling.greedy else sample(q, generators)
-            conf = (logits.softmax(-1) if sampling.greedy else q).gather(-1, token[:, None]).squeeze(-1)
+            if keyed:  # the best guess at the target's keyed sample (no q: verified by argmax matching)
+                seeds, positions = seqs.keys.at(torch.tensor([i]))
+                token, conf = (x[:, 0] for x in keyed_candidates(warp_logits(logits, sampling), seeds, positions, 1))
+            else:
+                q = probs_from_logits(logits, sampling)
+                token = logits.argmax(-1) if sampling.greedy else sample(q, generators)
+                conf = (logits.softmax(-1) if sampling.greedy else q).gather(-1, token[:, None]).squeeze(-1)
+                qs.append(q)
             tokens.append(token)
-            qs.append(q)
             confidence.append(conf)
             feeds = list(token[:, None].to(self.model.device))
-            if i == max_tokens - 1:
-                break
-        return DraftProposal(torch.stack(tokens, 1), torch.stack(qs, 1), torch.stack(confidence, 1), forwards=max_tokens)
+        q = torch.stack(qs, 1) if qs else None
+        return DraftProposal(torch.stack(tokens, 1), q, torch.stack(confidence, 1), forwards=max_tokens)

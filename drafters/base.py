@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from verify.proposal import DraftProposal
-from verify.sampling import SamplingParams
+from dllm_spec.verify.keyed import NoiseKeys
+from dllm_spec.verify.proposal import DraftProposal
+from dllm_spec.verify.sampling import SamplingParams
 
 __all__ = ["Drafter", "DraftProposal", "NullDrafter", "Sequences", "check_vocab_compatible", "target_vocab_size"]
 
@@ -37,10 +38,13 @@ __all__ = ["Drafter", "DraftProposal", "NullDrafter", "Sequences", "check_vocab_
 @dataclass
 class Sequences:
     """The committed tokens of the active rows: ``ids`` (max_batch, capacity) long, row r's sequence
-    ``ids[r, :lengths[r]]``; rows ``0 .. batch-1`` are active."""
+    ``ids[r, :lengths[r]]``; rows ``0 .. batch-1`` are active. ``keys``: in reproducible sampling,
+    each row's seed and next position (:class:`dllm_spec.verify.keyed.NoiseKeys`): a drafter that
+    perturbs its logits with the same noise proposes what the target will sample."""
 
     ids: torch.Tensor
     lengths: list[int]
+    keys: NoiseKeys | None = None
 
     @classmethod
     def from_tensor(cls, input_ids: torch.Tensor) -> "Sequences":
@@ -65,7 +69,7 @@ class Sequences:
         return self.ids[: self.batch].gather(1, index[:, None]).squeeze(1)
 
     def tail(self, r: int, n: int) -> torch.Tensor:
-        return self.ids[r, max(0, self.lengths[r] - n): self.lengths[r]]
+        return self.ids[r, max(0, self.lengths[r] - n) : self.lengths[r]]
 
 
 class Drafter(ABC):
@@ -104,8 +108,9 @@ class Drafter(ABC):
         before running a costly part. Single drafters ignore it (the policy gates them as a whole)."""
 
     @abstractmethod
-    def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams,
-                generators: list[torch.Generator | None]) -> DraftProposal:
+    def propose(
+        self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators: list[torch.Generator | None]
+    ) -> DraftProposal:
         """Propose up to ``max_tokens`` tokens after each active row of ``seqs`` (one proposal row each)."""
 
     def commit(self, seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:

@@ -1,8 +1,8 @@
 """The block-diffusion drafter at run time: :class:`BlockDiffusionDrafter` drafts a block (or a
-draft tree) per row with the network of :mod:`drafters.block_diffusion_model`, keeping a
+draft tree) per row with the network of :mod:`dllm_spec.drafters.block_diffusion_model`, keeping a
 position-indexed cache of each row's projected target context.
 
-Denoising runs in S steps with an :class:`drafters.schedulers.UnmaskingScheduler`; see that
+Denoising runs in S steps with an :class:`dllm_spec.drafters.schedulers.UnmaskingScheduler`; see that
 module for which q is returned and why it keeps speculative sampling exact.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal, Sequences, target_vocab_size
-from drafters.block_diffusion_model import (  # noqa: F401  (re-exported: the drafter's network lives there)
+from dllm_spec.drafters.base import Drafter, DraftProposal, Sequences, target_vocab_size
+from dllm_spec.drafters.block_diffusion_model import (  # noqa: F401  (re-exported: the drafter's network lives there)
     BlockDiffusionConfig,
     BlockDiffusionModel,
     DrafterLayer,
@@ -25,11 +25,43 @@ from drafters.block_diffusion_model import (  # noqa: F401  (re-exported: the dr
     rotary,
     target_mismatches,
 )
-from drafters.denoise import denoise_block
-from drafters.dflash_format import checkpoint_layout, load_dflash, save_dflash
-from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler, UnmaskingScheduler
-from verify.kv_cache import StaticKVCache
-from verify.sampling import SamplingParams
+from dllm_spec.drafters.denoise import denoise_block
+from dllm_spec.drafters.dflash_format import checkpoint_layout, load_dflash, save_dflash
+from dllm_spec.drafters.schedulers import (
+    ConfidenceUnmaskingScheduler,
+    LeftToRightUnmaskingScheduler,
+    UnmaskingScheduler,
+)
+from dllm_spec.verify.kv_cache import StaticKVCache
+from dllm_spec.verify.sampling import SamplingParams
+
+
+def _check_config_json(path: Path) -> None:
+    """``path/config.json`` must be a JSON object of a block-diffusion drafter (this library's or a
+    DFlash layout): another model's directory is not one."""
+    import json
+
+    config = path / "config.json"
+    try:
+        meta = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {config}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config} must hold a JSON object, got a {type(meta).__name__}")
+    if checkpoint_layout(path) is None and meta.get("model_type") != BlockDiffusionConfig.model_type:
+        raise ValueError(
+            f"{path} is not a block-diffusion drafter ({config} has model_type {meta.get('model_type')!r}, "
+            f"expected {BlockDiffusionConfig.model_type!r} or a DFlash layout)"
+        )
+
+
+def _check_finite(model: nn.Module, path: Path) -> None:
+    """Every floating-point weight of ``model`` (loaded from ``path``) is finite."""
+    bad = [
+        name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(f"{path}: the drafter's weights {', '.join(bad[:6])} hold NaN or infinite values")
 
 
 class BlockDiffusionDrafter(Drafter):
@@ -41,12 +73,18 @@ class BlockDiffusionDrafter(Drafter):
         num_inference_steps: S (overrides the config's default).
         tree_width: 1 drafts a chain; m > 1 drafts a tree of each position's m most likely tokens
             (as many nodes as the policy asks for, verified in one target forward: see
-            :mod:`verify.tree`).
+            :mod:`dllm_spec.verify.tree`).
         min_block: the shortest block run when fewer drafts than the trained block are asked for.
     """
 
-    def __init__(self, model: BlockDiffusionModel, scheduler: UnmaskingScheduler | None = None, num_inference_steps: int | None = None,
-                 tree_width: int = 1, min_block: int = 8) -> None:
+    def __init__(
+        self,
+        model: BlockDiffusionModel,
+        scheduler: UnmaskingScheduler | None = None,
+        num_inference_steps: int | None = None,
+        tree_width: int = 1,
+        min_block: int = 8,
+    ) -> None:
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         if min_block < 2:
@@ -68,41 +106,76 @@ class BlockDiffusionDrafter(Drafter):
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, num_inference_steps: int | None = None, tree_width: int = 1,
-                        min_block: int = 8, **kwargs) -> "BlockDiffusionDrafter":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        num_inference_steps: int | None = None,
+        tree_width: int = 1,
+        min_block: int = 8,
+        **kwargs,
+    ) -> "BlockDiffusionDrafter":
         """Load a drafter saved by :meth:`save_pretrained`, or a DFlash-format checkpoint (z-lab /
         vLLM / SGLang's ``DFlashDraftModel`` or transformers' ``MuseGlimmerAssistantModel`` layout,
-        :mod:`drafters.dflash_format`)."""
+        :mod:`dllm_spec.drafters.dflash_format`). What is not a complete, finite block-diffusion
+        drafter (another model's directory, a ``config.json`` that is not an object, missing or
+        non-finite weights) is a ValueError naming the file and the weights."""
         p = Path(path)
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"no block-diffusion drafter checkpoint at {p} (config.json missing)")
+        _check_config_json(p)
         if checkpoint_layout(p) is not None:  # z-lab / vLLM / SGLang or transformers' DFlash layout
-            model = load_dflash(p)
+            try:
+                model = load_dflash(p)
+            except KeyError as exc:
+                raise ValueError(f"{p}: the DFlash checkpoint's weights have no {exc.args[0]!r}") from None
+            _check_finite(model, p)
             if kwargs.get("dtype") is not None:
                 model.to(kwargs["dtype"])
             return cls(model, None, num_inference_steps, tree_width, min_block)
         try:
-            model = BlockDiffusionModel.from_pretrained(p, **kwargs)
+            model, info = BlockDiffusionModel.from_pretrained(p, output_loading_info=True, **kwargs)
         except Exception as exc:  # corrupt config.json, truncated weights (SafetensorError), ...: name the files
-            raise ValueError(f"cannot load the block-diffusion drafter in {p} (config.json / model.safetensors): "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise ValueError(
+                f"cannot load the block-diffusion drafter in {p} (config.json / model.safetensors): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{p / 'model.safetensors'} lacks {len(missing)} of the drafter's weights: "
+                f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}"
+            )
+        _check_finite(model, p)
         scheduler = None
         if (p / UnmaskingScheduler.config_name).is_file():
             cfg = UnmaskingScheduler.load_config(p)
             cls_name = cfg.get("_class_name", "ConfidenceUnmaskingScheduler")
-            sched_cls = {"LeftToRightUnmaskingScheduler": LeftToRightUnmaskingScheduler}.get(cls_name, ConfidenceUnmaskingScheduler)
+            sched_cls = {"LeftToRightUnmaskingScheduler": LeftToRightUnmaskingScheduler}.get(
+                cls_name, ConfidenceUnmaskingScheduler
+            )
             scheduler = sched_cls.from_config(cfg)
             if num_inference_steps:
                 scheduler.register_to_config(num_inference_steps=num_inference_steps)
-        return cls(model, scheduler, num_inference_steps or (scheduler.config.num_inference_steps if scheduler else None), tree_width,
-                   min_block)
+        return cls(
+            model,
+            scheduler,
+            num_inference_steps or (scheduler.config.num_inference_steps if scheduler else None),
+            tree_width,
+            min_block,
+        )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the weights, config and unmasking schedule (what :meth:`from_pretrained` reads)."""
         self.model.save_pretrained(path)
         self.scheduler.save_pretrained(path)
 
-    def export(self, path: str | os.PathLike, layout: str = "dflash", dtype: torch.dtype | None = None,
-               target: PreTrainedModel | None = None) -> Path:
+    def export(
+        self,
+        path: str | os.PathLike,
+        layout: str = "dflash",
+        dtype: torch.dtype | None = None,
+        target: PreTrainedModel | None = None,
+    ) -> Path:
         """Write the drafter in a DFlash layout (``"dflash"``: z-lab / vLLM / SGLang; ``"transformers"``:
         ``MuseGlimmerAssistantModel``). A reduced draft vocabulary needs ``target`` (its LM head rows
         are written for vLLM) unless the drafter is bound."""
@@ -150,8 +223,9 @@ class BlockDiffusionDrafter(Drafter):
     def _ensure_cache(self, device: torch.device) -> StaticKVCache:
         if self._ctx is None:
             cfg = self.config
-            self._ctx = StaticKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 1,
-                                      self.model.fuse.weight.dtype, device)
+            self._ctx = StaticKVCache(
+                cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 1, self.model.fuse.weight.dtype, device
+            )
             self._last_fused = torch.zeros((1, cfg.hidden_size), dtype=self.model.fuse.weight.dtype, device=device)
         return self._ctx
 
@@ -159,7 +233,9 @@ class BlockDiffusionDrafter(Drafter):
         ctx = self._ensure_cache(seqs.device)
         ctx.start_rows(rows)
         if self._last_fused.shape[0] < ctx.max_batch:
-            grown = torch.zeros((ctx.max_batch, self._last_fused.shape[1]), dtype=self._last_fused.dtype, device=self._last_fused.device)
+            grown = torch.zeros(
+                (ctx.max_batch, self._last_fused.shape[1]), dtype=self._last_fused.dtype, device=self._last_fused.device
+            )
             grown[: self._last_fused.shape[0]] = self._last_fused
             self._last_fused = grown
         self._last_fused[rows] = 0
@@ -200,7 +276,9 @@ class BlockDiffusionDrafter(Drafter):
         """Block states (B, L, H) -> logits over the draft vocabulary (B, L, V_draft) (the full target
         vocabulary when the drafter has no reduced one)."""
         b, L, h = hidden.shape
-        flat = hidden.reshape(b * L, h)  # (B, L, H) -> (B*L, H): one 2-D matmul (a strided 3-D input dispatches to a slow bmm)
+        flat = hidden.reshape(
+            b * L, h
+        )  # (B, L, H) -> (B*L, H): one 2-D matmul (a strided 3-D input dispatches to a slow bmm)
         return self._head(flat).view(b, L, -1).float()
 
     @torch.inference_mode()
@@ -236,5 +314,18 @@ class BlockDiffusionDrafter(Drafter):
             hidden = self.model.block_hidden(x, ctx_kv, positions, mask)
             return self._logits(hidden[:, 1:])  # (B, L, V_draft): block position j predicts token start + j
 
-        return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generators, batch, device, max_tokens,
-                             vocab=vocab, target_vocab_size=self.config.target_vocab_size, tree_width=self.tree_width)
+        return denoise_block(
+            self.scheduler,
+            self.steps,
+            length,
+            logits_fn,
+            sampling,
+            generators,
+            batch,
+            device,
+            max_tokens,
+            vocab=vocab,
+            target_vocab_size=self.config.target_vocab_size,
+            tree_width=self.tree_width,
+            keys=seqs.keys,
+        )

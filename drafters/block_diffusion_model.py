@@ -1,6 +1,6 @@
 """The block-diffusion drafter's network (DFlash-style; arXiv 2602.06036): its config, layers and
 weights, and the check that a config fits a target. The runtime drafter that drafts with it is
-:mod:`drafters.block_diffusion`.
+:mod:`dllm_spec.drafters.block_diffusion`.
 
 A few decoder layers, bidirectional inside the block, conditioned on the target's hidden states:
 the states of several target layers spread over depth are concatenated, fused by Linear + RMSNorm,
@@ -20,7 +20,7 @@ Two architectures (``config.architecture``):
   fusion ``fc`` + ``hidden_norm`` with the context k/v projected straight from it, no last-state
   injection, and the mask as a target token id (``mask_token_id``, embedded by the target). The
   massive activations are tamed by a static per-channel ``feature_scale`` on the fusion's input,
-  folded into ``fc`` on export (:mod:`drafters.dflash_format`).
+  folded into ``fc`` on export (:mod:`dllm_spec.drafters.dflash_format`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from drafters.base import target_vocab_size
+from dllm_spec.drafters.base import target_vocab_size
 
 ARCHITECTURES = ("dllm", "dflash")
 
@@ -72,11 +72,15 @@ class BlockDiffusionConfig(PretrainedConfig):
             inject_last_context = architecture == "dllm"
         if architecture == "dflash":
             if inject_last_context:
-                raise ValueError("architecture 'dflash' has no last-context injection: inject_last_context must be False")
+                raise ValueError(
+                    "architecture 'dflash' has no last-context injection: inject_last_context must be False"
+                )
             if mask_token_id is None:
                 raise ValueError("architecture 'dflash' embeds the mask as a target token: pass mask_token_id")
         if mask_token_id is not None and not 0 <= mask_token_id < (target_vocab_size or mask_token_id + 1):
-            raise ValueError(f"mask_token_id must be a target token id in [0, {target_vocab_size}), got {mask_token_id}")
+            raise ValueError(
+                f"mask_token_id must be a target token id in [0, {target_vocab_size}), got {mask_token_id}"
+            )
         self.architecture = architecture
         self.mask_token_id = mask_token_id
         self.max_position_embeddings = max_position_embeddings
@@ -98,7 +102,9 @@ class BlockDiffusionConfig(PretrainedConfig):
         self.num_inference_steps = num_inference_steps
         self.inject_last_context = inject_last_context
         if block_size < 2:
-            raise ValueError(f"block_size must be >= 2 (the last committed token plus at least one mask), got {block_size}")
+            raise ValueError(
+                f"block_size must be >= 2 (the last committed token plus at least one mask), got {block_size}"
+            )
         if num_attention_heads % num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         top = target_num_layers if target_num_layers is not None else max(self.target_layer_ids or [0])
@@ -106,21 +112,33 @@ class BlockDiffusionConfig(PretrainedConfig):
             raise ValueError(f"target_layer_ids must index hidden_states 0..{top}, got {self.target_layer_ids}")
 
     @classmethod
-    def for_target(cls, target: PreTrainedModel, num_layers: int = 2, num_target_layers: int = 5, **kwargs) -> "BlockDiffusionConfig":
+    def for_target(
+        cls, target: PreTrainedModel, num_layers: int = 2, num_target_layers: int = 5, **kwargs
+    ) -> "BlockDiffusionConfig":
         """A drafter shaped like the target's own layers, conditioned on ``num_target_layers`` target
         layers spread evenly over 1..L-3 (DFlash)."""
         tc = target.config
         total = tc.num_hidden_layers
         hi = max(1, total - 3)
         ids = sorted({round(1 + i * (hi - 1) / max(1, num_target_layers - 1)) for i in range(num_target_layers)})
-        rope = getattr(tc, "rope_theta", None) or (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        rope = getattr(tc, "rope_theta", None) or (getattr(tc, "rope_parameters", None) or {}).get(
+            "rope_theta", 10000.0
+        )
         return cls(
-            hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=num_layers,
-            num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+            hidden_size=tc.hidden_size,
+            intermediate_size=tc.intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=tc.num_attention_heads,
+            num_key_value_heads=tc.num_key_value_heads,
             head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
-            rms_norm_eps=tc.rms_norm_eps, rope_theta=float(rope), target_layer_ids=ids, target_hidden_size=tc.hidden_size,
-            target_vocab_size=target_vocab_size(target), target_num_layers=total,
-            max_position_embeddings=getattr(tc, "max_position_embeddings", 8192), **kwargs,
+            rms_norm_eps=tc.rms_norm_eps,
+            rope_theta=float(rope),
+            target_layer_ids=ids,
+            target_hidden_size=tc.hidden_size,
+            target_vocab_size=target_vocab_size(target),
+            target_num_layers=total,
+            max_position_embeddings=getattr(tc, "max_position_embeddings", 8192),
+            **kwargs,
         )
 
 
@@ -213,8 +231,11 @@ class BlockDiffusionModel(PreTrainedModel):
         # one RMSNorm per conditioning layer: the target's residual stream has a few massive
         # dimensions (|h| up to ~25K in SmolLM2) that would otherwise swamp the fusion. The dflash
         # layout has no such norm; a static per-channel scale (folded into fc on export) does its job.
-        self.feature_norms = None if dflash else nn.ModuleList(
-            RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in config.target_layer_ids)
+        self.feature_norms = (
+            None
+            if dflash
+            else nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in config.target_layer_ids)
+        )
         if dflash:
             self.register_buffer("feature_scale", torch.ones(n_feat), persistent=True)
         else:
@@ -224,7 +245,9 @@ class BlockDiffusionModel(PreTrainedModel):
         # EAGLE-style direct input: the fused target state of the last context position (the one
         # that predicted the block's first token) is projected and added to every block input, so
         # the drafter need not first learn to find it among hundreds of context keys
-        self.last_context_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.inject_last_context else None
+        self.last_context_proj = (
+            nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.inject_last_context else None
+        )
         self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # a learned mask embedding (dllm); the dflash layout embeds config.mask_token_id with the target's table
@@ -281,17 +304,27 @@ class BlockDiffusionModel(PreTrainedModel):
     def init_from_target(self, target: PreTrainedModel) -> None:
         """Copy the target's last decoder layers and final norm into the drafter, and into each
         feature norm the norm the target itself applies to that hidden state (a cheap, useful start)."""
-        src_layers = list(target.model.layers)[-len(self.layers):]
-        names = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm", "q_proj": "self_attn.q_proj",
-                 "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
-                 "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+        src_layers = list(target.model.layers)[-len(self.layers) :]
+        names = {
+            "input_norm": "input_layernorm",
+            "post_norm": "post_attention_layernorm",
+            "q_proj": "self_attn.q_proj",
+            "k_proj": "self_attn.k_proj",
+            "v_proj": "self_attn.v_proj",
+            "o_proj": "self_attn.o_proj",
+            "gate_proj": "mlp.gate_proj",
+            "up_proj": "mlp.up_proj",
+            "down_proj": "mlp.down_proj",
+        }
         with torch.no_grad():
             for mine, theirs in zip(self.layers, src_layers):
                 for a, b in names.items():
                     src = theirs.get_submodule(b).weight
                     dst = mine.get_submodule(a).weight
                     if src.shape != dst.shape:
-                        raise ValueError(f"cannot initialise {a} from the target: shapes {tuple(src.shape)} vs {tuple(dst.shape)}")
+                        raise ValueError(
+                            f"cannot initialise {a} from the target: shapes {tuple(src.shape)} vs {tuple(dst.shape)}"
+                        )
                     dst.copy_(src)
             self.norm.weight.copy_(target.model.norm.weight)
             layers = list(target.model.layers)
@@ -302,7 +335,7 @@ class BlockDiffusionModel(PreTrainedModel):
                     self.feature_norms[i].weight.copy_(src)
                 else:  # the static scale starts as that gain; calibrate_feature_scale divides by the typical RMS
                     h = self.config.target_hidden_size
-                    self.feature_scale[i * h: (i + 1) * h] = src.float()
+                    self.feature_scale[i * h : (i + 1) * h] = src.float()
 
     @torch.no_grad()
     def calibrate_feature_scale(self, features: torch.Tensor) -> None:
@@ -314,7 +347,7 @@ class BlockDiffusionModel(PreTrainedModel):
         h = self.config.target_hidden_size
         for i, part in enumerate(features.float().split(h, dim=-1)):  # n x (N, H_target)
             rms = part.pow(2).mean(-1).sqrt().median().clamp_min(1e-6)
-            self.feature_scale[i * h: (i + 1) * h] /= rms
+            self.feature_scale[i * h : (i + 1) * h] /= rms
 
 
 def target_mismatches(cfg: BlockDiffusionConfig, target: PreTrainedModel) -> list[str]:
@@ -325,7 +358,9 @@ def target_mismatches(cfg: BlockDiffusionConfig, target: PreTrainedModel) -> lis
     if cfg.target_hidden_size != tc.hidden_size:
         problems.append(f"hidden size {cfg.target_hidden_size} vs the target's {tc.hidden_size}")
     if cfg.target_num_layers is not None and cfg.target_num_layers != tc.num_hidden_layers:
-        problems.append(f"{cfg.target_num_layers} target layers vs the target's {tc.num_hidden_layers} (layer ids {cfg.target_layer_ids})")
+        problems.append(
+            f"{cfg.target_num_layers} target layers vs the target's {tc.num_hidden_layers} (layer ids {cfg.target_layer_ids})"
+        )
     if max(cfg.target_layer_ids) > tc.num_hidden_layers:
         problems.append(f"target layer ids {cfg.target_layer_ids} past the target's {tc.num_hidden_layers} layers")
     if cfg.target_vocab_size is not None and cfg.target_vocab_size != target_vocab_size(target):
@@ -333,5 +368,7 @@ def target_mismatches(cfg: BlockDiffusionConfig, target: PreTrainedModel) -> lis
     if cfg.hidden_size != target.get_input_embeddings().weight.shape[1]:
         problems.append(f"drafter hidden size {cfg.hidden_size} differs from the target's embedding width")
     if cfg.mask_token_id is not None and cfg.mask_token_id >= target_vocab_size(target):
-        problems.append(f"mask_token_id {cfg.mask_token_id} outside the target's vocabulary of {target_vocab_size(target)}")
+        problems.append(
+            f"mask_token_id {cfg.mask_token_id} outside the target's vocabulary of {target_vocab_size(target)}"
+        )
     return problems

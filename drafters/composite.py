@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal, Sequences
-from verify.sampling import SamplingParams
-from verify.tree import graft_chain
+from dllm_spec.drafters.base import Drafter, DraftProposal, Sequences
+from dllm_spec.verify.sampling import SamplingParams
+from dllm_spec.verify.tree import graft_chain
 
 
 class _PairDrafter(Drafter):
@@ -99,9 +99,15 @@ class FallbackDrafter(_PairDrafter):
 
     def __init__(self, primary: Drafter, fallback: Drafter, min_confidence: float = 0.5) -> None:
         if fallback.tree_width > 1:
-            raise ValueError(f"fallback drafter '{fallback.name}' drafts trees (tree_width={fallback.tree_width}): "
-                             "combine it with GraftDrafter, which grafts the primary's chain onto each tree")
-        if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) or not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(
+                f"fallback drafter '{fallback.name}' drafts trees (tree_width={fallback.tree_width}): "
+                "combine it with GraftDrafter, which grafts the primary's chain onto each tree"
+            )
+        if (
+            isinstance(min_confidence, bool)
+            or not isinstance(min_confidence, (int, float))
+            or not 0.0 <= min_confidence <= 1.0
+        ):
             raise ValueError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}")
         super().__init__(primary, fallback)
         self.min_confidence = float(min_confidence)
@@ -150,10 +156,12 @@ class GraftDrafter(_PairDrafter):
         for r in range(tree.batch):
             mine, chain = tree.row(r), first.row(r)
             if mine.is_tree and chain.length:
-                tokens, parents, scores = graft_chain(mine.tokens[0], mine.parents[0], mine.confidence[0], chain.tokens[0],
-                                                      chain.confidence[0])
-                mine = DraftProposal(tokens.unsqueeze(0), None, scores.unsqueeze(0), tree.forwards, None,
-                                     parents.unsqueeze(0)).truncate(max_tokens)
+                tokens, parents, scores = graft_chain(
+                    mine.tokens[0], mine.parents[0], mine.confidence[0], chain.tokens[0], chain.confidence[0]
+                )
+                mine = DraftProposal(
+                    tokens.unsqueeze(0), None, scores.unsqueeze(0), tree.forwards, None, parents.unsqueeze(0)
+                ).truncate(max_tokens)
             mine.sources = [self.fallback.name]
             rows.append(mine)
         return DraftProposal.stack(rows, tree.forwards)

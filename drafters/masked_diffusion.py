@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
-from drafters.denoise import denoise_block
-from drafters.schedulers import ConfidenceUnmaskingScheduler, UnmaskingScheduler
-from verify.sampling import SamplingParams
+from dllm_spec.drafters.base import Drafter, DraftProposal, Sequences, check_vocab_compatible, target_vocab_size
+from dllm_spec.drafters.denoise import denoise_block
+from dllm_spec.drafters.schedulers import ConfidenceUnmaskingScheduler, UnmaskingScheduler
+from dllm_spec.verify.keyed import NoiseKeys
+from dllm_spec.verify.sampling import SamplingParams
 
 
 class MaskedDiffusionDrafter(Drafter):
@@ -43,7 +44,9 @@ class MaskedDiffusionDrafter(Drafter):
         tree_width: int = 1,
     ) -> None:
         if block_size < 1 or window < 1 or tree_width < 1:
-            raise ValueError(f"block_size, window and tree_width must be >= 1, got {block_size}, {window}, {tree_width}")
+            raise ValueError(
+                f"block_size, window and tree_width must be >= 1, got {block_size}, {window}, {tree_width}"
+            )
         self.tree_width = tree_width
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -56,11 +59,17 @@ class MaskedDiffusionDrafter(Drafter):
         self._appended_mask = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> "MaskedDiffusionDrafter":
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs
+    ) -> "MaskedDiffusionDrafter":
         """Load a masked LM and take the mask id from its tokenizer (or config)."""
         model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
+        mask_id = (
+            tokenizer.mask_token_id
+            if tokenizer.mask_token_id is not None
+            else getattr(model.config, "mask_token_id", None)
+        )
         if mask_id is None:
             raise ValueError(f"{name_or_path}: neither its tokenizer nor its config defines a mask token id")
         # drafters trained by dllm_spec.training.token_drafters record their window and block
@@ -90,11 +99,25 @@ class MaskedDiffusionDrafter(Drafter):
             return DraftProposal.empty(seqs.batch, seqs.device)
         gens = generators if isinstance(generators, list) else [generators] * seqs.batch
         # one row at a time: the window of each row's context differs in length near the start
-        return DraftProposal.stack([self._propose_row(seqs.tail(r, self.window)[None], max_tokens, sampling, gens[r])
-                                    for r in range(seqs.batch)])
+        return DraftProposal.stack(
+            [
+                self._propose_row(
+                    seqs.tail(r, self.window)[None],
+                    max_tokens,
+                    sampling,
+                    gens[r],
+                    None if seqs.keys is None else seqs.keys.row(r),
+                )
+                for r in range(seqs.batch)
+            ]
+        )
 
-    def _propose_row(self, context: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator) -> DraftProposal:
-        length = self.block_size if self.tree_width > 1 else min(self.block_size, max_tokens)  # a tree's max_tokens counts nodes
+    def _propose_row(
+        self, context: torch.Tensor, max_tokens: int, sampling: SamplingParams, generator, keys: NoiseKeys | None = None
+    ) -> DraftProposal:
+        length = (
+            self.block_size if self.tree_width > 1 else min(self.block_size, max_tokens)
+        )  # a tree's max_tokens counts nodes
 
         def logits_fn(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
             block = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
@@ -104,5 +127,16 @@ class MaskedDiffusionDrafter(Drafter):
                 logits[..., self.mask_token_id] = float("-inf")
             return logits
 
-        return denoise_block(self.scheduler, self.steps, length, logits_fn, sampling, generator,
-                             1, context.device, max_tokens, tree_width=self.tree_width)
+        return denoise_block(
+            self.scheduler,
+            self.steps,
+            length,
+            logits_fn,
+            sampling,
+            generator,
+            1,
+            context.device,
+            max_tokens,
+            tree_width=self.tree_width,
+            keys=keys,
+        )

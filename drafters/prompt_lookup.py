@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from drafters.base import Drafter, DraftProposal, Sequences
-from verify.sampling import SamplingParams
+from dllm_spec.drafters.base import Drafter, DraftProposal, Sequences
+from dllm_spec.verify.sampling import SamplingParams
 
 
 class _RowIndex:
@@ -27,15 +27,15 @@ class _RowIndex:
         for t in new:
             p = len(toks)  # t lands at position p: every n-gram ending at p - 1 now has a continuation
             for n in range(1, min(self.max_ngram, p) + 1):
-                self.index[tuple(toks[p - n: p])] = p - n
+                self.index[tuple(toks[p - n : p])] = p - n
             toks.append(t)
 
     def lookup(self, n_max: int, n_min: int, max_tokens: int) -> tuple[list[int], int]:
         toks = self.tokens
         for n in range(min(n_max, len(toks) - 1), n_min - 1, -1):
-            start = self.index.get(tuple(toks[len(toks) - n:]))
+            start = self.index.get(tuple(toks[len(toks) - n :]))
             if start is not None:
-                return toks[start + n: start + n + max_tokens], n
+                return toks[start + n : start + n + max_tokens], n
         return [], 0
 
 
@@ -81,7 +81,7 @@ class PromptLookupDrafter(Drafter):
             if len(row.tokens) > n or (row.tokens and row.tokens[-1] != int(seqs.ids[r, len(row.tokens) - 1])):
                 self._rows[r] = row = _RowIndex(self.max_ngram)  # another sequence now: start over
             if n > len(row.tokens):
-                row.extend(seqs.ids[r, len(row.tokens): n].tolist())
+                row.extend(seqs.ids[r, len(row.tokens) : n].tolist())
 
     def propose(self, seqs: Sequences, max_tokens: int, sampling: SamplingParams, generators) -> DraftProposal:
         if max_tokens <= 0:
@@ -94,5 +94,6 @@ class PromptLookupDrafter(Drafter):
         for r, (toks, n) in enumerate(found):
             tokens[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             confidence[r, : len(toks)] = n / self.max_ngram
-        return DraftProposal(tokens.to(seqs.device), None, confidence.to(seqs.device), forwards=0,
-                             lengths=[len(t) for t, _ in found])
+        return DraftProposal(
+            tokens.to(seqs.device), None, confidence.to(seqs.device), forwards=0, lengths=[len(t) for t, _ in found]
+        )

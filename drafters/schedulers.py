@@ -24,6 +24,7 @@ q, and the verifier uses match acceptance (a one-hot q, exact for a deterministi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from verify.sampling import SamplingParams, probs_from_logits, sample
+from dllm_spec.verify.sampling import SamplingParams, probs_from_logits, sample
 
 
 @dataclass
@@ -64,7 +65,9 @@ class UnmaskingScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, block_length: int) -> None:
         """Split ``block_length`` masked positions over ``num_inference_steps`` steps (capped at one position a step)."""
         if num_inference_steps < 1 or block_length < 0:
-            raise ValueError(f"need num_inference_steps >= 1 and block_length >= 0, got {num_inference_steps}, {block_length}")
+            raise ValueError(
+                f"need num_inference_steps >= 1 and block_length >= 0, got {num_inference_steps}, {block_length}"
+            )
         steps = max(1, min(num_inference_steps, block_length))
         base, extra = divmod(block_length, steps)
         self.counts = [base + (1 if s < extra else 0) for s in range(steps)]
@@ -84,13 +87,17 @@ class UnmaskingScheduler(SchedulerMixin, ConfigMixin):
         sampling: SamplingParams,
         generator: torch.Generator | None = None,
         deterministic: bool = False,
+        pick: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> UnmaskingStepOutput:
         """Commit ``counts[step_index]`` masked positions (all that remain on the last step).
 
-        logits: (B, L, V); tokens: (B, L) long; masked: (B, L) bool.
+        logits: (B, L, V); tokens: (B, L) long; masked: (B, L) bool. ``pick``: logits -> (tokens,
+        confidence) (B, L) each, replacing the argmax / draw (reproducible sampling's keyed guess).
         """
         probs = probs_from_logits(logits, sampling)  # (B, L, V)
-        if deterministic or sampling.greedy:
+        if pick is not None:
+            proposal, confidence = pick(logits)
+        elif deterministic or sampling.greedy:
             proposal = logits.argmax(-1)
             confidence = logits.float().softmax(-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
         else:

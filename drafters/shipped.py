@@ -6,7 +6,9 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_BLOCK_DIFFUSION = "block-diffusion-smollm2-135m"
-DFLASH_BLOCK_DIFFUSION = "block-diffusion-smollm2-135m-dflash"  # the DFlash-layout drafter (exports to vLLM / SGLang / transformers)
+DFLASH_BLOCK_DIFFUSION = (
+    "block-diffusion-smollm2-135m-dflash"  # the DFlash-layout drafter (exports to vLLM / SGLang / transformers)
+)
 
 
 def shipped_drafter_dir(name: str = DEFAULT_BLOCK_DIFFUSION) -> Path:

@@ -25,14 +25,18 @@ def _load(name: str) -> dict | None:
 
 
 def _machine(config: dict) -> str:
-    return (f"{config.get('dtype', '?').replace('torch.', '')}, {config.get('threads', '?')} threads, "
-            f"kernels {config.get('kernels', '?')} (transformers: {config.get('hf_kernels', 'default')}), "
-            f"{config.get('cpu_flags', 'CPU flags not recorded')}")
+    return (
+        f"{config.get('dtype', '?').replace('torch.', '')}, {config.get('threads', '?')} threads, "
+        f"kernels {config.get('kernels', '?')} (transformers: {config.get('hf_kernels', 'default')}), "
+        f"{config.get('cpu_flags', 'CPU flags not recorded')}"
+    )
 
 
 def throughput_table(files: list[str], variants: tuple[str, ...] = ("transformers", "plain", "default")) -> str:
-    rows = ["| batch | prompts | transformers tokens/s | plain tokens/s (vs transformers) | default tokens/s (vs transformers, vs plain) | default tau | rows identical to transformers |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| batch | prompts | transformers tokens/s | plain tokens/s (vs transformers) | default tokens/s (vs transformers, vs plain) | default tau | rows identical to transformers |",
+        "|---|---|---|---|---|---|---|",
+    ]
     configs = []
     for name in files:
         result = _load(name)
@@ -45,9 +49,11 @@ def throughput_table(files: list[str], variants: tuple[str, ...] = ("transformer
             if not (hf and plain and spec):
                 continue
             same = min(plain["rows_identical_to_transformers"], spec["rows_identical_to_transformers"])
-            rows.append(f"| {batch} | {prompts} | {hf['tokens_per_s']:.1f} | {plain['tokens_per_s']:.1f} ({plain['vs_transformers']:.2f}x) | "
-                        f"**{spec['tokens_per_s']:.1f}** (**{spec['vs_transformers']:.2f}x**, {spec['vs_plain']:.2f}x) | "
-                        f"{spec['tau']:.2f} | {same}/{prompts} |")
+            rows.append(
+                f"| {batch} | {prompts} | {hf['tokens_per_s']:.1f} | {plain['tokens_per_s']:.1f} ({plain['vs_transformers']:.2f}x) | "
+                f"**{spec['tokens_per_s']:.1f}** (**{spec['vs_transformers']:.2f}x**, {spec['vs_plain']:.2f}x) | "
+                f"{spec['tau']:.2f} | {same}/{prompts} |"
+            )
     if not configs:
         return "(no results yet)"
     return f"{_machine(configs[0])}, {configs[0]['max_new_tokens']} new tokens, one run:\n\n" + "\n".join(rows)
@@ -55,14 +61,20 @@ def throughput_table(files: list[str], variants: tuple[str, ...] = ("transformer
 
 def latency_table(files: list[tuple[str, str]]) -> str:
     points = ("2", "4", "8", "16", "32")
-    rows = ["| dtype, kernels | rows | step(1) | " + " | ".join(f"verify({k})" for k in points) + " |",
-            "|---|---|---|" + "---|" * len(points)]
+    rows = [
+        "| dtype, kernels | rows | step(1) | " + " | ".join(f"verify({k})" for k in points) + " |",
+        "|---|---|---|" + "---|" * len(points),
+    ]
     for name, label in files:
         result = _load(name)
         if result is None:
             continue
         for r, t in result["seconds"].items():
-            rows.append(f"| {label} | {r} | {1000 * t['1']:.1f} ms | " + " | ".join(f"{t[k] / t['1']:.2f}x" for k in points) + " |")
+            rows.append(
+                f"| {label} | {r} | {1000 * t['1']:.1f} ms | "
+                + " | ".join(f"{t[k] / t['1']:.2f}x" for k in points)
+                + " |"
+            )
     return "\n".join(rows)
 
 
@@ -71,14 +83,18 @@ def drafter_table(name: str) -> str:
     if result is None:
         return "(no results yet)"
     cats = [c for c in next(iter(result["summary"].values())) if c != "all"]
-    rows = ["| drafter@policy | tau (" + " / ".join(cats) + ") | tau | tokens/s | vs plain | outputs identical to plain |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| drafter@policy | tau (" + " / ".join(cats) + ") | tau | tokens/s | vs plain | outputs identical to plain |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant, by in result["summary"].items():
         per = " / ".join(f"{by[c]['tau']:.2f}" for c in cats)
         a = by["all"]
         runs = [r for r in result["records"] if r["drafter"] == variant]
         same = sum(bool(r.get("identical_to_ar")) for r in runs)
-        rows.append(f"| {variant} | {per} | {a['tau']:.2f} | {a['tokens_per_s']:.1f} | {a['speedup']:.2f}x | {same}/{len(runs)} |")
+        rows.append(
+            f"| {variant} | {per} | {a['tau']:.2f} | {a['tokens_per_s']:.1f} | {a['speedup']:.2f}x | {same}/{len(runs)} |"
+        )
     c = result["config"]
     head = f"{c['dtype'].replace('torch.', '')}, {c['threads']} threads, kernels {c.get('kernels', '?')}, {c['prompts']} prompts:\n\n"
     return head + "\n".join(rows)
@@ -90,26 +106,40 @@ def dflash_table(offline: str, online: str) -> str:
     off, on = _load(offline), _load(online)
     if off is None:
         return "(no results yet)"
-    rows = ["| drafter | architecture | offline tau, draft vocabulary | offline tau, full vocabulary |", "|---|---|---|---|"]
+    rows = [
+        "| drafter | architecture | offline tau, draft vocabulary | offline tau, full vocabulary |",
+        "|---|---|---|---|",
+    ]
     for name, r in off["results"].items():
         rows.append(f"| {name} | {r['architecture']} | {r['draft_vocab']:.2f} | {r['full_vocab']:.2f} |")
-    text = f"{off['config']['sequences']} held-out greedy sequences, fp32, one denoising step, full block:\n\n" + "\n".join(rows)
+    text = (
+        f"{off['config']['sequences']} held-out greedy sequences, fp32, one denoising step, full block:\n\n"
+        + "\n".join(rows)
+    )
     if on is not None:
         s, c = on["summary"], on["config"]
-        text += (f"\n\nIn transformers' `generate(speculation_type=\"dflash\")` and in this library's loop (chains of "
-                 f"{c['block_size'] - 1}, no prompt lookup), {s['prompts']} held-out prompts x {c['max_new_tokens']} new tokens, "
-                 f"fp32, {c['threads']} threads:\n\n| engine | tau | outputs identical to plain greedy |\n|---|---|---|\n"
-                 f"| transformers | {s['transformers_tau']:.2f} | {s['transformers_identical']}/{s['prompts']} |\n"
-                 f"| dllm-spec | {s['ours_tau']:.2f} | {s['ours_identical']}/{s['prompts']} |\n\n"
-                 f"transformers reaches {s['ratio']:.2f}x this library's tau with the same drafter.")
+        text += (
+            f"\n\nIn transformers' `generate(speculation_type=\"dflash\")` and in this library's loop (chains of "
+            f"{c['block_size'] - 1}, no prompt lookup), {s['prompts']} held-out prompts x {c['max_new_tokens']} new tokens, "
+            f"fp32, {c['threads']} threads:\n\n| engine | tau | outputs identical to plain greedy |\n|---|---|---|\n"
+            f"| transformers | {s['transformers_tau']:.2f} | {s['transformers_identical']}/{s['prompts']} |\n"
+            f"| dllm-spec | {s['ours_tau']:.2f} | {s['ours_identical']}/{s['prompts']} |\n\n"
+            f"transformers reaches {s['ratio']:.2f}x this library's tau with the same drafter."
+        )
     return text
 
 
 TABLES = {
     "throughput-fp32": lambda: throughput_table(["throughput_fp32.json", "throughput_fp32_b32.json"]),
     "throughput-bf16": lambda: throughput_table(["throughput_bf16.json", "throughput_bf16_b32.json"]),
-    "latency": lambda: latency_table([("latency_fp32.json", "fp32, packed"), ("latency_fp32_default_kernels.json", "fp32, default"),
-                                      ("latency_bf16.json", "bf16, packed"), ("latency_bf16_default_kernels.json", "bf16, default")]),
+    "latency": lambda: latency_table(
+        [
+            ("latency_fp32.json", "fp32, packed"),
+            ("latency_fp32_default_kernels.json", "fp32, default"),
+            ("latency_bf16.json", "bf16, packed"),
+            ("latency_bf16_default_kernels.json", "bf16, default"),
+        ]
+    ),
     "drafters-fp32": lambda: drafter_table("drafters_fp32.json"),
     "throughput-int4": lambda: throughput_table(["throughput_int4.json"]),
     "int4-batch1": lambda: drafter_table("int4_batch1.json"),

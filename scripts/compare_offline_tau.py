@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.jsonl import write_atomic
 from dllm_spec.target import load_target
 from dllm_spec.training.block_diffusion import TrainConfig
 from dllm_spec.training.block_examples import offline_tau
 from dllm_spec.training.features import FeatureStore, build_stores, feature_dir
 from dllm_spec.training.sequences import load_sequences, shard_rows
-from drafters.block_diffusion import BlockDiffusionDrafter
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,14 +47,29 @@ def main(argv: list[str] | None = None) -> None:
         full = torch.arange(target.get_output_embeddings().weight.shape[0])
         head = target.get_output_embeddings().weight.detach()
         row = {"architecture": model.config.architecture}
-        for label, vocab in (("draft_vocab", model.draft_vocab if model.draft_vocab.numel() else full), ("full_vocab", full)):
+        for label, vocab in (
+            ("draft_vocab", model.draft_vocab if model.draft_vocab.numel() else full),
+            ("full_vocab", full),
+        ):
             row[label] = offline_tau(model, target, held, cfg, head[vocab], vocab, store)
         results[name] = row
         print(name, json.dumps(row))
     if args.out:
-        write_atomic(Path(args.out), json.dumps(dict(config=dict(data=args.data, sequences=min(args.sequences, sum(s.greedy for s in held)),
-                                                                 threads=torch.get_num_threads(), dtype="float32"),
-                                                     results=results), indent=1))
+        write_atomic(
+            Path(args.out),
+            json.dumps(
+                dict(
+                    config=dict(
+                        data=args.data,
+                        sequences=min(args.sequences, sum(s.greedy for s in held)),
+                        threads=torch.get_num_threads(),
+                        dtype="float32",
+                    ),
+                    results=results,
+                ),
+                indent=1,
+            ),
+        )
 
 
 if __name__ == "__main__":

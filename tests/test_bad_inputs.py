@@ -5,14 +5,15 @@ the Python API, configs and specs, files, and the CLI (exit status 2 with one li
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator, SpeculatorConfig
+from dllm_spec.drafters import PromptLookupDrafter, build_drafter
 from dllm_spec.policy import CostAwarePolicy, FixedLength, build_policy
 from dllm_spec.prompt import Prompt
-from drafters import PromptLookupDrafter, build_drafter
 from tests.conftest import VOCAB, tiny_llama
 
 IDS = torch.tensor([[0, 5, 9, 14]])
@@ -20,8 +21,9 @@ IDS = torch.tensor([[0, 5, 9, 14]])
 
 @pytest.fixture(scope="module")
 def spec():
-    return DiffusionSpeculator(tiny_llama(0), None, PromptLookupDrafter(), policy=FixedLength(2),
-                               config=SpeculatorConfig(max_batch_size=4))
+    return DiffusionSpeculator(
+        tiny_llama(0), None, PromptLookupDrafter(), policy=FixedLength(2), config=SpeculatorConfig(max_batch_size=4)
+    )
 
 
 # ---- generate(): (keyword arguments or prompt, message fragment) --------------------------------
@@ -133,7 +135,7 @@ def _tree_width_zero():
 
 
 def _vocab_mismatch():
-    from drafters import AutoregressiveDrafter
+    from dllm_spec.drafters import AutoregressiveDrafter
 
     DiffusionSpeculator(tiny_llama(0), None, AutoregressiveDrafter(tiny_llama(5, vocab=VOCAB + 16)))
 
@@ -149,7 +151,8 @@ CONFIG_CASES = [
     (lambda: PromptLookupDrafter(max_ngram=0), "min_ngram"),
     (lambda: build_drafter("nonsense", tiny_llama(0)), "unknown drafter"),
     (lambda: build_drafter("block-diffusion:tree=x", tiny_llama(0)), "options"),
-    (lambda: build_drafter("prompt-lookup:x", tiny_llama(0)), "invalid literal|prompt-lookup"),
+    (lambda: build_drafter("prompt-lookup:x", tiny_llama(0)), "prompt-lookup:x.*positive integer"),
+    (lambda: build_drafter("early-exit:abc", tiny_llama(0)), "early-exit:abc.*early-exit:N.*positive integer"),
     (lambda: build_policy("bogus"), "unknown policy"),
     (_tree_width_zero, "tree_width"),
     (_bad_dtype, "Unknown dtype"),
@@ -174,14 +177,14 @@ def _drafter_dir(tmp_path):
 
 
 def test_a_missing_drafter_directory_is_named(tmp_path):
-    from drafters import BlockDiffusionDrafter
+    from dllm_spec.drafters import BlockDiffusionDrafter
 
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         BlockDiffusionDrafter.from_pretrained(tmp_path / "nowhere")
 
 
 def test_a_corrupt_config_json_is_named(tmp_path):
-    from drafters import BlockDiffusionDrafter
+    from dllm_spec.drafters import BlockDiffusionDrafter
 
     path = _drafter_dir(tmp_path)
     (path / "config.json").write_text("{ not json")
@@ -192,13 +195,98 @@ def test_a_corrupt_config_json_is_named(tmp_path):
 
 
 def test_a_truncated_safetensors_file_is_named(tmp_path):
-    from drafters import BlockDiffusionDrafter
+    from dllm_spec.drafters import BlockDiffusionDrafter
 
     path = _drafter_dir(tmp_path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"{path}.*model.safetensors"):
         BlockDiffusionDrafter.from_pretrained(path)
+
+
+def _drop_weights(path, *names):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    for name in names:
+        weights.pop(name)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _nan_weight(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    weights["norm.weight"][0] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda p: _drop_weights(p, "fuse.weight", "norm.weight"),
+            r"model\.safetensors lacks 2 .*fuse\.weight, norm\.weight",
+        ),
+        (_nan_weight, "norm.weight hold NaN"),
+        (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json must hold a JSON object"),
+        (lambda p: (p / "config.json").write_text('{"model_type": "llama"}'), "not a block-diffusion drafter.*'llama'"),
+    ],
+)
+def test_an_incomplete_or_foreign_drafter_checkpoint_is_refused_at_load(tmp_path, damage, message):
+    """Missing weights once loaded silently and failed later with an IndexError in generation."""
+    from dllm_spec.drafters import BlockDiffusionDrafter
+
+    path = _drafter_dir(tmp_path)
+    damage(path)
+    with pytest.raises(ValueError, match=message):
+        BlockDiffusionDrafter.from_pretrained(path)
+
+
+def test_a_corrupt_converted_model_cache_is_rebuilt_and_a_full_disk_leaves_no_partial_copy(
+    tmp_path, monkeypatch, capsys
+):
+    from safetensors import SafetensorError
+
+    from dllm_spec import target as target_module
+
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / target_module.DEFAULT_GGUF_FILE).write_bytes(b"gguf")
+    monkeypatch.setenv("DLLM_SPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(target_module, "default_gguf_dir", lambda: gguf)
+    converted = target_module._converted_default_dir()
+    converted.mkdir(parents=True)
+    (converted / "model.safetensors").write_bytes(b"truncated")
+    (converted / "CONVERTED_FROM").write_text(f"{gguf / target_module.DEFAULT_GGUF_FILE}:4")
+    tiny = tiny_llama(0)
+
+    class Tokenizer:
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(target_module, "_convert_gguf", lambda d: (tiny, Tokenizer()))
+    model, _ = target_module._load_default_raw()
+    assert model is tiny and "converted-model cache" in capsys.readouterr().err  # said in one line, then rebuilt
+    assert (converted / "model.safetensors").stat().st_size > 1000
+
+    def full_disk(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(tiny, "save_pretrained", full_disk)
+    target_module._write_converted(tiny, Tokenizer(), tmp_path / "cache" / "other", "id")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left" in err[0]
+    assert not list((tmp_path / "cache").glob("other*"))  # the partial copy is gone
+
+
+def test_an_empty_dllm_spec_cache_is_unset(monkeypatch):
+    from dllm_spec.target import cache_root
+
+    monkeypatch.setenv("DLLM_SPEC_CACHE", "")
+    assert cache_root() == Path.home() / ".cache" / "dllm-spec"
 
 
 def test_a_missing_prompt_file_is_named(tmp_path):
@@ -226,14 +314,67 @@ def _prompt_file(tmp_path) -> str:
     return str(path)
 
 
+def _file(tmp_path, name: str, text: str) -> str:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+SHARD_RECORD = dict(
+    prompt_id="p1", category="x", variant=0, temperature=0.0, prompt_ids=[0, 2, 3], response_ids=[4, 5, 6, 7]
+)
+
+
+def _data(tmp_path, content: bytes | None = None) -> str:
+    """A distillation directory with one shard (default: one valid record, which is not held out)."""
+    import gzip
+    import json
+
+    path = tmp_path / "data"
+    path.mkdir(exist_ok=True)
+    if content is None:
+        content = gzip.compress((json.dumps(SHARD_RECORD) + "\n").encode())
+    (path / "shard-00000.jsonl.gz").write_bytes(content)
+    return str(path)
+
+
+def _gz(text: str, cut: int | None = None) -> bytes:
+    import gzip
+
+    data = gzip.compress(text.encode())
+    return data[:cut] if cut else data
+
+
+def _run_with_config(tmp_path, **saved) -> str:
+    """A run directory to resume: a checkpoint and the train_config.json it was trained with."""
+    import json
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "config.json").write_text("{}")
+    (run / "train_config.json").write_text(json.dumps({"drafter": "block-diffusion", **saved}))
+    return str(run)
+
+
+def _model_dir(tmp_path) -> str:
+    tiny_llama(0).save_pretrained(tmp_path / "llama")
+    return str(tmp_path / "llama")
+
+
 CLI_CASES = [
     (lambda t: ["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
     (lambda t: ["generate", "hi", "--temperature", "-1"], "temperature"),
     (lambda t: ["generate", "hi", "--top-p", "2"], "top_p"),
     (lambda t: ["generate", "  "], "empty prompt"),
     (lambda t: ["generate", "hi", "--threads", "-1"], "--threads"),
-    (lambda t: ["generate", "hi", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "hi", "--threads", "0"],
-     "--device|--threads"),
+    (
+        lambda t: (
+            ["generate", "hi", "--device", "cuda:7"]
+            if not torch.cuda.is_available()
+            else ["generate", "hi", "--threads", "0"]
+        ),
+        "--device|--threads",
+    ),
     (lambda t: ["generate", "hi", "--target", str(t / "no" / "such" / "dir")], "--target"),
     (lambda t: ["bench", "--repeats", "0"], "--repeats"),
     (lambda t: ["bench", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -246,7 +387,10 @@ CLI_CASES = [
     (lambda t: ["traces", _prompt_file(t), "--out", str(t)], "is a directory"),
     (lambda t: ["traces", str(t / "missing.jsonl"), "--out", str(t / "o.jsonl")], "missing.jsonl"),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t / "o.jsonl"), "--temperature", "-2"], "temperature"),
-    (lambda t: ["traces", _prompt_file(t), "--out", str(t / "o.jsonl"), "--batch-size", "0"], "batch-size|positive integer"),
+    (
+        lambda t: ["traces", _prompt_file(t), "--out", str(t / "o.jsonl"), "--batch-size", "0"],
+        "batch-size|positive integer",
+    ),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t / "o.jsonl"), "--min-new-tokens", "-1"], "min_new_tokens"),
     (lambda t: ["study", "--lengths", "abc"], "--lengths"),
     (lambda t: ["study", "--lengths", "0"], "lengths"),
@@ -255,11 +399,71 @@ CLI_CASES = [
     (lambda t: ["train", "--data", str(t / "nowhere"), "--out", str(t / "run")], "--data"),
     (lambda t: ["train", "--data", str(t), "--out", str(t / "run"), "--architecture", "eagle"], "architecture"),
     (lambda t: ["export", "block-diffusion", "--format", "gguf", "--out", str(t / "x")], "--format"),
-    (lambda t: ["export", "block-diffusion", "--format", "dflash", "--out", str(t)] if (t / "f").write_text("x") else [],
-     "not an empty directory"),
+    (
+        lambda t: (
+            ["export", "block-diffusion", "--format", "dflash", "--out", str(t)] if (t / "f").write_text("x") else []
+        ),
+        "not an empty directory",
+    ),
     (lambda t: ["export", str(t / "nothing"), "--format", "dflash", "--out", str(t / "x")], "no drafter checkpoint"),
-    (lambda t: ["export", "block-diffusion", "--format", "transformers", "--out", str(t / "x"), "--dtype", "int3"], "--dtype"),
-    (lambda t: ["export", "block-diffusion", "--format", "transformers", "--out", str(t / "x")], "cannot be exported.*architecture"),
+    (
+        lambda t: ["export", "block-diffusion", "--format", "transformers", "--out", str(t / "x"), "--dtype", "int3"],
+        "--dtype",
+    ),
+    (
+        lambda t: ["export", "block-diffusion", "--format", "transformers", "--out", str(t / "x")],
+        "cannot be exported.*architecture",
+    ),
+    # second hardening round
+    (lambda t: ["traces", _prompt_file(t), "--out", _file(t, "n.txt", "notes\nmore")], "n.txt is not a traces file"),
+    (
+        lambda t: ["traces", _prompt_file(t), "--out", _file(t, "o.jsonl", '{"name": "x", "text": "y"}\n')],
+        "o.jsonl is not a traces file",
+    ),
+    (lambda t: ["traces", _prompt_file(t), "--out", "/dev/null"], "/dev/null is not a regular file"),
+    (
+        lambda t: [
+            "traces",
+            _file(t, "s.jsonl", '{"id": "a", "prompt": "x", "system": 5}\n'),
+            "--out",
+            str(t / "o.jsonl"),
+        ],
+        r"s\.jsonl:1: prompt id 'a': 'system' must be a string",
+    ),
+    (lambda t: ["traces", "caf\udce9.txt", "--out", str(t / "o.jsonl")], "not valid UTF-8"),
+    (lambda t: ["bench", "--out", "/dev/null"], "/dev/null is not a regular file"),
+    (lambda t: ["bench", "--out", _file(t, "r.json", "{}")], "r.json exists: pass --overwrite"),
+    (lambda t: ["bench", "--per-category", "0"], "--per-category"),
+    (lambda t: ["generate", "caf\udce9"], "not valid UTF-8"),
+    (
+        lambda t: ["train", "--data", _data(t, b"not gzip"), "--out", str(t / "run")],
+        "shard-00000.jsonl.gz: not a complete gzip",
+    ),
+    (
+        lambda t: ["train", "--data", _data(t, _gz('{"a": 1}\n' * 200, cut=40)), "--out", str(t / "run")],
+        "shard-00000.jsonl.gz: not a complete gzip",
+    ),
+    (
+        lambda t: ["train", "--data", _data(t, _gz('{"prompt_id": "a"}\n')), "--out", str(t / "run")],
+        "shard-00000.jsonl.gz:1: .*keys",
+    ),
+    (lambda t: ["train", "--data", _data(t), "--out", str(t / "run")], "no greedy held-out sequence"),
+    (
+        lambda t: ["train", "--data", _data(t), "--out", _run_with_config(t, num_layers=3, lr=1.0)],
+        r"another config \(lr 1\.0 -> 0\.0006; num_layers 3 -> 2\)",
+    ),
+    (lambda t: ["export", _model_dir(t), "--format", "dllm", "--out", str(t / "x")], "not a block-diffusion drafter"),
+    (
+        lambda t: [
+            "export",
+            _file(t, "cfg/config.json", "[]") and str(t / "cfg"),
+            "--format",
+            "dllm",
+            "--out",
+            str(t / "x"),
+        ],
+        "must hold a JSON object",
+    ),
 ]
 
 
@@ -297,6 +501,118 @@ def test_bench_json_is_written_as_each_prompt_finishes(spec, monkeypatch):
     # the tiny target has no tokenizer: the bench's string prompts become fixed input ids
     monkeypatch.setattr(bench.DiffusionSpeculator, "generate", lambda self, prompt, **kwargs: real(self, IDS, **kwargs))
     calls = []
-    bench.run_bench(spec, ["prompt-lookup"], [Prompt(str(i), "c", "p") for i in range(3)], max_new_tokens=2, repeats=1,
-                    on_result=lambda r: calls.append(len(r["records"])))
+    bench.run_bench(
+        spec,
+        ["prompt-lookup"],
+        [Prompt(str(i), "c", "p") for i in range(3)],
+        max_new_tokens=2,
+        repeats=1,
+        on_result=lambda r: calls.append(len(r["records"])),
+    )
     assert calls == [2, 4, 6]  # after every prompt: plain AR and the drafter
+
+
+# ---- second hardening round: nothing lost, nothing shadowed --------------------------------------------
+def test_traces_leaves_an_out_that_is_not_its_own_untouched(tmp_path, capsys):
+    notes = tmp_path / "n.txt"
+    notes.write_bytes(b"notes\nmore")
+    _cli(capsys, ["traces", _prompt_file(tmp_path), "--out", str(notes)])
+    assert notes.read_bytes() == b"notes\nmore"  # the last line was once cut off as a "torn record"
+
+
+def _tiny_traces_spec(monkeypatch):
+    from dllm_spec import DiffusionSpeculator
+    from tests.conftest import CharTokenizer
+
+    spec = DiffusionSpeculator(tiny_llama(0), CharTokenizer(), PromptLookupDrafter(), policy=FixedLength(2))
+    monkeypatch.setattr(DiffusionSpeculator, "from_pretrained", classmethod(lambda cls, *a, **k: spec))
+
+
+def test_traces_on_a_full_disk_says_so_in_one_line_and_keeps_what_finished(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dllm_spec import traces
+
+    _tiny_traces_spec(monkeypatch)
+    src = _file(tmp_path, "in.txt", "one\ntwo\nthree\n")
+    real, calls = traces.append_record, []
+
+    def full_disk(path, record):
+        calls.append(record["id"])
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, record)
+
+    monkeypatch.setattr(traces, "append_record", full_disk)
+    line = _cli(
+        capsys, ["traces", src, "--out", str(tmp_path / "t.jsonl"), "--max-new-tokens", "3", "--batch-size", "1"]
+    )
+    assert "No space left on device" in line and "rerun to resume" in line
+    assert traces.completed_ids(tmp_path / "t.jsonl") == {(calls[0], 0)}
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from dllm_spec import cli, traces
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupt)
+    monkeypatch.setattr(traces, "read_prompts", interrupt)
+    for argv in (
+        ["bench", "--prompts", _prompt_file(tmp_path)],
+        ["traces", _prompt_file(tmp_path), "--out", str(tmp_path / "t.jsonl")],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 130 and err.endswith("interrupted; rerun to resume") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_a_hub_id_target_is_fetched_not_taken_for_a_directory(tmp_path, monkeypatch, capsys, command):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail fast, as offline
+    argv = [command, "hi"] if command == "generate" else [command, "--prompts", _prompt_file(tmp_path)]
+    line = _cli(capsys, argv + ["--target", "someorg/no-such-model"])
+    assert (
+        "someorg/no-such-model: could not be fetched from the Hugging Face Hub" in line
+        and "no such directory" not in line
+    )
+
+
+def test_bench_out_is_written_with_normal_permissions(tmp_path):
+    import os
+
+    from dllm_spec.cli import _write_json
+
+    old = os.umask(0o022)
+    try:
+        _write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_export_on_a_full_disk_leaves_nothing_behind_and_the_rerun_works(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dllm_spec.cli import main
+    from dllm_spec.drafters import BlockDiffusionDrafter
+
+    source, out = _drafter_dir(tmp_path), tmp_path / "export"
+    real = BlockDiffusionDrafter.save_pretrained
+
+    def full_disk(self, path):
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(BlockDiffusionDrafter, "save_pretrained", full_disk)
+    line = _cli(capsys, ["export", str(source), "--format", "dllm", "--out", str(out)])
+    assert (
+        "No space left on device" in line and not out.exists() and [p.name for p in tmp_path.iterdir()] == ["drafter"]
+    )
+    monkeypatch.setattr(BlockDiffusionDrafter, "save_pretrained", real)
+    main(["export", str(source), "--format", "dllm", "--out", str(out)])
+    assert BlockDiffusionDrafter.from_pretrained(out).config.block_size == 6

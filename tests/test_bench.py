@@ -22,8 +22,28 @@ def test_prompt_file_errors_name_the_line(tmp_path):
 def test_summary_reports_speedup_as_ratio_to_the_baseline():
     rows = []
     for rep in range(3):
-        rows.append(dict(repeat=rep, category="code", drafter="none", new_tokens=100, wall_time_s=10.0, target_forwards=100, identical_to_ar=True))
-        rows.append(dict(repeat=rep, category="code", drafter="pld", new_tokens=100, wall_time_s=5.0, target_forwards=40, identical_to_ar=True))
+        rows.append(
+            dict(
+                repeat=rep,
+                category="code",
+                drafter="none",
+                new_tokens=100,
+                wall_time_s=10.0,
+                target_forwards=100,
+                identical_to_ar=True,
+            )
+        )
+        rows.append(
+            dict(
+                repeat=rep,
+                category="code",
+                drafter="pld",
+                new_tokens=100,
+                wall_time_s=5.0,
+                target_forwards=40,
+                identical_to_ar=True,
+            )
+        )
     summary = summarize(rows)
     assert summary["pld"]["all"]["speedup"] == pytest.approx(2.0)
     assert summary["pld"]["code"]["tau"] == pytest.approx(2.5)

@@ -35,5 +35,12 @@ def test_every_cited_result_file_exists_and_every_result_file_is_cited():
 def test_the_documents_tell_no_history():
     for doc in ("README.md", "BENCHMARKS.md"):
         text = (ROOT / doc).read_text().lower()
-        for phrase in ("this session", "prior session", "earlier session", "(issue", "since this session", "superseded"):
+        for phrase in (
+            "this session",
+            "prior session",
+            "earlier session",
+            "(issue",
+            "since this session",
+            "superseded",
+        ):
             assert phrase not in text, f"{doc} says {phrase!r}"

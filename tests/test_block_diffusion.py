@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
+from dllm_spec.drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
 from dllm_spec.policy import CostAwarePolicy, FixedLength
-from drafters.block_diffusion import BlockDiffusionDrafter
-from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
+from dllm_spec.verify.sampling import SamplingParams
 from tests.conftest import (
     VOCAB,
     begin,
@@ -22,7 +23,6 @@ from tests.conftest import (
     tiny_llama,
     two_token_total_variation,
 )
-from verify.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("steps,vocab", [(1, 0), (3, 0), (2, 12)])
@@ -40,7 +40,7 @@ def test_drafter_contract(target):
     """Shapes, ids inside the vocabulary (no mask id), committed prefix untouched, determinism."""
     for drafter in (make_drafter(target, 1), make_drafter(target, 3), make_drafter(target, 2, draft_vocab=12)):
         spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5))
-        from verify.verifier import Verifier
+        from dllm_spec.verify.verifier import Verifier
 
         verifier = Verifier(target, drafter.target_layer_ids)
         ids = torch.tensor([[0, 3, 4, 5, 6]])
@@ -66,8 +66,12 @@ def test_save_load_round_trip_gives_identical_drafts(target, tmp_path):
     drafter.save_pretrained(tmp_path / "d")
     loaded = BlockDiffusionDrafter.from_pretrained(tmp_path / "d")
     assert isinstance(loaded.scheduler, LeftToRightUnmaskingScheduler) and loaded.steps == 2
-    a = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5)).generate(torch.tensor([[0, 4, 8]]), max_new_tokens=12, temperature=1.0, seed=3)
-    b = DiffusionSpeculator(target, None, loaded, policy=FixedLength(5)).generate(torch.tensor([[0, 4, 8]]), max_new_tokens=12, temperature=1.0, seed=3)
+    a = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5)).generate(
+        torch.tensor([[0, 4, 8]]), max_new_tokens=12, temperature=1.0, seed=3
+    )
+    b = DiffusionSpeculator(target, None, loaded, policy=FixedLength(5)).generate(
+        torch.tensor([[0, 4, 8]]), max_new_tokens=12, temperature=1.0, seed=3
+    )
     assert torch.equal(a.token_ids, b.token_ids)
     assert a.stats.accepted_per_position == b.stats.accepted_per_position
 
@@ -84,8 +88,14 @@ def test_drafter_for_another_target_is_rejected(target, tmp_path):
         BlockDiffusionDrafter.from_pretrained(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("steps,scheduler", [(1, None), (3, LeftToRightUnmaskingScheduler(num_inference_steps=3)),
-                                             (3, ConfidenceUnmaskingScheduler(num_inference_steps=3))])
+@pytest.mark.parametrize(
+    "steps,scheduler",
+    [
+        (1, None),
+        (3, LeftToRightUnmaskingScheduler(num_inference_steps=3)),
+        (3, ConfidenceUnmaskingScheduler(num_inference_steps=3)),
+    ],
+)
 def test_sampling_with_block_diffusion_keeps_target_distribution(steps, scheduler):
     target = sampling_target()
     spec = DiffusionSpeculator(target, None, make_drafter(target, steps, scheduler=scheduler), policy=FixedLength(3))
@@ -96,8 +106,8 @@ def test_sampling_with_block_diffusion_keeps_target_distribution(steps, schedule
 def test_drafts_after_skipped_cycles_equal_drafts_of_a_fresh_drafter(target, small_drafter_model):
     """When the policy skips drafting, the drafter only sees commit() calls; its next proposal must
     be the one a freshly started drafter makes on the same committed sequence."""
+    from dllm_spec.drafters import AutoregressiveDrafter
     from dllm_spec.training.features import compute_features
-    from drafters import AutoregressiveDrafter
 
     ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4, 8, 19]
     for make in (lambda: make_drafter(target, 2), lambda: AutoregressiveDrafter(small_drafter_model, name="small-ar")):
@@ -105,12 +115,20 @@ def test_drafts_after_skipped_cycles_equal_drafts_of_a_fresh_drafter(target, sma
         DiffusionSpeculator(target, None, drafter)
         DiffusionSpeculator(target, None, fresh)
         layers = list(drafter.target_layer_ids)
-        feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layers) if layers else None
+        feats = (
+            compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layers)
+            if layers
+            else None
+        )
         cut = lambda a, b: None if feats is None else feats[:, a:b]  # noqa: E731
         begin(drafter, torch.tensor([ids[:5]]), cut(0, 4))
         propose(drafter, torch.tensor([ids[:5]]), 4, SamplingParams(), None)
         prev = 5
-        for end in (7, 8, 12):  # three committed cycles, no proposal in between; the target wrote positions prev-1 .. end-2
+        for end in (
+            7,
+            8,
+            12,
+        ):  # three committed cycles, no proposal in between; the target wrote positions prev-1 .. end-2
             commit(drafter, torch.tensor([ids[:end]]), cut(prev - 1, end - 1))
             prev = end
         begin(fresh, torch.tensor([ids[:12]]), cut(0, 11))
@@ -118,4 +136,3 @@ def test_drafts_after_skipped_cycles_equal_drafts_of_a_fresh_drafter(target, sma
         want = propose(fresh, torch.tensor([ids[:12]]), 4, SamplingParams(), None)
         assert got.tokens.tolist() == want.tokens.tolist()
         torch.testing.assert_close(got.confidence, want.confidence, atol=1e-5, rtol=1e-5)
-

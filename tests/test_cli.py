@@ -20,11 +20,17 @@ def test_cli_hands_train_traces_and_study_their_own_options(monkeypatch):
 
     seen = {}
     for name, module in cli.PASS_THROUGH.items():
-        monkeypatch.setattr(importlib.import_module(module), "main", lambda argv, name=name: seen.setdefault(name, argv))
+        monkeypatch.setattr(
+            importlib.import_module(module), "main", lambda argv, name=name: seen.setdefault(name, argv)
+        )
     cli.main(["train", "--data", "d", "--out", "o"])
     cli.main(["traces", "in.jsonl", "--out", "t.jsonl"])
     cli.main(["study", "--quick"])
-    assert seen == {"train": ["--data", "d", "--out", "o"], "traces": ["in.jsonl", "--out", "t.jsonl"], "study": ["--quick"]}
+    assert seen == {
+        "train": ["--data", "d", "--out", "o"],
+        "traces": ["in.jsonl", "--out", "t.jsonl"],
+        "study": ["--quick"],
+    }
 
 
 def test_export_writes_a_dflash_drafter_in_each_layout(target, tmp_path, capsys):
@@ -33,13 +39,16 @@ def test_export_writes_a_dflash_drafter_in_each_layout(target, tmp_path, capsys)
     import torch
 
     from dllm_spec.cli import main
-    from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+    from dllm_spec.drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
 
-    cfg = BlockDiffusionConfig.for_target(target, num_layers=1, num_target_layers=2, block_size=6, architecture="dflash",
-                                          mask_token_id=3)
+    cfg = BlockDiffusionConfig.for_target(
+        target, num_layers=1, num_target_layers=2, block_size=6, architecture="dflash", mask_token_id=3
+    )
     BlockDiffusionDrafter(BlockDiffusionModel(cfg)).save_pretrained(tmp_path / "ours")
     main(["export", str(tmp_path / "ours"), "--format", "transformers", "--out", str(tmp_path / "tf")])
-    main(["export", str(tmp_path / "ours"), "--format", "dflash", "--out", str(tmp_path / "zlab"), "--dtype", "bfloat16"])
+    main(
+        ["export", str(tmp_path / "ours"), "--format", "dflash", "--out", str(tmp_path / "zlab"), "--dtype", "bfloat16"]
+    )
     main(["export", str(tmp_path / "ours"), "--format", "dllm", "--out", str(tmp_path / "copy"), "--dtype", "bfloat16"])
     assert json.loads((tmp_path / "tf" / "config.json").read_text())["model_type"] == "muse_glimmer_assistant"
     zlab = json.loads((tmp_path / "zlab" / "config.json").read_text())

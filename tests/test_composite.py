@@ -7,6 +7,7 @@ import torch
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import CostAwarePolicy, FixedLength
+from dllm_spec.verify.sampling import SamplingParams
 from tests.conftest import (
     begin,
     commit,
@@ -15,22 +16,23 @@ from tests.conftest import (
     sampling_target,
     two_token_total_variation,
 )
-from verify.sampling import SamplingParams
 
 
 def test_fallback_drafter_uses_the_free_drafter_when_it_matches_and_keeps_greedy_output(target):
     """Prompt lookup's proposal when it matches an n-gram of >= 2 tokens, the block-diffusion
     drafter's otherwise (and then exactly what a block-diffusion drafter alone proposes, although
     it sat out earlier cycles); greedy output equals plain greedy under both policies."""
+    from dllm_spec.drafters import FallbackDrafter, NullDrafter, PromptLookupDrafter, build_drafter
     from dllm_spec.training.features import compute_features
-    from drafters import FallbackDrafter, NullDrafter, PromptLookupDrafter, build_drafter
 
     lone, hybrid = make_drafter(target, 1), FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1))
     assert hybrid.name == f"prompt-lookup+{lone.name}" and hybrid.target_layer_ids == lone.target_layer_ids
     DiffusionSpeculator(target, None, hybrid)  # binds both
     DiffusionSpeculator(target, None, lone)
     ids = [0, 5, 9, 14, 5, 9, 31]  # "5 9" repeats: a 2-gram match after 6 tokens; nothing matches after 31
-    feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(lone.target_layer_ids))
+    feats = compute_features(
+        target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(lone.target_layer_ids)
+    )
     for d in (hybrid, lone):
         begin(d, torch.tensor([ids[:6]]), feats[:, :5])
     got = propose(hybrid, torch.tensor([ids[:6]]), 4, SamplingParams(), None)
@@ -45,7 +47,9 @@ def test_fallback_drafter_uses_the_free_drafter_when_it_matches_and_keeps_greedy
     got = propose(hybrid, torch.tensor([ids]), 4, SamplingParams(), None)
     assert asked == [lone.name] and hybrid.last_source == "prompt-lookup" and got.length == 0
     for policy in (FixedLength(5), CostAwarePolicy(max_k=5)):
-        spec = DiffusionSpeculator(target, None, FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)), policy=policy)
+        spec = DiffusionSpeculator(
+            target, None, FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1)), policy=policy
+        )
         prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
         ref = target.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=1)[0, 8:]
         assert spec.generate(prompt, max_new_tokens=30).token_ids[0].tolist() == ref.tolist()
@@ -58,7 +62,7 @@ def test_fallback_drafter_uses_the_free_drafter_when_it_matches_and_keeps_greedy
 def test_sampling_with_prompt_lookup_then_block_diffusion_keeps_target_distribution():
     """Proposals alternate between prompt lookup (no q: match acceptance) and block diffusion (its
     q) within one sequence; the sampled tokens still follow the target's joint distribution."""
-    from drafters import FallbackDrafter, PromptLookupDrafter
+    from dllm_spec.drafters import FallbackDrafter, PromptLookupDrafter
 
     target = sampling_target()
     hybrid = FallbackDrafter(PromptLookupDrafter(), make_drafter(target, 1), min_confidence=0.0)
@@ -70,7 +74,7 @@ def test_sampling_with_prompt_lookup_then_block_diffusion_keeps_target_distribut
 def test_tree_drafters_are_grafted_and_chain_drafters_fall_back(target):
     """``pair_drafter`` (and the ``A+B`` spec) picks the combination from the model drafter's
     tree width; each class refuses the other kind, naming the one to use."""
-    from drafters import FallbackDrafter, GraftDrafter, PromptLookupDrafter, pair_drafter
+    from dllm_spec.drafters import FallbackDrafter, GraftDrafter, PromptLookupDrafter, pair_drafter
 
     chain, tree = make_drafter(target, 1), make_drafter(target, 1, tree_width=3)
     assert isinstance(pair_drafter(PromptLookupDrafter(), chain), FallbackDrafter)
@@ -86,14 +90,19 @@ def test_tree_drafters_are_grafted_and_chain_drafters_fall_back(target):
 def test_grafted_lookup_chain_is_one_more_branch_of_the_tree(target):
     """Where prompt lookup matches, its chain hangs in the tree (every lookup token is a node, its
     ancestors the chain's earlier tokens); where it does not, the tree is the model drafter's own."""
+    from dllm_spec.drafters import GraftDrafter, PromptLookupDrafter
     from dllm_spec.training.features import compute_features
-    from drafters import GraftDrafter, PromptLookupDrafter
 
-    lone, graft = make_drafter(target, 1, tree_width=3), GraftDrafter(PromptLookupDrafter(), make_drafter(target, 1, tree_width=3))
+    lone, graft = (
+        make_drafter(target, 1, tree_width=3),
+        GraftDrafter(PromptLookupDrafter(), make_drafter(target, 1, tree_width=3)),
+    )
     DiffusionSpeculator(target, None, graft)
     DiffusionSpeculator(target, None, lone)
     ids = [0, 5, 9, 14, 5, 9]  # "5 9" repeats: lookup proposes 14, 5, 9
-    feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(lone.target_layer_ids))
+    feats = compute_features(
+        target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(lone.target_layer_ids)
+    )
     for d in (graft, lone):
         begin(d, torch.tensor([ids]), feats[:, :5])
     got = propose(graft, torch.tensor([ids]), 12, SamplingParams(), None)
@@ -114,4 +123,3 @@ def test_grafted_lookup_chain_is_one_more_branch_of_the_tree(target):
 
     lookup = {(14,), (14, 5), (14, 5, 9)}
     assert paths(tokens, parents) <= paths(mine.tokens[0].tolist(), mine.parents[0].tolist()) | lookup  # nothing else
-

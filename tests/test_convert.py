@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.policy import FixedLength
 from dllm_spec.training.convert import nearest_token, to_dflash_architecture
 from dllm_spec.training.features import compute_features
-from drafters.block_diffusion import BlockDiffusionDrafter
 from tests.conftest import make_drafter
 
 
@@ -29,7 +29,9 @@ def test_conversion_carries_the_weights_and_calibrates_the_rest(target):
     h = src.config.target_hidden_size
     rms = feats[:, :h].pow(2).mean(-1).sqrt().median()
     torch.testing.assert_close(out.feature_scale[:h], src.feature_norms[0].weight / rms)
-    assert (out.layers[0].k_norm.weight > 0).all() and not torch.equal(out.layers[0].k_norm.weight, torch.ones_like(out.layers[0].k_norm.weight))
+    assert (out.layers[0].k_norm.weight > 0).all() and not torch.equal(
+        out.layers[0].k_norm.weight, torch.ones_like(out.layers[0].k_norm.weight)
+    )
     drafter = BlockDiffusionDrafter(out)
     spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5))
     ref = target.generate(ids[:, :8], max_new_tokens=20, do_sample=False, pad_token_id=1)[0, 8:]

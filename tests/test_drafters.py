@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from drafters.block_diffusion import BlockDiffusionDrafter
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from tests.conftest import (
     make_drafter,
 )
 
 
 def test_build_drafter_loads_a_checkpoint_directory_with_steps(target, tmp_path):
-    from drafters import build_drafter
+    from dllm_spec.drafters import build_drafter
 
     make_drafter(target, 1).save_pretrained(tmp_path / "ckpt")
     drafter = build_drafter(f"{tmp_path / 'ckpt'}:3", target)
@@ -26,4 +26,3 @@ def test_build_drafter_loads_a_checkpoint_directory_with_steps(target, tmp_path)
         build_drafter(f"{tmp_path / 'ckpt'}:tree=0", target)
     with pytest.raises(ValueError, match="unknown drafter"):
         build_drafter("no-such-drafter", target)
-

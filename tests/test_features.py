@@ -52,7 +52,9 @@ def test_teacher_cache_is_the_targets_next_token_distribution_aligned_with_block
     assert cached[:, :4].long().tolist() == top.indices.tolist()
     torch.testing.assert_close(cached[:, 4:], top.values, atol=1e-5, rtol=1e-5)
     seq = Sequence(ids, prompt_len=len(prompt), greedy=True, shard="s", row=0)
-    batch = BlockBatch([seq], TrainConfig(block_size=6, anchors_per_seq=4), torch.arange(VOCAB), random.Random(0), noised=False)
+    batch = BlockBatch(
+        [seq], TrainConfig(block_size=6, anchors_per_seq=4), torch.arange(VOCAB), random.Random(0), noised=False
+    )
     teacher = block_teacher(store, [seq], batch, "cpu")  # (1, A, 5, 8)
     valid = batch.label_valid
     assert valid.any()
@@ -109,4 +111,3 @@ def test_resident_stores_equal_the_disk_caches(target, tmp_path):
         resident.batch([("c", 0)], [3])
     with pytest.raises(ValueError, match="positions"):
         resident.batch([("a", 0)], [6])
-

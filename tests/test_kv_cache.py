@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from dllm_spec.verify.kv_cache import StaticKVCache
 from tests.conftest import tiny_llama
-from verify.kv_cache import StaticKVCache
 
 
 def _forward(model, cache, feed, offsets=None):
@@ -28,7 +28,13 @@ def test_ragged_rows_give_what_each_row_alone_gives():
     cache.plan(len(a), rows)
     feed = torch.tensor([a, b + [1] * (len(a) - len(b))])
     mask = cache.attention_mask(torch.ones((len(a), len(a)), dtype=torch.bool).tril(), model.dtype)
-    model(input_ids=feed, cache=cache, use_cache=True, attention_mask=mask, position_ids=cache.positions(torch.arange(len(a))))
+    model(
+        input_ids=feed,
+        cache=cache,
+        use_cache=True,
+        attention_mask=mask,
+        position_ids=cache.positions(torch.arange(len(a))),
+    )
     cache.advance([len(a), len(b)], rows)
     assert cache.lengths[:2] == [6, 3]
     step = _forward(model, cache, torch.tensor([[11, 12], [13, 14]]))  # two new tokens per row at per-row positions
@@ -43,7 +49,9 @@ def test_ragged_rows_give_what_each_row_alone_gives():
 
 
 def test_keep_paths_reorder_and_growth_move_the_right_slots():
-    cache = StaticKVCache(num_layers=1, num_kv_heads=1, head_dim=1, max_batch=3, dtype=torch.float32, device="cpu", capacity=4)
+    cache = StaticKVCache(
+        num_layers=1, num_kv_heads=1, head_dim=1, max_batch=3, dtype=torch.float32, device="cpu", capacity=4
+    )
     cache.add_rows(3)
     cache.plan(4)
     values = torch.arange(12, dtype=torch.float32).view(3, 1, 4, 1)  # row r, slot i holds 4r + i
@@ -75,7 +83,9 @@ def test_the_mask_lets_each_row_see_its_context_and_its_block_only():
 
 
 def test_a_cache_grown_inside_inference_mode_can_still_drop_rows_outside_it():
-    cache = StaticKVCache(num_layers=1, num_kv_heads=1, head_dim=1, max_batch=2, dtype=torch.float32, device="cpu", capacity=4)
+    cache = StaticKVCache(
+        num_layers=1, num_kv_heads=1, head_dim=1, max_batch=2, dtype=torch.float32, device="cpu", capacity=4
+    )
     cache.add_rows(2)
     with torch.inference_mode():  # the verifier's forwards run in inference mode and may grow the cache
         cache.plan(100)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dllm_spec.policy import AssistedHeuristic, ConfidenceThreshold, CostAwarePolicy, FixedLength, MovingAverageLength
-from verify.proposal import DraftProposal
+from dllm_spec.verify.proposal import DraftProposal
 
 
 def test_calibrator_learns_acceptance_rates_per_confidence_bucket():
@@ -65,12 +65,22 @@ def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_wh
     assert all(k > 0 for k in run(winning, accept_all=True)) and winning.skipped == 0
     always = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0), allow_skip=False)
     assert all(k > 0 for k in run(always, accept_all=False))
-    free = CostAwarePolicy(max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0))  # prompt-lookup-like: drafting is free
+    free = CostAwarePolicy(
+        max_k=8, latency=LatencyCurve(dict(curve), momentum=1.0)
+    )  # prompt-lookup-like: drafting is free
     assert all(k > 0 for k in run(free, accept_all=False, draft_s=1e-5))
 
 
-@pytest.mark.parametrize("bad", [lambda: FixedLength(-1), lambda: ConfidenceThreshold(1.5), lambda: CostAwarePolicy(max_k=0),
-                                 lambda: MovingAverageLength(momentum=1.0), lambda: AssistedHeuristic(k=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: FixedLength(-1),
+        lambda: ConfidenceThreshold(1.5),
+        lambda: CostAwarePolicy(max_k=0),
+        lambda: MovingAverageLength(momentum=1.0),
+        lambda: AssistedHeuristic(k=0),
+    ],
+)
 def test_invalid_policy_settings_raise(bad):
     with pytest.raises(ValueError):
         bad()
@@ -101,7 +111,8 @@ def test_cost_aware_policy_skips_a_losing_fallback_but_not_the_free_lookups():
     assert policy.skipped == 0
     assert policy.stats("lookup").draft_gain > 1.0 > policy.stats("diffusion").draft_gain
     assert float(policy.stats("diffusion").calibrator(torch.tensor([0.9]))[0]) < float(
-        policy.stats("lookup").calibrator(torch.tensor([0.9]))[0])  # same confidence, learnt apart
+        policy.stats("lookup").calibrator(torch.tensor([0.9]))[0]
+    )  # same confidence, learnt apart
 
 
 def test_cost_aware_policy_drafts_longer_blocks_when_a_draft_costs_the_same_at_any_length():
@@ -113,8 +124,12 @@ def test_cost_aware_policy_drafts_longer_blocks_when_a_draft_costs_the_same_at_a
         policy = CostAwarePolicy(max_k=16, latency=LatencyCurve({1: 0.05, 16: 0.06}, momentum=1.0))
         for _ in range(20):
             k = 8
-            proposal = DraftProposal(torch.zeros((1, k), dtype=torch.long), None, torch.full((1, k), 0.8),
-                                     forwards=k if forwards_per_token else 1)
+            proposal = DraftProposal(
+                torch.zeros((1, k), dtype=torch.long),
+                None,
+                torch.full((1, k), 0.8),
+                forwards=k if forwards_per_token else 1,
+            )
             policy.observe(proposal, verified=[k], accepted=[5], draft_time_s=0.04, verify_time_s=0.055)
         return policy
 
@@ -139,10 +154,14 @@ def test_batch_aware_policy_shrinks_the_draft_as_the_batch_becomes_compute_bound
     16 is compute-bound the same confident drafts are verified shorter, and not at all once
     speculation stops paying (plain batched decoding)."""
     from dllm_spec.latency import LatencyCurve, LatencySurface
-    from verify.proposal import DraftProposal
+    from dllm_spec.verify.proposal import DraftProposal
 
-    surface = LatencySurface({1: LatencyCurve({1: 0.02, 8: 0.022, 16: 0.025}),
-                              16: LatencyCurve({1: 0.03, 2: 0.045, 4: 0.07, 8: 0.13, 16: 0.25})})
+    surface = LatencySurface(
+        {
+            1: LatencyCurve({1: 0.02, 8: 0.022, 16: 0.025}),
+            16: LatencyCurve({1: 0.03, 2: 0.045, 4: 0.07, 8: 0.13, 16: 0.25}),
+        }
+    )
     policy = CostAwarePolicy(max_k=8, latency=surface)
 
     def chosen(rows: int, confidence: float) -> int:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafters import PromptLookupDrafter
+from dllm_spec.drafters import PromptLookupDrafter
+from dllm_spec.verify.sampling import SamplingParams
 from tests.conftest import propose
-from verify.sampling import SamplingParams
 
 
 def test_prompt_lookup_copies_the_continuation_of_the_latest_longest_match():
@@ -37,8 +37,8 @@ def test_the_row_index_finds_what_a_scan_finds_as_the_sequence_grows():
     def scan(seq: list[int], k: int) -> list[int]:
         for n in range(min(3, len(seq) - 1), 0, -1):
             for start in range(len(seq) - n - 1, -1, -1):
-                if seq[start: start + n] == seq[-n:]:
-                    return seq[start + n: start + n + k]
+                if seq[start : start + n] == seq[-n:]:
+                    return seq[start + n : start + n + k]
         return []
 
     for end in range(2, 200, 7):
@@ -48,7 +48,7 @@ def test_the_row_index_finds_what_a_scan_finds_as_the_sequence_grows():
 
 
 def test_each_row_of_a_batch_gets_its_own_lookup():
-    from drafters.base import Sequences
+    from dllm_spec.drafters.base import Sequences
 
     ids = torch.zeros((2, 8), dtype=torch.long)
     ids[0, :5] = torch.tensor([1, 2, 3, 1, 2])  # row 0 has 5 tokens (the rest is padding)

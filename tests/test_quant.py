@@ -59,7 +59,9 @@ def test_greedy_speculative_output_in_int4_equals_plain_int4_decoding():
     drafter = make_drafter(target, 1)
     prompt = torch.tensor([[0, 5, 9, 14, 5, 9, 22, 7]])
     ref = target.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=1)[0, 8:]
-    plain = DiffusionSpeculator(target, None, __import__("drafters").NullDrafter()).generate(prompt, max_new_tokens=30)
+    plain = DiffusionSpeculator(
+        target, None, __import__("dllm_spec.drafters", fromlist=["NullDrafter"]).NullDrafter()
+    ).generate(prompt, max_new_tokens=30)
     spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(5)).generate(prompt, max_new_tokens=30)
     assert plain.token_ids[0].tolist() == ref.tolist()
     assert spec.token_ids[0].tolist() == ref.tolist()

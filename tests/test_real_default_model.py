@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.drafters import AutoregressiveDrafter, PromptLookupDrafter, build_drafter
 from dllm_spec.policy import CostAwarePolicy, FixedLength
-from drafters import AutoregressiveDrafter, PromptLookupDrafter, build_drafter
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -26,19 +26,32 @@ def _drafters(target):
         "block-diffusion:1": (build_drafter("block-diffusion:1", target), 15),  # the shipped drafter, one step
         "block-diffusion:2": (build_drafter("block-diffusion:2", target), 7),
         "block-diffusion:tree=4": (build_drafter("block-diffusion:tree=4", target), 24),  # a 24-node draft tree
-        "block-diffusion-dflash:tree=4": (build_drafter("block-diffusion-dflash:tree=4", target), 16),  # the DFlash-layout drafter
+        "block-diffusion-dflash:tree=4": (
+            build_drafter("block-diffusion-dflash:tree=4", target),
+            16,
+        ),  # the DFlash-layout drafter
     }
 
 
-@pytest.mark.parametrize("name", ["prompt-lookup", "early-exit", "self", "block-diffusion:1", "block-diffusion:2", "block-diffusion:tree=4",
-                                  "block-diffusion-dflash:tree=4"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "prompt-lookup",
+        "early-exit",
+        "self",
+        "block-diffusion:1",
+        "block-diffusion:2",
+        "block-diffusion:tree=4",
+        "block-diffusion-dflash:tree=4",
+    ],
+)
 def test_greedy_output_equals_target_generate_in_fp32(real_spec, name):
     drafter, block = _drafters(real_spec.target)[name]
     policy = CostAwarePolicy(max_k=block) if name == "prompt-lookup" else FixedLength(block)
     spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, drafter, policy=policy)
     for prompt in PROMPTS:
         ids = spec.encode(prompt)
-        ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
+        ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1] :]
         out = spec.generate(prompt, max_new_tokens=48)
         assert out.token_ids[0].tolist() == ref.tolist(), f"{name} diverged on {prompt!r}"
         if name == "self":
@@ -58,7 +71,7 @@ def test_chat_false_sends_raw_text(real_spec):
     raw = real_spec.encode("Hello", chat=False)
     templated = real_spec.encode("Hello")
     assert raw.shape[1] < templated.shape[1]
-    assert real_spec.tokenizer.decode(raw[0]) .endswith("Hello")
+    assert real_spec.tokenizer.decode(raw[0]).endswith("Hello")
 
 
 def test_missing_default_model_wheel_names_the_install_command(monkeypatch):
@@ -75,8 +88,21 @@ def _accelerate(args: list[str], cwd) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--cpu",
+        *args,
+    ]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -87,10 +113,28 @@ def test_traces_with_two_accelerate_processes_match_a_single_process_run(real_sp
     from dllm_spec.traces import generate_traces, merge, read_prompts
 
     src = tmp_path / "prompts.jsonl"
-    src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(
-        ["Name a color.", "Say hi.", "Name a fruit.", "Count to three.", "Name an animal."])))
-    _accelerate(["-m", "dllm_spec.traces", str(src), "--out", str(tmp_path / "multi.jsonl"), "--max-new-tokens", "12",
-                 "--drafter", "prompt-lookup", "--dtype", "float32"], tmp_path)
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "prompt": p}) + "\n"
+            for i, p in enumerate(["Name a color.", "Say hi.", "Name a fruit.", "Count to three.", "Name an animal."])
+        )
+    )
+    _accelerate(
+        [
+            "-m",
+            "dllm_spec.traces",
+            str(src),
+            "--out",
+            str(tmp_path / "multi.jsonl"),
+            "--max-new-tokens",
+            "12",
+            "--drafter",
+            "prompt-lookup",
+            "--dtype",
+            "float32",
+        ],
+        tmp_path,
+    )
     prompts = read_prompts(src)
     generate_traces(real_spec, prompts, tmp_path / "single.jsonl", max_new_tokens=12)
     merge(prompts, tmp_path / "single.jsonl")
@@ -109,12 +153,43 @@ def test_drafter_training_runs_under_accelerate_with_two_processes(real_spec, tm
     tiny.save_pretrained(tmp_path / "target")
     real_spec.tokenizer.save_pretrained(tmp_path / "target")  # only its eos id is read by the trainer
     fake_distill(tmp_path / "data", tiny, n=16)
-    _accelerate(["-m", "dllm_spec.training.cli",
-                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--target", str(tmp_path / "target"),
-                 "--block-size", "6", "--num-layers", "1", "--num-target-layers", "2", "--draft-vocab-size", "40",
-                 "--anchors-per-seq", "4", "--batch-size", "2", "--max-steps", "6", "--eval-every", "3",
-                 "--checkpoint-every", "3", "--eval-sequences", "4", "--heldout-mod", "4",
-                 "--feature-dir", str(tmp_path / "features")], tmp_path)
+    _accelerate(
+        [
+            "-m",
+            "dllm_spec.training.cli",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--target",
+            str(tmp_path / "target"),
+            "--block-size",
+            "6",
+            "--num-layers",
+            "1",
+            "--num-target-layers",
+            "2",
+            "--draft-vocab-size",
+            "40",
+            "--anchors-per-seq",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--checkpoint-every",
+            "3",
+            "--eval-sequences",
+            "4",
+            "--heldout-mod",
+            "4",
+            "--feature-dir",
+            str(tmp_path / "features"),
+        ],
+        tmp_path,
+    )
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and (tmp_path / "run" / "best" / "config.json").is_file()
 
@@ -124,7 +199,7 @@ def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_
     block-diffusion drafter behind it (a target the shipped drafter does not fit gets prompt lookup
     alone, see test_generate_loop); its greedy output is the target's, token for token, in fp32,
     under the default cost-aware policy and under a fixed block that always drafts."""
-    from drafters import BlockDiffusionDrafter, GraftDrafter
+    from dllm_spec.drafters import BlockDiffusionDrafter, GraftDrafter
 
     spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer)
     assert isinstance(spec.drafter, GraftDrafter) and isinstance(spec.drafter.fallback, BlockDiffusionDrafter)
@@ -133,7 +208,7 @@ def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_
         spec = DiffusionSpeculator(real_spec.target, real_spec.tokenizer, policy=policy)
         for prompt in PROMPTS:
             ids = spec.encode(prompt)
-            ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
+            ref = real_spec.target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1] :]
             out = spec.generate(prompt, max_new_tokens=48)
             assert out.token_ids[0].tolist() == ref.tolist(), f"default drafter diverged on {prompt!r}"
 
@@ -141,8 +216,8 @@ def test_default_speculator_pairs_the_target_with_the_shipped_drafter_and_stays_
 def _dflash_drafter(target):
     """The shipped DFlash-layout drafter, else a random one of that architecture (the greedy check
     holds for any drafter; only tau needs a trained one)."""
-    from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
-    from drafters.shipped import DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
+    from dllm_spec.drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionDrafter, BlockDiffusionModel
+    from dllm_spec.drafters.shipped import DFLASH_BLOCK_DIFFUSION, shipped_drafter_dir
 
     try:
         return BlockDiffusionDrafter.from_pretrained(shipped_drafter_dir(DFLASH_BLOCK_DIFFUSION))
@@ -168,6 +243,8 @@ def test_an_exported_drafter_in_transformers_generate_keeps_greedy_output(real_s
     for prompt in PROMPTS:
         ids = spec.encode(prompt)
         ref = target.generate(ids, max_new_tokens=48, do_sample=False)
-        got = target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant, speculation_type="dflash")
+        got = target.generate(
+            ids, max_new_tokens=48, do_sample=False, assistant_model=assistant, speculation_type="dflash"
+        )
         assert got.tolist() == ref.tolist(), prompt
-        assert spec.generate(prompt, max_new_tokens=48).token_ids[0].tolist() == ref[0, ids.shape[1]:].tolist()
+        assert spec.generate(prompt, max_new_tokens=48).token_ids[0].tolist() == ref[0, ids.shape[1] :].tolist()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
-from verify.sampling import SamplingParams
+from dllm_spec.drafters.schedulers import ConfidenceUnmaskingScheduler, LeftToRightUnmaskingScheduler
+from dllm_spec.verify.sampling import SamplingParams
 
 
 def test_scheduler_commits_every_position_within_its_steps():
@@ -27,4 +27,3 @@ def test_scheduler_commits_every_position_within_its_steps():
             assert order == [[0, 1, 2], [3, 4], [5, 6]]
     with pytest.raises(ValueError, match="num_inference_steps"):
         ConfidenceUnmaskingScheduler(num_inference_steps=0)
-

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator, SpeculatorConfig
+from dllm_spec.drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
+from dllm_spec.drafters.base import Drafter
 from dllm_spec.loop import StopConditions, speculative_decode
 from dllm_spec.policy import (
     AssistedHeuristic,
@@ -15,11 +17,9 @@ from dllm_spec.policy import (
     FixedLength,
     MovingAverageLength,
 )
-from drafters import AutoregressiveDrafter, NullDrafter, PromptLookupDrafter
-from drafters.base import Drafter
+from dllm_spec.verify.sampling import SamplingParams
+from dllm_spec.verify.verifier import Verifier
 from tests.conftest import SAMPLING_VOCAB, VOCAB, CharTokenizer, sampling_target, tiny_llama, two_token_total_variation
-from verify.sampling import SamplingParams
-from verify.verifier import Verifier
 
 PROMPTS = [[0, 5, 9, 14, 5, 9, 22, 7], [0, 3, 3, 3, 40, 11], [0, 17, 2, 29, 31, 17, 2, 29, 31, 8, 12]]
 
@@ -50,7 +50,7 @@ class OracleDrafter(Drafter):
 def reference(target, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     out = target.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def drafters_for(target, small):
@@ -75,9 +75,16 @@ POLICIES = {
 }
 
 
-GREEDY_CASES = [(name, policy) for name in ["none", "prompt-lookup", "small-ar", "early-exit", "oracle", "adversary"]
-                for policy in ["fixed-1", "fixed-9", "adaptive"]]
-GREEDY_CASES += [(name, policy) for name in ["small-ar", "oracle"] for policy in ["fixed-4", "threshold", "moving-average", "heuristic"]]
+GREEDY_CASES = [
+    (name, policy)
+    for name in ["none", "prompt-lookup", "small-ar", "early-exit", "oracle", "adversary"]
+    for policy in ["fixed-1", "fixed-9", "adaptive"]
+]
+GREEDY_CASES += [
+    (name, policy)
+    for name in ["small-ar", "oracle"]
+    for policy in ["fixed-4", "threshold", "moving-average", "heuristic"]
+]
 
 
 @pytest.mark.parametrize("name,policy", GREEDY_CASES)
@@ -92,8 +99,12 @@ def test_greedy_output_equals_plain_greedy(target, small_drafter_model, name, po
 
 def test_oracle_accepts_whole_blocks_and_adversary_none(target, small_drafter_model):
     d = drafters_for(target, small_drafter_model)
-    oracle = DiffusionSpeculator(target, None, d["oracle"], policy=FixedLength(7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
-    adversary = DiffusionSpeculator(target, None, d["adversary"], policy=FixedLength(7)).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=32)
+    oracle = DiffusionSpeculator(target, None, d["oracle"], policy=FixedLength(7)).generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=32
+    )
+    adversary = DiffusionSpeculator(target, None, d["adversary"], policy=FixedLength(7)).generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=32
+    )
     assert oracle.stats.tau == 8.0 and oracle.stats.target_forwards == 4
     assert adversary.stats.tau == 1.0 and adversary.stats.accepted_tokens == 0
     assert oracle.stats.accepted_per_position == [4] * 7
@@ -161,6 +172,7 @@ def test_target_cache_holds_all_committed_tokens_but_the_last_after_every_cycle(
             produced[event.request] += event.tokens.numel()
         assert produced == [30] * len(requests) and checked.cycles > 0
 
+
 def test_streamer_receives_prompt_then_every_new_token(target):
     class Recorder:
         def __init__(self):
@@ -187,15 +199,23 @@ def test_sampling_is_deterministic_under_a_seed(target, small_drafter_model):
     assert torch.equal(a.token_ids, b.token_ids) and not torch.equal(a.token_ids, c.token_ids)
 
 
-@pytest.mark.parametrize("mode,policy", [("token", "fixed"), ("block", "fixed"), ("token", "adaptive")])
-def test_sampled_loop_follows_target_distribution(mode, policy):
+@pytest.mark.parametrize(
+    "mode,policy,sampling",
+    [
+        ("token", "fixed", "speculative"),
+        ("block", "fixed", "speculative"),
+        ("token", "adaptive", "speculative"),
+        ("token", "adaptive", "reproducible"),
+    ],
+)
+def test_sampled_loop_follows_target_distribution(mode, policy, sampling):
     """End to end through the loop: the first two sampled tokens follow the target's exact joint
     distribution (enumerated), with an AR drafter whose q differs from p."""
     target = sampling_target()
     drafter = AutoregressiveDrafter(tiny_llama(4, vocab=SAMPLING_VOCAB, hidden=16, layers=1))
     chosen = FixedLength(3) if policy == "fixed" else CostAwarePolicy(max_k=4)
     spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(verification=mode), policy=chosen)
-    tv = two_token_total_variation(spec, target, draws=2500)
+    tv = two_token_total_variation(spec, target, draws=2500, sampling=sampling)
     assert tv < 0.08, f"TV {tv:.3f}"
 
 
@@ -237,7 +257,7 @@ def test_generation_stops_at_the_context_limit(target):
 
 
 def test_default_drafter_is_prompt_lookup_for_a_target_the_shipped_drafter_does_not_fit(target):
-    from drafters import PromptLookupDrafter
+    from dllm_spec.drafters import PromptLookupDrafter
 
     assert type(DiffusionSpeculator(target, None).drafter) is PromptLookupDrafter  # the tiny target: other sizes
 
@@ -248,7 +268,9 @@ def test_skipped_drafting_cycles_keep_greedy_output_exact(target, small_drafter_
     ref = reference(target, PROMPTS[0], 40)
     for drafter in (OracleDrafter(target, wrong=True), AutoregressiveDrafter(small_drafter_model, name="small-ar")):
         policy = CostAwarePolicy(max_k=6, latency=LatencyCurve({1: 0.001, 2: 1.0}, momentum=1.0))  # drafting never pays
-        out = DiffusionSpeculator(target, None, drafter, policy=policy).generate(torch.tensor([PROMPTS[0]]), max_new_tokens=40)
+        out = DiffusionSpeculator(target, None, drafter, policy=policy).generate(
+            torch.tensor([PROMPTS[0]]), max_new_tokens=40
+        )
         assert out.token_ids[0].tolist() == ref
         assert policy.skipped > 0
 

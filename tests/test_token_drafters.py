@@ -13,9 +13,9 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.drafters import AutoregressiveDrafter, MaskedDiffusionDrafter, build_drafter
 from dllm_spec.policy import FixedLength
 from dllm_spec.training.token_drafters import OBJECTIVES, TokenDrafterConfig, token_offline_tau, train_token_drafter
-from drafters import AutoregressiveDrafter, MaskedDiffusionDrafter, build_drafter
 from tests.conftest import VOCAB, fake_distill, tiny_llama
 
 
@@ -34,9 +34,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.mark.parametrize("kind,drafter_cls", [("ar", AutoregressiveDrafter), ("mdlm", MaskedDiffusionDrafter)])
 def test_token_drafter_training_lowers_the_loss_and_drafts_exactly(target, tmp_path, kind, drafter_cls):
     fake_distill(tmp_path / "data", target)
-    cfg = TokenDrafterConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, block_size=6, window=24,
-                             batch_size=4, examples_per_seq=6, max_steps=60, warmup_steps=5, eval_every=30,
-                             checkpoint_every=20, eval_sequences=8, heldout_mod=6, lr=3e-3)
+    cfg = TokenDrafterConfig(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        block_size=6,
+        window=24,
+        batch_size=4,
+        examples_per_seq=6,
+        max_steps=60,
+        warmup_steps=5,
+        eval_every=30,
+        checkpoint_every=20,
+        eval_sequences=8,
+        heldout_mod=6,
+        lr=3e-3,
+    )
     best = train_token_drafter(OBJECTIVES[kind](), target, tiny_tokenizer(), tmp_path / "data", tmp_path / "run", cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5

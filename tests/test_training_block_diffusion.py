@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.policy import FixedLength
-from drafters.block_diffusion import BlockDiffusionDrafter
+from dllm_spec.verify.sampling import SamplingParams
 from tests.conftest import (
     VOCAB,
     begin,
@@ -21,7 +22,6 @@ from tests.conftest import (
     make_drafter,
     propose,
 )
-from verify.sampling import SamplingParams
 
 
 @pytest.mark.slow
@@ -29,8 +29,21 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
 
     fake_distill(tmp_path / "data", target)
-    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=6, batch_size=4,
-                      max_steps=40, warmup_steps=5, eval_every=20, checkpoint_every=10, eval_sequences=8, heldout_mod=6, lr=3e-3)
+    cfg = TrainConfig(
+        block_size=6,
+        num_layers=1,
+        num_target_layers=2,
+        draft_vocab_size=40,
+        anchors_per_seq=6,
+        batch_size=4,
+        max_steps=40,
+        warmup_steps=5,
+        eval_every=20,
+        checkpoint_every=10,
+        eval_sequences=8,
+        heldout_mod=6,
+        lr=3e-3,
+    )
     best = train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg, feature_root=tmp_path / "features")
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
@@ -52,7 +65,9 @@ def test_training_lowers_the_loss_and_resumes(target, tmp_path):
     warm = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
     first_eval = json.loads((tmp_path / "run" / "eval.json").read_text())["final_heldout_tau"]
     assert warm[0]["step"] == 0 and warm[0]["heldout_tau"] == pytest.approx(first_eval, abs=1e-9)
-    assert json.loads((tmp_path / "warm" / "eval.json").read_text())["final_heldout_tau"] >= warm[0]["heldout_tau"] - 1e-9
+    assert (
+        json.loads((tmp_path / "warm" / "eval.json").read_text())["final_heldout_tau"] >= warm[0]["heldout_tau"] - 1e-9
+    )
 
 
 def test_training_forward_gives_the_drafter_what_drafting_gives_it(target):
@@ -71,13 +86,25 @@ def test_training_forward_gives_the_drafter_what_drafting_gives_it(target):
     DiffusionSpeculator(target, None, drafter)  # binds
     ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4]
     anchors = [3, 6, 8]
-    batch = BlockBatch([Sequence(ids, prompt_len=3, greedy=True)], TrainConfig(block_size=6, anchors_per_seq=3),
-                       torch.arange(VOCAB), random.Random(0), noised=False, anchors=[anchors])
-    feats = compute_features(target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(drafter.target_layer_ids))
+    batch = BlockBatch(
+        [Sequence(ids, prompt_len=3, greedy=True)],
+        TrainConfig(block_size=6, anchors_per_seq=3),
+        torch.arange(VOCAB),
+        random.Random(0),
+        noised=False,
+        anchors=[anchors],
+    )
+    feats = compute_features(
+        target, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), list(drafter.target_layer_ids)
+    )
     with torch.no_grad():
-        logits = block_states(drafter.model, batch, feats, target.get_input_embeddings(), 6) @ target.lm_head.weight.T  # (1, A, 5, V)
+        logits = (
+            block_states(drafter.model, batch, feats, target.get_input_embeddings(), 6) @ target.lm_head.weight.T
+        )  # (1, A, 5, V)
     for k, a in enumerate(anchors):
-        begin(drafter, torch.tensor([ids[: a + 1]]), feats[:, :a])  # as after the prefill: features of all but the last token
+        begin(
+            drafter, torch.tensor([ids[: a + 1]]), feats[:, :a]
+        )  # as after the prefill: features of all but the last token
         proposal = propose(drafter, torch.tensor([ids[: a + 1]]), 5, SamplingParams(), None)
         assert proposal.tokens[0].tolist() == logits[0, k].argmax(-1).tolist()
         torch.testing.assert_close(proposal.confidence[0], logits[0, k].softmax(-1).amax(-1), atol=1e-4, rtol=1e-4)
@@ -89,13 +116,25 @@ def test_distillation_to_a_one_hot_teacher_is_plain_cross_entropy(target):
     from dllm_spec.training.sequences import Sequence
 
     ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4]
-    batch = BlockBatch([Sequence(ids, prompt_len=3, greedy=True)], TrainConfig(block_size=6, anchors_per_seq=3),
-                       torch.arange(VOCAB), random.Random(0), noised=False)
+    batch = BlockBatch(
+        [Sequence(ids, prompt_len=3, greedy=True)],
+        TrainConfig(block_size=6, anchors_per_seq=3),
+        torch.arange(VOCAB),
+        random.Random(0),
+        noised=False,
+    )
     states = torch.randn(1, 3, 5, 8)
     head = torch.randn(VOCAB, 8)
     k = 3
-    one_hot = torch.cat([batch.body_tokens.unsqueeze(-1).float(), torch.zeros(1, 3, 5, k - 1),  # ids: label, then 0s
-                         torch.zeros(1, 3, 5, 1), torch.full((1, 3, 5, k - 1), -1e9)], dim=-1)  # log-probs: 0, -inf
+    one_hot = torch.cat(
+        [
+            batch.body_tokens.unsqueeze(-1).float(),
+            torch.zeros(1, 3, 5, k - 1),  # ids: label, then 0s
+            torch.zeros(1, 3, 5, 1),
+            torch.full((1, 3, 5, k - 1), -1e9),
+        ],
+        dim=-1,
+    )  # log-probs: 0, -inf
     plain = weighted_loss(states, batch, head, 7.0)
     torch.testing.assert_close(weighted_loss(states, batch, head, 7.0, one_hot, 1.0, torch.arange(VOCAB)), plain)
     soft = one_hot.clone()
@@ -110,13 +149,33 @@ def test_training_with_resident_features_follows_the_disk_cache_run(target, tmp_
     from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
 
     fake_distill(tmp_path / "data", target)
-    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=6, batch_size=4,
-                      max_steps=12, warmup_steps=3, eval_every=6, checkpoint_every=6, eval_sequences=8, heldout_mod=6,
-                      lr=3e-3, distill_weight=0.5, teacher_top_k=4)
+    cfg = TrainConfig(
+        block_size=6,
+        num_layers=1,
+        num_target_layers=2,
+        draft_vocab_size=40,
+        anchors_per_seq=6,
+        batch_size=4,
+        max_steps=12,
+        warmup_steps=3,
+        eval_every=6,
+        checkpoint_every=6,
+        eval_sequences=8,
+        heldout_mod=6,
+        lr=3e-3,
+        distill_weight=0.5,
+        teacher_top_k=4,
+    )
     logs = {}
     for name, resident in (("disk", False), ("resident", True)):
-        train_block_diffusion(target, tmp_path / "data", tmp_path / name, cfg, feature_root=tmp_path / f"cache-{name}",
-                              resident_features=resident)
+        train_block_diffusion(
+            target,
+            tmp_path / "data",
+            tmp_path / name,
+            cfg,
+            feature_root=tmp_path / f"cache-{name}",
+            resident_features=resident,
+        )
         logs[name] = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
     assert not (tmp_path / "cache-resident").exists()
     torch.testing.assert_close([r["loss"] for r in logs["resident"]], [r["loss"] for r in logs["disk"]])
@@ -138,7 +197,6 @@ def test_capping_positions_keeps_greedy_sequences_first_and_stays_under_the_cap(
         TrainConfig(max_positions=-1)
 
 
-
 @pytest.mark.slow
 def test_a_dflash_drafter_trains_from_scratch_and_from_a_converted_dllm_drafter(target, tmp_path):
     """--architecture dflash: a fresh run, and a warm start from a dllm drafter (converted first,
@@ -146,10 +204,25 @@ def test_a_dflash_drafter_trains_from_scratch_and_from_a_converted_dllm_drafter(
     from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
 
     fake_distill(tmp_path / "data", target)
-    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=0, anchors_per_seq=6, batch_size=4,
-                      max_steps=20, warmup_steps=3, eval_every=10, checkpoint_every=10, eval_sequences=8, heldout_mod=6, lr=3e-3,
-                      architecture="dflash")
-    fresh = train_block_diffusion(target, tmp_path / "data", tmp_path / "fresh", cfg, feature_root=tmp_path / "features")
+    cfg = TrainConfig(
+        block_size=6,
+        num_layers=1,
+        num_target_layers=2,
+        draft_vocab_size=0,
+        anchors_per_seq=6,
+        batch_size=4,
+        max_steps=20,
+        warmup_steps=3,
+        eval_every=10,
+        checkpoint_every=10,
+        eval_sequences=8,
+        heldout_mod=6,
+        lr=3e-3,
+        architecture="dflash",
+    )
+    fresh = train_block_diffusion(
+        target, tmp_path / "data", tmp_path / "fresh", cfg, feature_root=tmp_path / "features"
+    )
     make_drafter(target, 1).save_pretrained(tmp_path / "warm" / "checkpoint")  # a dllm drafter
     warm = train_block_diffusion(target, tmp_path / "data", tmp_path / "warm", cfg, feature_root=tmp_path / "features")
     log = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
@@ -170,8 +243,21 @@ def test_a_position_cap_trains_on_the_kept_sequences_only(target, tmp_path):
     from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
 
     fake_distill(tmp_path / "data", target)
-    cfg = TrainConfig(block_size=6, num_layers=1, num_target_layers=2, draft_vocab_size=40, anchors_per_seq=4, batch_size=4,
-                      max_steps=4, warmup_steps=1, eval_every=4, checkpoint_every=4, eval_sequences=4, heldout_mod=6, max_positions=300)
+    cfg = TrainConfig(
+        block_size=6,
+        num_layers=1,
+        num_target_layers=2,
+        draft_vocab_size=40,
+        anchors_per_seq=4,
+        batch_size=4,
+        max_steps=4,
+        warmup_steps=1,
+        eval_every=4,
+        checkpoint_every=4,
+        eval_sequences=4,
+        heldout_mod=6,
+        max_positions=300,
+    )
     train_block_diffusion(target, tmp_path / "data", tmp_path / "run", cfg, feature_root=tmp_path / "features")
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert summary["train_sequences"] < 20 and summary["steps"] == 4

@@ -59,7 +59,9 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-CFG = ScheduleConfig(batch_size=4, max_steps=60, warmup_steps=5, lr=0.3, eval_every=20, checkpoint_every=10, patience=10)
+CFG = ScheduleConfig(
+    batch_size=4, max_steps=60, warmup_steps=5, lr=0.3, eval_every=20, checkpoint_every=10, patience=10
+)
 
 
 def test_loss_falls_and_the_run_directory_has_the_shared_layout(tmp_path):
@@ -67,7 +69,9 @@ def test_loss_falls_and_the_run_directory_has_the_shared_layout(tmp_path):
     best = run_training(ToyTask(), CFG, train, held, tmp_path / "run")
     log = _log(tmp_path / "run")
     assert sum(r["loss"] for r in log[-5:]) < 0.2 * sum(r["loss"] for r in log[:5])
-    assert [r["step"] for r in log if "heldout_tau" in r] == [20, 40, 60] and all("train_tau" in r for r in log if "heldout_tau" in r)
+    assert [r["step"] for r in log if "heldout_tau" in r] == [20, 40, 60] and all(
+        "train_tau" in r for r in log if "heldout_tau" in r
+    )
     assert best == tmp_path / "run" / "best" and (best / "config.json").is_file()
     state = torch.load(tmp_path / "run" / "checkpoint" / TRAINER_STATE, weights_only=False)
     assert {"optimizer", "scheduler", "state", "order", "rng"} <= set(state) and state["state"]["step"] == 60
@@ -131,8 +135,10 @@ def test_patience_stops_a_run_whose_held_out_tau_stops_improving(tmp_path):
     assert _log(tmp_path / "run")[-1]["step"] == 15  # best at 5, no gain at 10 and 15
 
 
-@pytest.mark.parametrize("field,value", [("batch_size", 0), ("max_steps", 2.5), ("lr", 0.0), ("lr", float("nan")), ("patience", 0),
-                                         ("warmup_steps", -1)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("batch_size", 0), ("max_steps", 2.5), ("lr", 0.0), ("lr", float("nan")), ("patience", 0), ("warmup_steps", -1)],
+)
 def test_bad_schedule_is_rejected_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ScheduleConfig(**{field: value})
@@ -152,3 +158,33 @@ def test_time_budget_paces_the_learning_rate_schedule():
     opt.step()
     sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(0.05)  # the budget is spent: the floor
+
+
+def test_a_resume_with_another_config_is_refused_naming_the_fields(tmp_path):
+    """It once resumed silently with the old model shape and schedule and overwrote train_config.json."""
+    train, held = _data(), _data(10)
+    short = ScheduleConfig(**{**CFG.__dict__, "max_steps": 10})
+    run_training(ToyTask(), short, train, held, tmp_path / "run")
+    saved = (tmp_path / "run" / "train_config.json").read_text()
+    other = ScheduleConfig(**{**short.__dict__, "batch_size": 8, "lr": 0.1})
+    with pytest.raises(ValueError, match=r"another config \(batch_size 4 -> 8; lr 0\.3 -> 0\.1\)"):
+        run_training(ToyTask(), other, train, held, tmp_path / "run")
+    assert (tmp_path / "run" / "train_config.json").read_text() == saved
+    longer = ScheduleConfig(**{**short.__dict__, "max_steps": 12, "eval_every": 6})  # going on longer is a resume
+    run_training(ToyTask(), longer, train, held, tmp_path / "run")
+    assert _log(tmp_path / "run")[-1]["step"] == 12
+
+
+class NaNTask(ToyTask):
+    def evaluate(self, model, seqs):
+        return float("nan")
+
+
+def test_eval_json_never_holds_nan_and_no_held_out_data_is_refused(tmp_path):
+    train, held = _data(), _data(10)
+    run_training(NaNTask(), ScheduleConfig(**{**CFG.__dict__, "max_steps": 4}), train, held, tmp_path / "run")
+    text = (tmp_path / "run" / "eval.json").read_text()
+    assert "NaN" not in text and json.loads(text)["final_heldout_tau"] is None
+    with pytest.raises(ValueError, match="no greedy held-out sequence"):
+        run_training(ToyTask(), CFG, train, [s for s in held if not s.greedy], tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from dllm_spec import DiffusionSpeculator
+from dllm_spec.drafters.base import DraftProposal
+from dllm_spec.drafters.composite import GraftDrafter
+from dllm_spec.drafters.prompt_lookup import PromptLookupDrafter
 from dllm_spec.policy import AcceptanceCalibrator, CostAwarePolicy, FixedLength
-from drafters.base import DraftProposal
-from drafters.composite import GraftDrafter
-from drafters.prompt_lookup import PromptLookupDrafter
-from tests.conftest import VOCAB, begin, make_drafter, prefill, propose, sampling_target, tiny_llama, two_token_total_variation
-from verify.sampling import SamplingParams
-from verify.tree import (
+from dllm_spec.verify.sampling import SamplingParams
+from dllm_spec.verify.tree import (
     ancestor_mask,
     build_tree,
     chain_parents,
@@ -27,7 +26,17 @@ from verify.tree import (
     sampling_tree_accept,
     tree_depths,
 )
-from verify.verifier import Verifier
+from dllm_spec.verify.verifier import Verifier
+from tests.conftest import (
+    VOCAB,
+    begin,
+    make_drafter,
+    prefill,
+    propose,
+    sampling_target,
+    tiny_llama,
+    two_token_total_variation,
+)
 
 #       root
 #      /    \
@@ -58,8 +67,12 @@ def test_tree_helpers_describe_depths_ancestors_and_children():
     two = tree.limit_depth(2)  # node 5 (depth 2, 0-based) goes
     assert two.tokens.tolist() == [[10, 11, 12, 13, 14]] and two.parents.tolist() == [[-1, -1, 0, 0, 1]]
     assert tree.limit_depth(3) is tree
-    odd = DraftProposal(torch.tensor([[1, 2, 3, 4, 5]]), None, torch.full((1, 5), 0.5), parents=torch.tensor([-1, 0, 1, -1, 3]))
-    assert odd.limit_depth(2).tokens.tolist() == [[1, 2, 4, 5]] and odd.limit_depth(2).parents.tolist() == [[-1, 0, -1, 2]]
+    odd = DraftProposal(
+        torch.tensor([[1, 2, 3, 4, 5]]), None, torch.full((1, 5), 0.5), parents=torch.tensor([-1, 0, 1, -1, 3])
+    )
+    assert odd.limit_depth(2).tokens.tolist() == [[1, 2, 4, 5]] and odd.limit_depth(2).parents.tolist() == [
+        [-1, 0, -1, 2]
+    ]
     for bad in (torch.tensor([0]), torch.tensor([-1, 1]), torch.tensor([-1, -2])):
         with pytest.raises(ValueError, match="parents"):
             check_parents(bad)
@@ -97,7 +110,9 @@ def test_build_tree_keeps_the_nodes_of_highest_path_probability():
 def test_greedy_tree_accept_follows_the_targets_argmax_down_the_tree():
     tokens = torch.tensor([7, 3, 5, 9, 2, 4])
     logits = torch.full((7, 12), -5.0)
-    for row, best in enumerate([3, 8, 2, 1, 1, 1, 1]):  # root -> 3 (node 1), node 1 -> 2 (node 4), node 4 -> 1 (no child)
+    for row, best in enumerate(
+        [3, 8, 2, 1, 1, 1, 1]
+    ):  # root -> 3 (node 1), node 1 -> 2 (node 4), node 4 -> 1 (no child)
         logits[row, best] = 5.0
     result = greedy_tree_accept(tokens, PARENTS, logits)
     assert result.path.tolist() == [1, 4] and result.next_token == 1
@@ -168,7 +183,9 @@ def test_greedy_output_equals_plain_greedy_with_a_draft_tree(target, width, step
             out = DiffusionSpeculator(target, None, d, policy=policy).generate(prompt, max_new_tokens=30)
             assert out.token_ids[0].tolist() == ref.tolist()
             st = out.stats  # per-position statistics count depths, not node indices
-            assert len(st.verified_per_position) <= (drafter.config.block_size - 1 if d is drafter else 12)  # grafted lookups go deeper
+            assert len(st.verified_per_position) <= (
+                drafter.config.block_size - 1 if d is drafter else 12
+            )  # grafted lookups go deeper
             assert all(a <= v for a, v in zip(st.accepted_per_position, st.verified_per_position))
 
 
@@ -207,7 +224,10 @@ def test_policy_reads_a_tree_by_paths():
     # path: node 1 then node 4; tested: the root's children (0, 1) and node 1's child (4); node 0's subtree untested
     conf = torch.tensor([0.9, 0.2, 0.9, 0.9, 0.2, 0.9])
     cal.update(conf, 6, 2, PARENTS, torch.tensor([1, 4]))
-    assert cal.trials.tolist() == [3.0, 2.0] and cal.accepted.tolist() == [2.25, 0.75]  # prior 1 trial each, means 0.25 / 0.75
+    assert cal.trials.tolist() == [3.0, 2.0] and cal.accepted.tolist() == [
+        2.25,
+        0.75,
+    ]  # prior 1 trial each, means 0.25 / 0.75
     # the cost-aware policy counts a tree's expected accepted tokens along paths
     policy = CostAwarePolicy(max_k=6, latency=None)
     from dllm_spec.latency import LatencyCurve
@@ -221,7 +241,7 @@ def test_policy_reads_a_tree_by_paths():
 
 
 def test_grafting_a_chain_shares_agreeing_nodes_and_keeps_a_best_first_tree():
-    from verify.tree import graft_chain
+    from dllm_spec.verify.tree import graft_chain
 
     tokens, parents, scores = torch.tensor([5, 6, 7]), torch.tensor([-1, -1, 0]), torch.tensor([0.6, 0.3, 0.5])
     t, p, s = graft_chain(tokens, parents, scores, torch.tensor([5, 9, 10]), torch.tensor([1.0, 1.0, 1.0]))
@@ -252,10 +272,12 @@ def test_prompt_lookup_merged_into_a_tree_drafter_keeps_greedy_and_sampling_exac
     assert merged.is_tree and lookup
     paths = [[int(merged.tokens[0, j]) for j in _path(merged.parents[0], i)] for i in range(merged.length)]
     assert any(len(q) >= 2 and q == lookup[: len(q)] for q in paths)
-    ref = target.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=1)[0, prompt.shape[1]:]
+    ref = target.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=1)[0, prompt.shape[1] :]
     out = DiffusionSpeculator(target, None, drafter, policy=FixedLength(12)).generate(prompt, max_new_tokens=24)
     assert out.token_ids[0].tolist() == ref.tolist()
     sampler = sampling_target()
-    spec = DiffusionSpeculator(sampler, None, GraftDrafter(PromptLookupDrafter(), tree_drafter(sampler, 3)), policy=FixedLength(6))
+    spec = DiffusionSpeculator(
+        sampler, None, GraftDrafter(PromptLookupDrafter(), tree_drafter(sampler, 3)), policy=FixedLength(6)
+    )
     tv = two_token_total_variation(spec, sampler, draws=1500, prompt=(0, 2, 3, 2))
     assert tv < 0.1, f"TV {tv:.3f}"

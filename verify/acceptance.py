@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verify.sampling import sample
+from dllm_spec.verify.sampling import sample
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,19 @@ def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 
-def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor, lengths: torch.Tensor | None = None) -> AcceptResult:
+def greedy_accept(
+    draft_tokens: torch.Tensor, target_logits: torch.Tensor, lengths: torch.Tensor | None = None
+) -> AcceptResult:
     """Accept the longest prefix equal to the target's argmax; the next token is the argmax after it.
     ``lengths`` (B,): row r's drafts are its first ``lengths[r]`` (the rest is padding, never accepted)."""
-    choice = target_logits.argmax(dim=-1)  # (B, k+1)
+    return choice_accept(draft_tokens, target_logits.argmax(dim=-1), lengths)
+
+
+def choice_accept(
+    draft_tokens: torch.Tensor, choice: torch.Tensor, lengths: torch.Tensor | None = None
+) -> AcceptResult:
+    """Accept the longest prefix equal to the target's own choices ``choice`` (B, k+1) (its argmax, or
+    its keyed samples in reproducible sampling); the next token is the choice after it."""
     k = draft_tokens.shape[1]
     hits = draft_tokens == choice[:, :k]
     if lengths is not None:
@@ -65,7 +74,9 @@ def match_accept(draft_tokens: torch.Tensor, p: torch.Tensor, generator: torch.G
     return AcceptResult(n, _at(x, n))
 
 
-def _residual_sample(weighted_p: torch.Tensor, q: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _residual_sample(
+    weighted_p: torch.Tensor, q: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """Sample from norm(max(0, weighted_p - q)); rows whose residual has no mass use ``fallback``. (B, V) -> (B,)."""
     residual = (weighted_p - q).clamp_min(0)
     mass = residual.sum(-1, keepdim=True)
@@ -122,7 +133,11 @@ def block_verification_accept(
         passes.append(eta[:, i] <= h)
     passed = torch.stack(passes, dim=1) if passes else torch.zeros((batch, 0), dtype=torch.bool, device=p.device)
     positions = torch.arange(1, k + 1, device=p.device).expand(batch, k)
-    tau = torch.where(passed, positions, torch.zeros_like(positions)).amax(dim=1) if k else torch.zeros(batch, dtype=torch.long, device=p.device)
+    tau = (
+        torch.where(passed, positions, torch.zeros_like(positions)).amax(dim=1)
+        if k
+        else torch.zeros(batch, dtype=torch.long, device=p.device)
+    )
     w_tau = _at(torch.stack(weights, dim=1), tau)  # (B,)
     q_ext = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)  # (B, k+1, V)
     p_tau = _at(p, tau)

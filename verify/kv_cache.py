@@ -41,8 +41,16 @@ class StaticKVCache:
 
     is_compileable = False
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int, dtype: torch.dtype,
-                 device: torch.device | str, capacity: int = 256) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_batch: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        capacity: int = 256,
+    ) -> None:
         if min(num_layers, num_kv_heads, head_dim, max_batch, capacity) < 1:
             raise ValueError("StaticKVCache needs positive layers, heads, head_dim, max_batch and capacity")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -80,7 +88,9 @@ class StaticKVCache:
         new_cap = _round_up(max(needed, 2 * self.capacity))
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = torch.zeros((self.max_batch, self.num_kv_heads, new_cap, self.head_dim), dtype=self.dtype, device=self.device)
+                grown = torch.zeros(
+                    (self.max_batch, self.num_kv_heads, new_cap, self.head_dim), dtype=self.dtype, device=self.device
+                )
                 grown[:, :, : self.capacity] = old
                 store[i] = grown
         self.capacity = new_cap
@@ -88,7 +98,9 @@ class StaticKVCache:
     def add_rows(self, count: int) -> list[int]:
         """Activate ``count`` more rows (length 0) at the end of the active prefix; returns their indices."""
         if self.batch + count > self.max_batch:
-            raise ValueError(f"cannot hold {self.batch + count} rows: the cache was built for max_batch={self.max_batch}")
+            raise ValueError(
+                f"cannot hold {self.batch + count} rows: the cache was built for max_batch={self.max_batch}"
+            )
         rows = list(range(self.batch, self.batch + count))
         for r in rows:
             self.lengths[r] = 0
@@ -139,6 +151,20 @@ class StaticKVCache:
         for dst, src in enumerate(index):
             self.lengths[dst] = old[src]
         self.batch = len(index)
+
+    @torch.inference_mode()
+    def copy_rows(self, src: list[int], dst: list[int]) -> None:
+        """Row dst[i] becomes a copy of row src[i] (keys, values, length): samples of one prompt share
+        its prefill."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for store in (self.keys, self.values):
+            for t in store:
+                t[d] = t[s]
+        for i, j in zip(src, dst):
+            self.lengths[j] = self.lengths[i]
 
     # ---- one forward ------------------------------------------------------------------------------
     def plan(self, n: int, rows: list[int] | None = None) -> None:

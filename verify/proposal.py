@@ -7,7 +7,7 @@ Shapes (B rows, k the padded width):
         drafts, the verifier uses match acceptance).
     confidence (B, k): the drafter's belief that a token is accepted given its parent was.
     parents (B, k) long or None: None for chains (token i follows token i-1); else each row is a
-        draft tree in topological order (:mod:`verify.tree`), ``-1`` for a child of the row's last
+        draft tree in topological order (:mod:`dllm_spec.verify.tree`), ``-1`` for a child of the row's last
         committed token. A tree carries no q (its candidates are deterministic).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from verify.tree import reindex, tree_depths
+from dllm_spec.verify.tree import reindex, tree_depths
 
 
 @dataclass
@@ -47,7 +47,9 @@ class DraftProposal:
             if self.parents.dim() == 1:
                 self.parents = self.parents.unsqueeze(0).expand(batch, -1)
             if self.parents.shape != self.tokens.shape:
-                raise ValueError(f"parents {tuple(self.parents.shape)} must have one entry per drafted token {tuple(self.tokens.shape)}")
+                raise ValueError(
+                    f"parents {tuple(self.parents.shape)} must have one entry per drafted token {tuple(self.tokens.shape)}"
+                )
         if self.lengths is None:
             self.lengths = [k] * batch
         if len(self.lengths) != batch or any(not 0 <= n <= k for n in self.lengths):
@@ -89,16 +91,24 @@ class DraftProposal:
 
     @classmethod
     def empty(cls, batch: int, device: torch.device | str) -> "DraftProposal":
-        return cls(tokens=torch.zeros((batch, 0), dtype=torch.long, device=device), q=None,
-                   confidence=torch.zeros((batch, 0), device=device))
+        return cls(
+            tokens=torch.zeros((batch, 0), dtype=torch.long, device=device),
+            q=None,
+            confidence=torch.zeros((batch, 0), device=device),
+        )
 
     # ---- rows ------------------------------------------------------------------------------------
     def row(self, r: int) -> "DraftProposal":
         """Row r alone, unpadded: a (1, n_r) proposal."""
         n = self.lengths[r]
-        return DraftProposal(self.tokens[r: r + 1, :n], None if self.q is None else self.q[r: r + 1, :n],
-                             self.confidence[r: r + 1, :n], self.forwards, self.sources[r],
-                             None if self.parents is None else self.parents[r: r + 1, :n])
+        return DraftProposal(
+            self.tokens[r : r + 1, :n],
+            None if self.q is None else self.q[r : r + 1, :n],
+            self.confidence[r : r + 1, :n],
+            self.forwards,
+            self.sources[r],
+            None if self.parents is None else self.parents[r : r + 1, :n],
+        )
 
     @classmethod
     def stack(cls, rows: list["DraftProposal"], forwards: int | None = None) -> "DraftProposal":
@@ -129,10 +139,20 @@ class DraftProposal:
             if tree:
                 parents[r, :n] = p.row_parents(0)
             if q is not None:
-                q[r, :n] = p.q[0] if p.q is not None else torch.nn.functional.one_hot(p.tokens[0], q.shape[-1]).to(q.dtype)
+                q[r, :n] = (
+                    p.q[0] if p.q is not None else torch.nn.functional.one_hot(p.tokens[0], q.shape[-1]).to(q.dtype)
+                )
         sources = [p.sources[0] for p in rows]
-        return cls(tokens, q, confidence, max(p.forwards for p in rows) if forwards is None else forwards,
-                   sources[0] if len(set(sources)) == 1 else None, parents, [p.length for p in rows], sources)
+        return cls(
+            tokens,
+            q,
+            confidence,
+            max(p.forwards for p in rows) if forwards is None else forwards,
+            sources[0] if len(set(sources)) == 1 else None,
+            parents,
+            [p.length for p in rows],
+            sources,
+        )
 
     # ---- cutting -----------------------------------------------------------------------------------
     def truncate(self, k: int | list[int]) -> "DraftProposal":
@@ -143,9 +163,16 @@ class DraftProposal:
         if lengths == self.lengths and max(lengths, default=0) == self.length:
             return self
         width = max(lengths, default=0)
-        return DraftProposal(self.tokens[:, :width], None if self.q is None else self.q[:, :width], self.confidence[:, :width],
-                             self.forwards, self.source, None if self.parents is None else self.parents[:, :width],
-                             lengths, list(self.sources))
+        return DraftProposal(
+            self.tokens[:, :width],
+            None if self.q is None else self.q[:, :width],
+            self.confidence[:, :width],
+            self.forwards,
+            self.source,
+            None if self.parents is None else self.parents[:, :width],
+            lengths,
+            list(self.sources),
+        )
 
     def limit_depth(self, depth: int | list[int]) -> "DraftProposal":
         """Drop every token more than ``depth`` drafts deep (one limit, or one per row)."""
@@ -160,7 +187,13 @@ class DraftProposal:
             if one.length:
                 keep = tree_depths(one.parents[0]) < limits[r]
                 index = keep.nonzero().flatten()  # parents of kept nodes are kept: they are shallower
-                one = DraftProposal(one.tokens[:, index], None, one.confidence[:, index], one.forwards, one.sources[0],
-                                    reindex(one.parents[0], index).unsqueeze(0))
+                one = DraftProposal(
+                    one.tokens[:, index],
+                    None,
+                    one.confidence[:, index],
+                    one.forwards,
+                    one.sources[0],
+                    reindex(one.parents[0], index).unsqueeze(0),
+                )
             rows.append(one)
         return DraftProposal.stack(rows, self.forwards)

@@ -8,18 +8,31 @@ from dataclasses import dataclass
 
 import torch
 
+#: how a sampled (temperature > 0) token is drawn and verified
+SAMPLING_METHODS = ("reproducible", "speculative")
+#: below this a temperature is refused (logits / T overflow float32): use 0 for greedy
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+
+    ``method`` (temperature > 0 only): ``"reproducible"``: Gumbel-max sampling with noise keyed by
+    (seed, position) (:mod:`dllm_spec.verify.keyed`), so a seed gives the same text whatever the
+    drafter, the batch or the speculation; ``"speculative"``: rejection sampling (Leviathan et al.,
+    SpecInfer for trees), whose random draws depend on the drafts."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    method: str = "reproducible"
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
+        if self.method not in SAMPLING_METHODS:
+            raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {self.method!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -28,6 +41,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def keyed(self) -> bool:
+        """Whether tokens are drawn by keyed Gumbel-max (reproducible sampling at temperature > 0)."""
+        return not self.greedy and self.method == "reproducible"
 
 
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verify.sampling import sample
+from dllm_spec.verify.sampling import sample
 
 
 def check_parents(parents: torch.Tensor) -> None:
@@ -126,8 +126,9 @@ def follow_choices(tokens: torch.Tensor, parents: torch.Tensor, choice: list[int
         row = nxt + 1
 
 
-def sampling_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, p: torch.Tensor,
-                         generator: torch.Generator | None) -> TreeAcceptResult:
+def sampling_tree_accept(
+    tokens: torch.Tensor, parents: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None
+) -> TreeAcceptResult:
     """Lossless acceptance for a deterministic tree. tokens, parents: (N,); p: (N+1, V) the target's
     (warped) distributions; randomness from ``generator`` only."""
     toks = tokens.tolist()
@@ -145,7 +146,9 @@ def sampling_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, p: torch.T
                 break
             residual[toks[c]] = 0.0
         if nxt is None:
-            if not bool(residual.sum() > 0):  # every token with mass was a rejected candidate: impossible up to rounding
+            if not bool(
+                residual.sum() > 0
+            ):  # every token with mass was a rejected candidate: impossible up to rounding
                 residual = p[row]
             token = int(sample((residual / residual.sum()).unsqueeze(0), generator)[0])
             return TreeAcceptResult(torch.tensor(path, dtype=torch.long, device=tokens.device), token)
@@ -153,7 +156,9 @@ def sampling_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, p: torch.T
         row = nxt + 1
 
 
-def build_tree(candidates: torch.Tensor, probs: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_tree(
+    candidates: torch.Tensor, probs: torch.Tensor, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best-first tree from per-position candidates.
 
     candidates: (L, m) long, position j's m candidate tokens (column 0 the drafter's first choice);
@@ -183,12 +188,16 @@ def build_tree(candidates: torch.Tensor, probs: torch.Tensor, budget: int) -> tu
                 heapq.heappush(heap, (neg * pr[depth + 1][j2], counter, depth + 1, j2, me))
                 counter += 1
     device = candidates.device
-    return (torch.tensor(tokens, dtype=torch.long, device=device), torch.tensor(parents, dtype=torch.long, device=device),
-            torch.tensor(node_probs, dtype=torch.float32, device=device))
+    return (
+        torch.tensor(tokens, dtype=torch.long, device=device),
+        torch.tensor(parents, dtype=torch.long, device=device),
+        torch.tensor(node_probs, dtype=torch.float32, device=device),
+    )
 
 
-def graft_chain(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, chain: torch.Tensor,
-                chain_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def graft_chain(
+    tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, chain: torch.Tensor, chain_scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add a chain of drafts hanging from the root to a tree, sharing the nodes whose tokens agree.
 
     tokens, parents, scores: (N,) the tree and each node's confidence given its parent; chain,

@@ -1,6 +1,6 @@
 """The verifier: runs the target, ONE forward per cycle over every active row's [last committed
 token, drafts...], applies an acceptance rule per row, and keeps each row's accepted positions in
-the target's position-indexed cache (:mod:`verify.kv_cache`). A draft tree (:mod:`verify.tree`) is
+the target's position-indexed cache (:mod:`dllm_spec.verify.kv_cache`). A draft tree (:mod:`dllm_spec.verify.tree`) is
 verified in the same one forward under a per-row tree attention mask; its accepted path is then
 gathered into place within the row.
 
@@ -20,17 +20,19 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from verify.acceptance import (
+from dllm_spec.verify.acceptance import (
     AcceptResult,
     block_verification_accept,
+    choice_accept,
     greedy_accept,
     match_accept,
     speculative_sampling_accept,
 )
-from verify.kv_cache import StaticKVCache
-from verify.proposal import DraftProposal
-from verify.sampling import SamplingParams, probs_from_logits
-from verify.tree import ancestor_mask, check_parents, follow_choices, sampling_tree_accept, tree_depths
+from dllm_spec.verify.keyed import NoiseKeys, keyed_sample
+from dllm_spec.verify.kv_cache import StaticKVCache
+from dllm_spec.verify.proposal import DraftProposal
+from dllm_spec.verify.sampling import SamplingParams, probs_from_logits, warp_logits
+from dllm_spec.verify.tree import ancestor_mask, check_parents, follow_choices, sampling_tree_accept, tree_depths
 
 VerificationMode = Literal["token", "block"]
 
@@ -79,7 +81,11 @@ def accept(
 
 def _pad_rows(rows: list[torch.Tensor], width: int, fill: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Stack 1-D long tensors into (B, width); a row shorter than width is filled from ``fill`` (width,)."""
-    out = torch.zeros((len(rows), width), dtype=torch.long, device=device) if fill is None else fill.expand(len(rows), width).clone()
+    out = (
+        torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        if fill is None
+        else fill.expand(len(rows), width).clone()
+    )
     for r, t in enumerate(rows):
         out[r, : t.numel()] = t
     return out
@@ -94,13 +100,19 @@ class Verifier:
             concatenated on the last axis, for the drafter; empty for none.
         mode: ``"token"`` (Leviathan/Chen speculative sampling) or ``"block"`` (Sun et al. block
             verification). Greedy decoding uses exact argmax matching in both modes, and a draft
-            tree the tree walk of :mod:`verify.tree` in both.
+            tree the tree walk of :mod:`dllm_spec.verify.tree` in both.
         max_batch: rows the cache holds.
         capacity: initial positions per row (the cache grows on demand).
     """
 
-    def __init__(self, model: PreTrainedModel, layer_ids: tuple[int, ...] = (), mode: VerificationMode = "token",
-                 max_batch: int = 1, capacity: int = 256) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        layer_ids: tuple[int, ...] = (),
+        mode: VerificationMode = "token",
+        max_batch: int = 1,
+        capacity: int = 256,
+    ) -> None:
         if mode not in ("token", "block"):
             raise ValueError(f"verification mode must be 'token' or 'block', got {mode!r}")
         if max_batch < 1:
@@ -123,13 +135,23 @@ class Verifier:
         """One forward of ``feed`` (b, n) at the planned positions (the cache was planned for n)."""
         mask = self.cache.attention_mask(block, self.model.dtype)
         kwargs = {"logits_to_keep": 1} if not logits else {}
-        return self.model(input_ids=feed, cache=self.cache, use_cache=True, attention_mask=mask,
-                          position_ids=self.cache.positions(offsets), output_hidden_states=bool(self.layer_ids), **kwargs)
+        return self.model(
+            input_ids=feed,
+            cache=self.cache,
+            use_cache=True,
+            attention_mask=mask,
+            position_ids=self.cache.positions(offsets),
+            output_hidden_states=bool(self.layer_ids),
+            **kwargs,
+        )
 
     # ---- sequences in and out -------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    def prefill(
+        self, prompts: list[torch.Tensor], rows: list[int] | None = None
+    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
         """Start sequences: cache every token of each prompt (T_i,) but the last, in one forward.
+        Identical prompts (the samples of one prompt) are run once and their cache rows copied.
 
         ``rows``: the slots to (re)use; ``None`` appends new rows to the active batch. Returns the
         rows, their features (b, max T_i - 1, F) padded (or None) and the valid counts T_i - 1."""
@@ -141,13 +163,24 @@ class Verifier:
         n = max(counts)
         if n <= 0:
             return rows, None, counts
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(p.tolist()), i) for i, p in enumerate(prompts)]  # the prompt each row copies
+        unique = sorted(set(source))
         device = self.model.device
-        feed = _pad_rows([p[:-1].to(device) for p in prompts], n, None, device)  # (b, n), right-padded
-        self.cache.plan(n, rows)
+        feed = _pad_rows([prompts[i][:-1].to(device) for i in unique], n, None, device)  # (u, n), right-padded
+        run_rows = [rows[i] for i in unique]
+        self.cache.plan(n, run_rows)
         causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
         out = self._run(feed, causal, torch.arange(n, device=device), logits=False)
-        self.cache.advance(counts, rows)
-        return rows, self._features(out), counts
+        self.cache.advance([counts[i] for i in unique], run_rows)
+        copies = [i for i in range(len(prompts)) if source[i] != i]
+        self.cache.copy_rows([rows[source[i]] for i in copies], [rows[i] for i in copies])
+        features = self._features(out)
+        if features is not None and copies:
+            features = features[
+                torch.tensor([unique.index(source[i]) for i in range(len(prompts))], device=device)
+            ]  # (b, n, F)
+        return rows, features, counts
 
     def reset(self) -> None:
         """Drop every row (a new batch starts)."""
@@ -167,66 +200,52 @@ class Verifier:
         generators: list[torch.Generator | None] | torch.Generator | None,
         banned_ids: list[int] | None = None,
         banned_until: list[int] | None = None,
+        keys: NoiseKeys | None = None,
     ) -> VerifyOutcome:
         """One target forward over [last_tokens (B,), proposal.tokens (B, k)] for every active row;
         accept per row; keep what each row accepted.
 
         ``banned_ids`` / ``banned_until``: the target may not produce these ids (logits -inf, like
         transformers' ``min_new_tokens``) at row r's first ``banned_until[r]`` new positions (a tree
-        node's position is its depth), so acceptance runs against that processed distribution."""
+        node's position is its depth), so acceptance runs against that processed distribution.
+        ``keys``: each row's seed and next position, required for reproducible sampling."""
         b = self.cache.batch
         if last_tokens.shape[0] != b or proposal.batch != b:
-            raise ValueError(f"the verifier holds {b} rows, got {last_tokens.shape[0]} last tokens and {proposal.batch} proposal rows")
-        gens = generators if isinstance(generators, list) else [generators] * b
-        device = last_tokens.device
-        k = proposal.length
+            raise ValueError(
+                f"the verifier holds {b} rows, got {last_tokens.shape[0]} last tokens and {proposal.batch} proposal rows"
+            )
+        if sampling.keyed and keys is None:
+            raise ValueError("reproducible sampling needs each row's noise keys")
+        tree = proposal.is_tree and proposal.length > 0
+        block, offsets = _layout(proposal, tree, last_tokens.device)
         feed = torch.cat([last_tokens.reshape(b, 1), proposal.tokens], dim=1)  # (B, k+1)
-        tree = proposal.is_tree and k > 0
-        if tree:
-            per_row = [proposal.parents[r] for r in range(b)]
-            for r in range(b):
-                check_parents(proposal.row_parents(r))
-            block = torch.stack([ancestor_mask(p.cpu()) for p in per_row]).to(device)  # (B, k+1, k+1)
-            offsets = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), tree_depths(p.cpu()) + 1]) for p in per_row]).to(device)
-        else:
-            block = torch.ones((k + 1, k + 1), dtype=torch.bool, device=device).tril()
-            offsets = torch.arange(k + 1, device=device)
-        self.cache.plan(k + 1)
+        self.cache.plan(proposal.length + 1)
         out = self._run(feed, block, offsets, logits=True)
-        logits = out.logits  # (B, k+1, V)
-        if banned_ids and banned_until and any(banned_until):
-            depth = offsets.expand(b, k + 1)  # (B, k+1): new-token index each logits row predicts
-            until = torch.tensor(banned_until, device=device)[:, None]
-            rows_hit = depth < until  # (B, k+1)
-            ids = torch.tensor(banned_ids, device=device)
-            logits = logits.clone()
-            logits[..., ids] = torch.where(rows_hit[..., None], torch.finfo(logits.dtype).min, logits[..., ids])
-
-        lengths = proposal.lengths
-        paths: list[torch.Tensor] = []
-        next_tokens: list[int] = []
-        if tree:
-            choice = logits.argmax(-1).tolist() if sampling.greedy else None
-            for r in range(b):
-                n_r = lengths[r]
-                toks, parents = proposal.tokens[r, :n_r], proposal.parents[r, :n_r]
-                if sampling.greedy:
-                    res = follow_choices(toks, parents, choice[r])
-                else:
-                    res = sampling_tree_accept(toks, parents, probs_from_logits(logits[r, : n_r + 1], sampling), gens[r])
-                paths.append(res.path)
-                next_tokens.append(res.next_token)
-            accepted = [int(p.numel()) for p in paths]
-        elif sampling.greedy:
-            result = greedy_accept(proposal.tokens, logits, torch.tensor(lengths, device=device))
-            accepted, next_tokens = result.num_accepted.tolist(), result.next_token.tolist()
+        logits = _ban(out.logits, offsets, banned_ids, banned_until)  # (B, k+1, V)
+        if sampling.greedy or sampling.keyed:
+            choice = _choices(logits, sampling, keys, offsets)  # (B, k+1): the target's own token at every row
+            accepted, next_tokens, paths = (
+                _accept_tree_by_choice(proposal, choice) if tree else _accept_chain_by_choice(proposal, choice)
+            )
         else:
-            accepted = []
-            for r in range(b):
-                n_r = lengths[r]
-                res = accept(proposal.row(r), logits[r: r + 1, : n_r + 1], sampling, gens[r], self.mode)
-                accepted.append(int(res.num_accepted[0]))
-                next_tokens.append(int(res.next_token[0]))
+            gens = generators if isinstance(generators, list) else [generators] * b
+            accepted, next_tokens, paths = (_accept_tree_by_sampling if tree else _accept_chain_by_sampling)(
+                proposal, logits, sampling, gens, self.mode
+            )
+        return self._keep(proposal, out, accepted, next_tokens, paths, tree)
+
+    def _keep(
+        self,
+        proposal: DraftProposal,
+        out,
+        accepted: list[int],
+        next_tokens: list[int],
+        paths: list[torch.Tensor] | None,
+        tree: bool,
+    ) -> VerifyOutcome:
+        """Commit each row's accepted positions in the cache (a tree's path gathered into place) and
+        collect the drafter's features of them."""
+        b, device = proposal.batch, proposal.tokens.device
         m = max(accepted, default=0)
         ident = torch.arange(m, device=device)
         if tree:
@@ -241,4 +260,91 @@ class Verifier:
             rows = torch.cat([torch.zeros((b, 1), dtype=torch.long, device=device), path_t + 1], dim=1)  # (B, m+1)
             features = features.gather(1, rows[:, :, None].expand(b, m + 1, features.shape[-1]))
         tokens = proposal.tokens.gather(1, path_t) if m else proposal.tokens[:, :0]
-        return VerifyOutcome(accepted, torch.tensor(next_tokens, dtype=torch.long, device=device), tokens, path_t, features)
+        return VerifyOutcome(
+            accepted, torch.tensor(next_tokens, dtype=torch.long, device=device), tokens, path_t, features
+        )
+
+
+def _layout(proposal: DraftProposal, tree: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block attention mask ((k+1, k+1), or (B, k+1, k+1) per-row tree masks) and each fed
+    token's offset after the root ((k+1,), or (B, k+1) tree depths + 1, the root 0)."""
+    k = proposal.length
+    if not tree:
+        return torch.ones((k + 1, k + 1), dtype=torch.bool, device=device).tril(), torch.arange(k + 1, device=device)
+    per_row = [proposal.parents[r] for r in range(proposal.batch)]
+    for r in range(proposal.batch):
+        check_parents(proposal.row_parents(r))
+    block = torch.stack([ancestor_mask(p.cpu()) for p in per_row]).to(device)  # (B, k+1, k+1)
+    offsets = torch.stack(
+        [torch.cat([torch.zeros(1, dtype=torch.long), tree_depths(p.cpu()) + 1]) for p in per_row]
+    ).to(device)
+    return block, offsets
+
+
+def _ban(
+    logits: torch.Tensor, offsets: torch.Tensor, banned_ids: list[int] | None, banned_until: list[int] | None
+) -> torch.Tensor:
+    """Logits (B, k+1, V) with ``banned_ids`` at -inf (the dtype's min) where a row's new-token index
+    (its offset) is below ``banned_until[r]``."""
+    if not (banned_ids and banned_until and any(banned_until)):
+        return logits
+    b, width = logits.shape[:2]
+    depth = offsets.expand(b, width)  # (B, k+1): new-token index each logits row predicts
+    rows_hit = depth < torch.tensor(banned_until, device=logits.device)[:, None]  # (B, k+1)
+    ids = torch.tensor(banned_ids, device=logits.device)
+    logits = logits.clone()
+    logits[..., ids] = torch.where(rows_hit[..., None], torch.finfo(logits.dtype).min, logits[..., ids])
+    return logits
+
+
+def _choices(
+    logits: torch.Tensor, sampling: SamplingParams, keys: NoiseKeys | None, offsets: torch.Tensor
+) -> torch.Tensor:
+    """The target's own token at every fed position (B, k+1): the argmax when greedy, the keyed
+    Gumbel-max sample of the warped logits in reproducible sampling."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    b, width, vocab = logits.shape
+    seeds, positions = keys.at(offsets.expand(b, width))  # (B*(k+1),) each
+    warped = warp_logits(logits.reshape(b * width, vocab), sampling)  # (B*(k+1), V)
+    return keyed_sample(warped, seeds, positions).view(b, width)
+
+
+def _accept_chain_by_choice(proposal: DraftProposal, choice: torch.Tensor) -> tuple[list[int], list[int], None]:
+    result = choice_accept(proposal.tokens, choice, torch.tensor(proposal.lengths, device=choice.device))
+    return result.num_accepted.tolist(), result.next_token.tolist(), None
+
+
+def _accept_tree_by_choice(
+    proposal: DraftProposal, choice: torch.Tensor
+) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    rows = choice.tolist()
+    results = [
+        follow_choices(proposal.tokens[r, :n], proposal.parents[r, :n], rows[r]) for r, n in enumerate(proposal.lengths)
+    ]
+    return [int(x.path.numel()) for x in results], [x.next_token for x in results], [x.path for x in results]
+
+
+def _accept_chain_by_sampling(
+    proposal: DraftProposal, logits: torch.Tensor, sampling: SamplingParams, gens: list, mode: VerificationMode
+) -> tuple[list[int], list[int], None]:
+    """Rejection sampling row by row (each row with its own generator and draft length)."""
+    accepted, next_tokens = [], []
+    for r, n in enumerate(proposal.lengths):
+        res = accept(proposal.row(r), logits[r : r + 1, : n + 1], sampling, gens[r], mode)
+        accepted.append(int(res.num_accepted[0]))
+        next_tokens.append(int(res.next_token[0]))
+    return accepted, next_tokens, None
+
+
+def _accept_tree_by_sampling(
+    proposal: DraftProposal, logits: torch.Tensor, sampling: SamplingParams, gens: list, mode: VerificationMode
+) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    """SpecInfer's sequential candidate tests, row by row."""
+    results = [
+        sampling_tree_accept(
+            proposal.tokens[r, :n], proposal.parents[r, :n], probs_from_logits(logits[r, : n + 1], sampling), gens[r]
+        )
+        for r, n in enumerate(proposal.lengths)
+    ]
+    return [int(x.path.numel()) for x in results], [x.next_token for x in results], [x.path for x in results]

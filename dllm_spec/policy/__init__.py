@@ -20,8 +20,17 @@ from dllm_spec.policy.baselines import AssistedHeuristic, ConfidenceThreshold, F
 from dllm_spec.policy.calibration import AcceptanceCalibrator
 from dllm_spec.policy.cost_aware import CostAwarePolicy, SourceStats
 
-__all__ = ["BlockLengthPolicy", "FixedLength", "ConfidenceThreshold", "MovingAverageLength", "AssistedHeuristic",
-           "AcceptanceCalibrator", "CostAwarePolicy", "SourceStats", "build_policy"]
+__all__ = [
+    "BlockLengthPolicy",
+    "FixedLength",
+    "ConfidenceThreshold",
+    "MovingAverageLength",
+    "AssistedHeuristic",
+    "AcceptanceCalibrator",
+    "CostAwarePolicy",
+    "SourceStats",
+    "build_policy",
+]
 
 
 def build_policy(spec: str, default_k: int = 16) -> BlockLengthPolicy:
@@ -29,13 +38,27 @@ def build_policy(spec: str, default_k: int = 16) -> BlockLengthPolicy:
     ``moving-average``, ``heuristic``."""
     name, _, arg = spec.replace("fixed-", "fixed:").partition(":")
     if name == "adaptive":
-        return CostAwarePolicy(max_k=int(arg) if arg else default_k)
+        return CostAwarePolicy(max_k=_number(spec, arg, int, default_k, "adaptive:MAX with MAX a positive integer"))
     if name == "fixed":
-        return FixedLength(int(arg) if arg else default_k)
+        return FixedLength(_number(spec, arg, int, default_k, "fixed:K with K a non-negative integer"))
     if name == "threshold":
-        return ConfidenceThreshold(float(arg) if arg else 0.4, max_k=default_k)
+        return ConfidenceThreshold(
+            _number(spec, arg, float, 0.4, "threshold:THETA with THETA a number in [0, 1]"), max_k=default_k
+        )
     if name in ("moving-average", "ema"):
         return MovingAverageLength(max_k=default_k)
     if name == "heuristic":
         return AssistedHeuristic(max_k=default_k)
-    raise ValueError(f"unknown policy {spec!r}: use adaptive[:MAX], fixed:K, threshold[:THETA], moving-average or heuristic")
+    raise ValueError(
+        f"unknown policy {spec!r}: use adaptive[:MAX], fixed:K, threshold[:THETA], moving-average or heuristic"
+    )
+
+
+def _number(spec: str, arg: str, kind: type, default, expected: str):
+    """The spec's argument as ``kind`` (``default`` when absent); a bad one names the spec."""
+    if not arg:
+        return default
+    try:
+        return kind(arg)
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: expected {expected}, got {arg!r}") from None

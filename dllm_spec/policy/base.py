@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from verify.proposal import DraftProposal
+from dllm_spec.verify.proposal import DraftProposal
 
 
 class BlockLengthPolicy:
@@ -44,8 +44,15 @@ class BlockLengthPolicy:
         decides what runs."""
         return True
 
-    def observe(self, proposal: DraftProposal, verified: list[int], accepted: list[int], draft_time_s: float,
-                verify_time_s: float, paths: list[torch.Tensor] | None = None) -> None:
+    def observe(
+        self,
+        proposal: DraftProposal,
+        verified: list[int],
+        accepted: list[int],
+        draft_time_s: float,
+        verify_time_s: float,
+        paths: list[torch.Tensor] | None = None,
+    ) -> None:
         """Feedback after a cycle: ``proposal`` is everything drafted; of row r the first
         ``verified[r]`` tokens were verified and ``accepted[r]`` accepted: the first ones of a chain,
         the nodes ``paths[r]`` (n,) of a draft tree."""

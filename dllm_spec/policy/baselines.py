@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from dllm_spec.policy.base import BlockLengthPolicy
-from verify.proposal import DraftProposal
+from dllm_spec.verify.proposal import DraftProposal
 
 
 @dataclass

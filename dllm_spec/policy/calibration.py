@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from verify.tree import chain_parents
+from dllm_spec.verify.tree import chain_parents
 
 
 @dataclass
@@ -38,8 +38,14 @@ class AcceptanceCalibrator:
         b = self._bucket(confidence.cpu())
         return (self.accepted[b] / self.trials[b]).float()
 
-    def update(self, confidence: torch.Tensor, verified: int, accepted: int, parents: torch.Tensor | None = None,
-               path: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        confidence: torch.Tensor,
+        verified: int,
+        accepted: int,
+        parents: torch.Tensor | None = None,
+        path: torch.Tensor | None = None,
+    ) -> None:
         """Every verified node whose parent is the root or on the accepted path was tested (given its
         parent was accepted), and those on the path were accepted; the rest were never tested and
         teach nothing. A chain (``parents`` None) is the tree [-1, 0, 1, ...] with the path

@@ -12,15 +12,15 @@ from transformers import PreTrainedModel
 from dllm_spec.latency import LatencyCurve, LatencySurface, load_or_measure
 from dllm_spec.policy.base import BlockLengthPolicy
 from dllm_spec.policy.calibration import AcceptanceCalibrator
-from verify.proposal import DraftProposal
-from verify.tree import path_products
+from dllm_spec.verify.proposal import DraftProposal
+from dllm_spec.verify.tree import path_products
 
 
 class CostAwarePolicy(BlockLengthPolicy):
     """Verify the k that maximises expected committed tokens per second.
 
     E(k) = 1 + sum_{i<=k} prod_{j<=i} a(c_j), with a the online-calibrated confidence -> acceptance
-    map (for a draft tree the product runs over each node's path, :func:`verify.tree.path_products`,
+    map (for a draft tree the product runs over each node's path, :func:`dllm_spec.verify.tree.path_products`,
     and k counts nodes); cost(k) = drafting time + latency of a (k+1)-token target forward, from the
     measured curve (refreshed online). The draft length itself comes from the drafter's measured
     cost: a drafter that runs once per token (``DraftProposal.forwards`` equal to its length: an AR
@@ -67,9 +67,18 @@ class CostAwarePolicy(BlockLengthPolicy):
             input: near break-even the plain step is kept).
     """
 
-    def __init__(self, max_k: int = 16, latency: LatencyCurve | LatencySurface | None = None, min_draft: int = 1,
-                 momentum: float = 0.9, allow_skip: bool = True, probe_every: int = 4, max_probe_every: int = 64,
-                 free_draft_fraction: float = 0.05, batch_margin: float = 0.1) -> None:
+    def __init__(
+        self,
+        max_k: int = 16,
+        latency: LatencyCurve | LatencySurface | None = None,
+        min_draft: int = 1,
+        momentum: float = 0.9,
+        allow_skip: bool = True,
+        probe_every: int = 4,
+        max_probe_every: int = 64,
+        free_draft_fraction: float = 0.05,
+        batch_margin: float = 0.1,
+    ) -> None:
         if max_k < 1 or not 1 <= min_draft <= max_k:
             raise ValueError(f"need max_k >= 1 and 1 <= min_draft <= max_k, got max_k={max_k}, min_draft={min_draft}")
         if not 1 <= probe_every <= max_probe_every:
@@ -127,7 +136,9 @@ class CostAwarePolicy(BlockLengthPolicy):
         return expected / (verify + draft_cost)
 
     def _losing(self, st: "SourceStats") -> bool:
-        costly = st.draft_cost_per_call is not None and st.draft_cost_per_call > self.free_draft_fraction * self._step(1)
+        costly = st.draft_cost_per_call is not None and st.draft_cost_per_call > self.free_draft_fraction * self._step(
+            1
+        )
         return self.allow_skip and costly and st.draft_gain is not None and st.draft_gain < 1.0
 
     def _sit_out(self, st: "SourceStats") -> bool:
@@ -156,7 +167,9 @@ class CostAwarePolicy(BlockLengthPolicy):
                     return self.max_k  # drafting more costs nothing: let choose() cut with the actual confidences
                 # a batch verifies a few drafts per row: ask for a little more than the recent caps
                 return max(self.min_draft, min(self.max_k, math.ceil(self.recent_cap) + 2))
-            expected = 1 + torch.cat([torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)])
+            expected = 1 + torch.cat(
+                [torch.zeros(1), torch.cumsum(st.accept_rate ** torch.arange(1, self.max_k + 1), 0)]
+            )
             rate = self._rate(expected, self.max_k, st.draft_cost_per_token * ks)
             best = max(best, int(rate[1:].argmax()) + 1)
         return best
@@ -220,9 +233,13 @@ class CostAwarePolicy(BlockLengthPolicy):
             st = self.stats(proposal.sources[r])
             n = proposal.lengths[r]
             parents = None if proposal.parents is None else proposal.parents[r, :n]
-            st.calibrator.update(proposal.confidence[r, :n], verified[r], accepted[r], parents, None if paths is None else paths[r])
+            st.calibrator.update(
+                proposal.confidence[r, :n], verified[r], accepted[r], parents, None if paths is None else paths[r]
+            )
             tested = min(verified[r], accepted[r] + 1)
-            st.accept_rate = min(0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted[r] / tested))
+            st.accept_rate = min(
+                0.98, max(0.02, self.momentum * st.accept_rate + (1 - self.momentum) * accepted[r] / tested)
+            )
         if self._latency is not None:
             self._latency.observe(k_verify + 1, verify_time_s, rows)
 

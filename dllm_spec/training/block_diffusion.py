@@ -33,6 +33,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from dllm_spec.drafters.base import target_vocab_size
+from dllm_spec.drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionModel
+from dllm_spec.drafters.block_diffusion_model import ARCHITECTURES
+from dllm_spec.drafters.schedulers import ConfidenceUnmaskingScheduler
 from dllm_spec.training.block_examples import (
     BlockBatch,
     block_states,
@@ -44,13 +48,16 @@ from dllm_spec.training.block_examples import (
     weighted_loss,
 )
 from dllm_spec.training.convert import to_dflash_architecture
-from dllm_spec.training.features import FeatureStore, ResidentStore, TeacherStore, build_stores, feature_dir, teacher_dir
-from dllm_spec.training.loop import TRAINER_STATE, ScheduleConfig, TrainingTask, resume_dir, run_training
+from dllm_spec.training.features import (
+    FeatureStore,
+    ResidentStore,
+    TeacherStore,
+    build_stores,
+    feature_dir,
+    teacher_dir,
+)
+from dllm_spec.training.loop import TRAINER_STATE, ScheduleConfig, TrainingTask, check_resume, resume_dir, run_training
 from dllm_spec.training.sequences import Sequence, cap_positions, load_sequences, shard_rows
-from drafters.base import target_vocab_size
-from drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionModel
-from drafters.block_diffusion_model import ARCHITECTURES
-from drafters.schedulers import ConfidenceUnmaskingScheduler
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,9 @@ class TrainConfig(ScheduleConfig):
         if self.block_size < 2:
             raise ValueError("block_size must be >= 2")
         if not 0 <= self.distill_weight <= 1 or self.teacher_top_k < 1:
-            raise ValueError(f"distill_weight must be in [0, 1] and teacher_top_k >= 1, got {self.distill_weight}, {self.teacher_top_k}")
+            raise ValueError(
+                f"distill_weight must be in [0, 1] and teacher_top_k >= 1, got {self.distill_weight}, {self.teacher_top_k}"
+            )
         if self.max_positions < 0:
             raise ValueError(f"max_positions must be >= 0 (0: no cap), got {self.max_positions}")
         if not 0 <= self.full_mask_prob <= 1 or not 0 < self.t_min <= 1:
@@ -98,8 +107,15 @@ class BlockDiffusionTask(TrainingTask):
 
     kind = "block-diffusion"
 
-    def __init__(self, model: BlockDiffusionModel, target: PreTrainedModel, cfg: TrainConfig,
-                 store: FeatureStore | ResidentStore, teachers: TeacherStore | ResidentStore | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: BlockDiffusionModel,
+        target: PreTrainedModel,
+        cfg: TrainConfig,
+        store: FeatureStore | ResidentStore,
+        teachers: TeacherStore | ResidentStore | None,
+        device: torch.device,
+    ) -> None:
         self.model = model.to(device=device, dtype=torch.float32)
         self.target, self.cfg, self.store, self.teachers, self.device = target, cfg, store, teachers, device
         # target ids of the draft vocabulary; the full target vocabulary when the drafter has none
@@ -119,7 +135,9 @@ class BlockDiffusionTask(TrainingTask):
         return offline_tau(model, self.target, seqs, self.cfg, self.head, self.vocab, self.store)
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)  # plus the default unmasking schedule, as BlockDiffusionDrafter.save_pretrained writes it
+        model.save_pretrained(
+            directory
+        )  # plus the default unmasking schedule, as BlockDiffusionDrafter.save_pretrained writes it
         ConfidenceUnmaskingScheduler(num_inference_steps=model.config.num_inference_steps).save_pretrained(directory)
 
     def load(self, directory: Path) -> torch.nn.Module:
@@ -137,32 +155,64 @@ def _feature_sample(store, train: list[Sequence], device, n: int = 16) -> torch.
     """Target features of the first ``n`` training sequences' positions: (positions, width)."""
     seqs = train[:n]
     feats = store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs], device)  # (n, T, width)
-    valid = torch.arange(feats.shape[1], device=feats.device)[None, :] < torch.tensor([len(s.ids) for s in seqs], device=feats.device)[:, None]
+    valid = (
+        torch.arange(feats.shape[1], device=feats.device)[None, :]
+        < torch.tensor([len(s.ids) for s in seqs], device=feats.device)[:, None]
+    )
     return feats[valid]
 
 
-def _initial_model(cfg: TrainConfig, target: PreTrainedModel, incoming: BlockDiffusionModel | None, resume: Path | None,
-                   train: list[Sequence], store, eos_token_id: int | None, acc) -> BlockDiffusionModel:
+def _initial_model(
+    cfg: TrainConfig,
+    target: PreTrainedModel,
+    incoming: BlockDiffusionModel | None,
+    resume: Path | None,
+    train: list[Sequence],
+    store,
+    eos_token_id: int | None,
+    acc,
+) -> BlockDiffusionModel:
     """The weights a run starts from: ``incoming`` (resumed or warm-started; converted when it has
     the other architecture) or a fresh drafter initialised from the target."""
     if incoming is not None and incoming.config.architecture != cfg.architecture:
         if cfg.architecture != "dflash":
-            raise ValueError(f"{resume}: cannot warm-start a {cfg.architecture!r} drafter from a {incoming.config.architecture!r} one")
+            raise ValueError(
+                f"{resume}: cannot warm-start a {cfg.architecture!r} drafter from a {incoming.config.architecture!r} one"
+            )
         if (resume / TRAINER_STATE).is_file():
-            raise ValueError(f"{resume} is a {incoming.config.architecture!r} run to resume; warm-start a new run directory instead")
-        acc.print(f"warm start: converting the {incoming.config.architecture!r} drafter in {resume} to the dflash architecture")
+            raise ValueError(
+                f"{resume} is a {incoming.config.architecture!r} run to resume; warm-start a new run directory instead"
+            )
+        acc.print(
+            f"warm start: converting the {incoming.config.architecture!r} drafter in {resume} to the dflash architecture"
+        )
         sample = _feature_sample(store, train, device=target.device)
         embed = target.get_input_embeddings().weight.detach()
         incoming = to_dflash_architecture(incoming, embed, sample, None if cfg.mask_token_id < 0 else cfg.mask_token_id)
     if incoming is not None:
         return incoming
     always = [eos_token_id] if eos_token_id is not None else []
-    vocab = build_draft_vocab(train, cfg.draft_vocab_size, always) if cfg.draft_vocab_size else torch.zeros(0, dtype=torch.long)
+    vocab = (
+        build_draft_vocab(train, cfg.draft_vocab_size, always)
+        if cfg.draft_vocab_size
+        else torch.zeros(0, dtype=torch.long)
+    )
     dflash = cfg.architecture == "dflash"
-    mask_id = (cfg.mask_token_id if cfg.mask_token_id >= 0 else rarest_token(train, target_vocab_size(target))) if dflash else None
-    mcfg = BlockDiffusionConfig.for_target(target, num_layers=cfg.num_layers, num_target_layers=cfg.num_target_layers,
-                                           block_size=cfg.block_size, draft_vocab_size=len(vocab), loss_decay_gamma=cfg.gamma,
-                                           architecture=cfg.architecture, mask_token_id=mask_id)
+    mask_id = (
+        (cfg.mask_token_id if cfg.mask_token_id >= 0 else rarest_token(train, target_vocab_size(target)))
+        if dflash
+        else None
+    )
+    mcfg = BlockDiffusionConfig.for_target(
+        target,
+        num_layers=cfg.num_layers,
+        num_target_layers=cfg.num_target_layers,
+        block_size=cfg.block_size,
+        draft_vocab_size=len(vocab),
+        loss_decay_gamma=cfg.gamma,
+        architecture=cfg.architecture,
+        mask_token_id=mask_id,
+    )
     model = BlockDiffusionModel(mcfg)
     model.draft_vocab.copy_(vocab)
     if cfg.init_from_target:
@@ -181,6 +231,7 @@ def train_block_diffusion(
     time_budget_s: float | None = None,
     feature_root: str | os.PathLike | None = None,
     resident_features: bool = False,
+    sequences: tuple[list[Sequence], list[Sequence]] | None = None,
 ) -> Path:
     """Train (or resume training) a block-diffusion drafter for ``target``; returns the best checkpoint's path.
 
@@ -190,12 +241,14 @@ def train_block_diffusion(
     ``time_budget_s``: stop after this many seconds of training; the learning-rate schedule is
     paced by whichever of steps or time runs out first, so a budgeted run still anneals.
     ``cfg.architecture="dflash"`` trains the layout DFlash consumers load; a ``"dllm"`` drafter
-    copied into ``out_dir/checkpoint`` is then converted first (:mod:`dllm_spec.training.convert`)."""
+    copied into ``out_dir/checkpoint`` is then converted first (:mod:`dllm_spec.training.convert`).
+    ``sequences``: (train, held-out) already read from ``data_dir`` by :func:`load_sequences`."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
     torch.manual_seed(cfg.seed)
-    train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
+    check_resume(out_dir, BlockDiffusionTask.kind, cfg)
+    train, held = sequences or load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
     capped = cap_positions(train, cfg.max_positions, cfg.seed)
     gaps = len(capped) < len(train)  # the caches then hold only the kept sequences' rows
     if gaps:
@@ -206,7 +259,9 @@ def train_block_diffusion(
     if incoming is not None:
         layer_ids = list(incoming.config.target_layer_ids)
     else:
-        layer_ids = list(BlockDiffusionConfig.for_target(target, num_target_layers=cfg.num_target_layers).target_layer_ids)
+        layer_ids = list(
+            BlockDiffusionConfig.for_target(target, num_target_layers=cfg.num_target_layers).target_layer_ids
+        )
     if feature_root is None:
         from dllm_spec.target import cache_root
 
@@ -216,8 +271,11 @@ def train_block_diffusion(
     if cfg.distill_weight > 0:
         teachers = TeacherStore(teacher_dir(feature_root, target, cfg.teacher_top_k), target, cfg.teacher_top_k)
     if resident_features:  # every process holds its own copy, computed on its own device
-        resident = ResidentStore.fill([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps),
-                                      show_progress=acc.is_main_process)
+        resident = ResidentStore.fill(
+            [store] if teachers is None else [store, teachers],
+            shard_rows(train + held, gaps),
+            show_progress=acc.is_main_process,
+        )
         store, teachers = resident[0], (resident[1] if teachers is not None else None)
     elif acc.is_main_process:
         build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps))

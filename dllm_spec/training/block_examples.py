@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from dllm_spec.drafters.base import target_vocab_size
+from dllm_spec.drafters.block_diffusion import BlockDiffusionModel
 from dllm_spec.training.features import FeatureStore, ResidentStore, TeacherStore
 from dllm_spec.training.sequences import Sequence
-from drafters.base import target_vocab_size
-from drafters.block_diffusion import BlockDiffusionModel
 
 if TYPE_CHECKING:  # the run's config; only its block/noise fields are read here
     from dllm_spec.training.block_diffusion import TrainConfig
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the run's config; only its block/noise fields are read here
 
 def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -> torch.Tensor:
     """The ``size`` most frequent response tokens (plus ``always``), sorted target ids."""
-    counts = Counter(t for s in sequences for t in s.ids[s.prompt_len:])
+    counts = Counter(t for s in sequences for t in s.ids[s.prompt_len :])
     chosen = set(always) | {t for t, _ in counts.most_common(max(0, size - len(always)))}
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
@@ -41,12 +41,16 @@ def draft_vocab_map(vocab: torch.Tensor, size: int) -> torch.Tensor:
     return mapping
 
 
-def sequence_features(store: FeatureStore | ResidentStore, seqs: list[Sequence], device: torch.device | str) -> torch.Tensor:
+def sequence_features(
+    store: FeatureStore | ResidentStore, seqs: list[Sequence], device: torch.device | str
+) -> torch.Tensor:
     """Cached target features of a batch of sequences, right-padded: (N, T, n * H)."""
     return store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs], device)
 
 
-def block_teacher(store: TeacherStore | ResidentStore, seqs: list[Sequence], batch: "BlockBatch", device: torch.device | str) -> torch.Tensor:
+def block_teacher(
+    store: TeacherStore | ResidentStore, seqs: list[Sequence], batch: "BlockBatch", device: torch.device | str
+) -> torch.Tensor:
     """The target's cached top-k distribution of every block body label: (N, A, B-1, 2k). Body
     position j of anchor a is token a + j, predicted by the target at position a + j - 1."""
     table = store.batch([(s.shard, s.row) for s in seqs], [len(s.ids) for s in seqs])  # (N, T, 2k)
@@ -60,8 +64,15 @@ def block_teacher(store: TeacherStore | ResidentStore, seqs: list[Sequence], bat
 class BlockBatch:
     """Anchored, noised blocks of a batch of sequences, ready for one training forward."""
 
-    def __init__(self, seqs: list[Sequence], cfg: "TrainConfig", vocab_map: torch.Tensor, rng: random.Random, noised: bool = True,
-                 anchors: list[list[int]] | None = None) -> None:
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        cfg: "TrainConfig",
+        vocab_map: torch.Tensor,
+        rng: random.Random,
+        noised: bool = True,
+        anchors: list[list[int]] | None = None,
+    ) -> None:
         n, B, A = len(seqs), cfg.block_size, cfg.anchors_per_seq
         width = max(len(s.ids) for s in seqs)
         self.ids = torch.zeros((n, width), dtype=torch.long)
@@ -116,8 +127,9 @@ class BlockBatch:
         return torch.cat([ctx, blk], dim=-1).unsqueeze(1)
 
 
-def block_states(model: BlockDiffusionModel, batch: BlockBatch, features: torch.Tensor, embed: torch.nn.Module,
-                 block: int) -> torch.Tensor:
+def block_states(
+    model: BlockDiffusionModel, batch: BlockBatch, features: torch.Tensor, embed: torch.nn.Module, block: int
+) -> torch.Tensor:
     """Final drafter states of every block body position: (N, A, B-1, H)."""
     n, A = batch.anchor.shape
     width = features.shape[1]
@@ -125,9 +137,12 @@ def block_states(model: BlockDiffusionModel, batch: BlockBatch, features: torch.
     fused = model.fuse_context(features)
     ctx_kv = model.context_kv(fused, torch.arange(width, device=dev).unsqueeze(0))
     first = embed(batch.first_tokens.to(dev)).unsqueeze(2)  # (N, A, 1, H)
-    body = torch.where(batch.masked.to(dev).unsqueeze(-1), model.mask_vector(embed).to(first.dtype),
-                       embed(batch.body_tokens.to(dev)))  # (N, A, B-1, H)
-    last = fused.gather(1, (batch.anchor.to(dev) - 1).clamp_min(0).unsqueeze(-1).expand(n, A, fused.shape[-1]))  # (N, A, H)
+    body = torch.where(
+        batch.masked.to(dev).unsqueeze(-1), model.mask_vector(embed).to(first.dtype), embed(batch.body_tokens.to(dev))
+    )  # (N, A, B-1, H)
+    last = fused.gather(
+        1, (batch.anchor.to(dev) - 1).clamp_min(0).unsqueeze(-1).expand(n, A, fused.shape[-1])
+    )  # (N, A, H)
     last = last * (batch.anchor.to(dev) > 0).unsqueeze(-1)  # no context before position 0
     x = model.block_inputs(torch.cat([first, body], dim=2), last).view(n, A * block, -1)  # (N, A, B, H) -> (N, A*B, H)
     mask = batch.attention_mask(width, block).to(dev)
@@ -135,8 +150,15 @@ def block_states(model: BlockDiffusionModel, batch: BlockBatch, features: torch.
     return hidden[:, :, 1:]
 
 
-def weighted_loss(states: torch.Tensor, batch: BlockBatch, head: torch.Tensor, gamma: float,
-                  teacher: torch.Tensor | None = None, distill_weight: float = 0.0, vocab_map: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_loss(
+    states: torch.Tensor,
+    batch: BlockBatch,
+    head: torch.Tensor,
+    gamma: float,
+    teacher: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+    vocab_map: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Position-decayed cross-entropy over the loss positions only (the LM head, a third of a
     step's compute, runs on those rows alone): weight exp(-(j-1)/gamma) at block position j.
 
@@ -164,8 +186,16 @@ def weighted_loss(states: torch.Tensor, batch: BlockBatch, head: torch.Tensor, g
 
 
 @torch.no_grad()
-def offline_tau(model: BlockDiffusionModel, target, sequences: list[Sequence], cfg: "TrainConfig", head: torch.Tensor,
-                vocab: torch.Tensor, store: FeatureStore | ResidentStore, anchors: int = 24) -> float:
+def offline_tau(
+    model: BlockDiffusionModel,
+    target,
+    sequences: list[Sequence],
+    cfg: "TrainConfig",
+    head: torch.Tensor,
+    vocab: torch.Tensor,
+    store: FeatureStore | ResidentStore,
+    anchors: int = 24,
+) -> float:
     """Greedy tau the drafter would reach with one denoising step and a full block, measured on
     held-out greedy sequences (which are the target's own greedy continuations): 1 + mean number
     of leading drafted tokens equal to the continuation."""
@@ -179,10 +209,12 @@ def offline_tau(model: BlockDiffusionModel, target, sequences: list[Sequence], c
     vocab_map = draft_vocab_map(vocab, target_vocab_size(target))
     ecfg = replace(cfg, anchors_per_seq=anchors)
     for i in range(0, len(seqs), cfg.batch_size):
-        chunk = seqs[i: i + cfg.batch_size]
+        chunk = seqs[i : i + cfg.batch_size]
         batch = BlockBatch(chunk, ecfg, vocab_map, rng, noised=False)
         feats = sequence_features(store, chunk, target.device)
-        logits = block_states(model, batch, feats, target.get_input_embeddings(), cfg.block_size) @ head.T  # (N, A, B-1, V_draft)
+        logits = (
+            block_states(model, batch, feats, target.get_input_embeddings(), cfg.block_size) @ head.T
+        )  # (N, A, B-1, V_draft)
         pred = vocab.to(logits.device)[logits.argmax(-1)]  # (N, A, L) target ids
         match = (pred.cpu() == batch.body_tokens) & batch.label_valid
         full_valid = batch.label_valid.all(-1)  # only blocks with a full continuation

@@ -8,7 +8,6 @@ Every field of the matching config dataclass is a flag (``--block-size``, ``--ma
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,20 +21,41 @@ CONFIGS = {"block-diffusion": TrainConfig, "ar": TokenDrafterConfig, "mdlm": Tok
 
 def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dllm-spec train", description="Train a drafter on self-distillation data.")
-    p.add_argument("--drafter", choices=sorted(CONFIGS), default="block-diffusion",
-                   help="block-diffusion (default), or the token-only comparison drafters ar / mdlm")
+    p.add_argument(
+        "--drafter",
+        choices=sorted(CONFIGS),
+        default="block-diffusion",
+        help="block-diffusion (default), or the token-only comparison drafters ar / mdlm",
+    )
     p.add_argument("--data", required=True, help="directory of distillation shards (scripts/generate_distill_data.py)")
-    p.add_argument("--out", required=True, help="run directory: checkpoint/ (resume), best/ (the drafter), train_log.jsonl")
+    p.add_argument(
+        "--out", required=True, help="run directory: checkpoint/ (resume), best/ (the drafter), train_log.jsonl"
+    )
     p.add_argument("--target", default=None, help="HF id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--time-budget-min", type=float, default=None,
-                   help="stop (after a checkpoint) when this many minutes have passed; the learning rate anneals within the budget")
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="stop (after a checkpoint) when this many minutes have passed; the learning rate anneals within the budget",
+    )
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                   help="bf16 autocast for the drafter's forward (fast on CPUs with avx512_bf16 and on GPUs)")
-    p.add_argument("--feature-dir", default=None, help="cache of the target's hidden-state features (default: <DLLM_SPEC_CACHE>/features)")
-    p.add_argument("--resident-features", action="store_true",
-                   help="block diffusion: compute the target features once into (GPU) memory instead of the disk cache (~6 KB per token)")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16"],
+        default="no",
+        help="bf16 autocast for the drafter's forward (fast on CPUs with avx512_bf16 and on GPUs)",
+    )
+    p.add_argument(
+        "--feature-dir",
+        default=None,
+        help="cache of the target's hidden-state features (default: <DLLM_SPEC_CACHE>/features)",
+    )
+    p.add_argument(
+        "--resident-features",
+        action="store_true",
+        help="block diffusion: compute the target features once into (GPU) memory instead of the disk cache (~6 KB per token)",
+    )
     defaults = CONFIGS[drafter]()
     for f in fields(defaults):
         value = getattr(defaults, f.name)
@@ -48,11 +68,10 @@ def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    from dllm_spec.cli_errors import exits_cleanly
+
+    with exits_cleanly("dllm-spec train", (ValueError, OSError)):
         _main(argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"dllm-spec train: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def _main(argv: list[str] | None = None) -> None:
@@ -69,10 +88,14 @@ def _main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
 
     from dllm_spec.target import load_target
+    from dllm_spec.training.loop import check_resume
+    from dllm_spec.training.sequences import load_sequences
 
     budget = None if args.time_budget_min is None else 60 * args.time_budget_min
     config_cls = CONFIGS[drafter]
     cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+    check_resume(args.out, drafter, cfg)  # before any work: a mismatched resume, unreadable or unusable data
+    sequences = load_sequences(args.data, cfg.max_len, cfg.heldout_mod)
     if torch.cuda.is_available():
         # TF32 for the target's fp32 feature passes (the resident fill's cost): its error is far
         # below the bf16 noise the drafter already tolerates, and training needs no exact features.
@@ -80,12 +103,30 @@ def _main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=accelerator.device)
     if drafter != "block-diffusion":
-        best = train_token_drafter(OBJECTIVES[drafter](), target, tokenizer, args.data, args.out, cfg, accelerator=accelerator,
-                                   time_budget_s=budget)
+        best = train_token_drafter(
+            OBJECTIVES[drafter](),
+            target,
+            tokenizer,
+            args.data,
+            args.out,
+            cfg,
+            accelerator=accelerator,
+            time_budget_s=budget,
+            sequences=sequences,
+        )
     else:
-        best = train_block_diffusion(target, args.data, args.out, cfg, eos_token_id=tokenizer.eos_token_id, accelerator=accelerator,
-                                     time_budget_s=budget, feature_root=args.feature_dir,
-                                     resident_features=args.resident_features)
+        best = train_block_diffusion(
+            target,
+            args.data,
+            args.out,
+            cfg,
+            eos_token_id=tokenizer.eos_token_id,
+            accelerator=accelerator,
+            time_budget_s=budget,
+            feature_root=args.feature_dir,
+            resident_features=args.resident_features,
+            sequences=sequences,
+        )
     if accelerator.is_main_process:
         print(f"best drafter: {best}")
 

@@ -23,7 +23,7 @@ import inspect
 import torch
 from einops import rearrange
 
-from drafters.block_diffusion_model import BlockDiffusionConfig, BlockDiffusionModel
+from dllm_spec.drafters.block_diffusion_model import BlockDiffusionConfig, BlockDiffusionModel
 
 
 def nearest_token(vector: torch.Tensor, embed: torch.Tensor) -> int:
@@ -33,8 +33,9 @@ def nearest_token(vector: torch.Tensor, embed: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def to_dflash_architecture(model: BlockDiffusionModel, embed: torch.Tensor, features: torch.Tensor,
-                           mask_token_id: int | None = None) -> BlockDiffusionModel:
+def to_dflash_architecture(
+    model: BlockDiffusionModel, embed: torch.Tensor, features: torch.Tensor, mask_token_id: int | None = None
+) -> BlockDiffusionModel:
     """``model`` (architecture ``"dllm"``) as a ``"dflash"`` drafter; ``embed`` (V, H) is the target's
     input embedding, ``features`` (N, n_layers * H_target) a sample of target features."""
     if model.config.architecture != "dllm":
@@ -47,14 +48,18 @@ def to_dflash_architecture(model: BlockDiffusionModel, embed: torch.Tensor, feat
     kwargs.update(architecture="dflash", inject_last_context=False, mask_token_id=mask_token_id)
     cfg = BlockDiffusionConfig(**kwargs)
     out = BlockDiffusionModel(cfg)
-    state = {k: v for k, v in src.state_dict().items() if not k.startswith(("feature_norms", "last_context_proj", "mask_embedding"))}
+    state = {
+        k: v
+        for k, v in src.state_dict().items()
+        if not k.startswith(("feature_norms", "last_context_proj", "mask_embedding"))
+    }
     missing, unexpected = out.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"unexpected weights converting to dflash: {unexpected}")
     h = cfg.target_hidden_size
     features = features.float()
     for i, norm in enumerate(src.feature_norms):  # each norm's gain, then over its layer's typical RMS
-        out.feature_scale[i * h: (i + 1) * h] = norm.weight.float()
+        out.feature_scale[i * h : (i + 1) * h] = norm.weight.float()
     out.calibrate_feature_scale(features)
     fused = out.fuse_context(features[None])[0]  # (N, H)
     for layer, old in zip(out.layers, src.layers):

@@ -18,8 +18,13 @@ def heldout_points(log: str | os.PathLike) -> list[tuple[int, float]]:
     return points
 
 
-def plot_heldout_tau(runs: dict[str, str | os.PathLike], out: str | os.PathLike, break_even: float | None = None,
-                     offsets: dict[str, int] | None = None, log_x: bool = False) -> Path:
+def plot_heldout_tau(
+    runs: dict[str, str | os.PathLike],
+    out: str | os.PathLike,
+    break_even: float | None = None,
+    offsets: dict[str, int] | None = None,
+    log_x: bool = False,
+) -> Path:
     """One line per run (label -> run directory or log file); optional horizontal break-even line.
     ``offsets`` (label -> tokens) shifts a run warm-started from another one's weights to where
     that run stopped, so the x axis stays "tokens seen by these weights". ``log_x``: a log-scale
@@ -62,8 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--break-even", type=float, default=None)
     p.add_argument("--log-x", action="store_true", help="log-scale token axis")
-    p.add_argument("--offset", action="append", default=[], metavar="LABEL=TOKENS",
-                   help="shift a warm-started run by the tokens its starting weights had seen (repeatable)")
+    p.add_argument(
+        "--offset",
+        action="append",
+        default=[],
+        metavar="LABEL=TOKENS",
+        help="shift a warm-started run by the tokens its starting weights had seen (repeatable)",
+    )
     args = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in args.runs)
     offsets = {label: int(float(n)) for label, n in (o.split("=", 1) for o in args.offset)}

@@ -47,13 +47,17 @@ def _ids_digest(rows: list[list[int]]) -> str:
 
 def feature_dir(root: str | os.PathLike, target: PreTrainedModel, layer_ids: list[int]) -> Path:
     """Cache directory of one (target, layer set): ``root/<target digest>/L<ids>``."""
-    name = str(getattr(target.config, "_name_or_path", "")) + json.dumps(target.config.to_diff_dict(), sort_keys=True, default=str)
+    name = str(getattr(target.config, "_name_or_path", "")) + json.dumps(
+        target.config.to_diff_dict(), sort_keys=True, default=str
+    )
     digest = hashlib.sha1(name.encode()).hexdigest()[:12]
     return Path(root) / digest / ("L" + "-".join(str(i) for i in layer_ids))
 
 
 @torch.no_grad()
-def compute_features(target: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+def compute_features(
+    target: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, layer_ids: list[int]
+) -> torch.Tensor:
     """Hidden states of ``layer_ids`` for a right-padded batch (N, T) -> (N, T, n * H)."""
     out = target.model(input_ids=ids, attention_mask=attention, output_hidden_states=True, use_cache=False)
     return torch.cat([out.hidden_states[i] for i in layer_ids], dim=-1)
@@ -108,9 +112,11 @@ class PositionStore:
         start, end = offsets[row], offsets[row + 1]
         if length > end - start:
             raise ValueError(f"sequence {shard}:{row} has {end - start} cached positions, {length} requested")
-        return torch.from_numpy(np.array(arr[start: start + length], dtype=np.float32))  # a writable float32 copy
+        return torch.from_numpy(np.array(arr[start : start + length], dtype=np.float32))  # a writable float32 copy
 
-    def batch(self, keys: list[tuple[str, int]], lengths: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    def batch(
+        self, keys: list[tuple[str, int]], lengths: list[int], device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Right-padded arrays of several sequences: (N, max length, width) float32."""
         width = max(lengths)
         out = torch.zeros((len(keys), width, self.width))
@@ -173,12 +179,18 @@ def teacher_dir(root: str | os.PathLike, target: PreTrainedModel, k: int) -> Pat
 
 
 def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offsets: np.ndarray) -> None:
-    meta = {"ids_sha1": _ids_digest(rows), "width": store.width, "offsets": offsets.tolist(), "kind": type(store).__name__}
+    meta = {
+        "ids_sha1": _ids_digest(rows),
+        "width": store.width,
+        "offsets": offsets.tolist(),
+        "kind": type(store).__name__,
+    }
     write_atomic(store._paths(shard)[1], json.dumps(meta))
 
 
-def _target_outputs(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int,
-                    show_progress: bool) -> Iterator[tuple[str, np.ndarray, Iterator[tuple[list[int], list[torch.Tensor]]]]]:
+def _target_outputs(
+    stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int, show_progress: bool
+) -> Iterator[tuple[str, np.ndarray, Iterator[tuple[list[int], list[torch.Tensor]]]]]:
     """Run the stores' shared target once per batch over every shard of ``shards``.
 
     Yields ``(shard, offsets, batches)`` per shard: ``offsets`` (rows + 1,) the cumulative sequence
@@ -192,9 +204,11 @@ def _target_outputs(stores: list[PositionStore], shards: dict[str, list[list[int
     bar = tqdm(total=total, desc=f"target {label}", unit="tok", disable=not show_progress or not total)
 
     def batches(rows: list[list[int]]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))  # limit padding; empty rows: none
+        order = sorted(
+            (i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i])
+        )  # limit padding; empty rows: none
         for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
+            idx = order[b : b + batch_size]
             width = max(len(rows[i]) for i in idx)
             ids = torch.zeros((len(idx), width), dtype=torch.long)  # (n, T), right-padded
             attention = torch.zeros_like(ids)
@@ -202,12 +216,18 @@ def _target_outputs(stores: list[PositionStore], shards: dict[str, list[list[int
                 ids[j, : len(rows[i])] = torch.tensor(rows[i])
                 attention[j, : len(rows[i])] = 1
             with torch.no_grad():
-                hidden = target.model(input_ids=ids.to(target.device), attention_mask=attention.to(target.device),
-                                      output_hidden_states=True, use_cache=False).hidden_states
+                hidden = target.model(
+                    input_ids=ids.to(target.device),
+                    attention_mask=attention.to(target.device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                ).hidden_states
                 arrays = [store.from_hidden(hidden).float() for store in stores]  # each (n, T, width)
             for store, arr in zip(stores, arrays):
                 if store.dtype == np.float16 and float(arr.abs().max()) > FLOAT16_MAX:
-                    raise OverflowError(f"target outputs reach {float(arr.abs().max()):.0f}, beyond float16; cannot cache them as float16")
+                    raise OverflowError(
+                        f"target outputs reach {float(arr.abs().max()):.0f}, beyond float16; cannot cache them as float16"
+                    )
             yield idx, arrays
             bar.update(int(attention.sum()))
 
@@ -216,8 +236,9 @@ def _target_outputs(stores: list[PositionStore], shards: dict[str, list[list[int
     bar.close()
 
 
-def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8,
-                 show_progress: bool = True) -> None:
+def build_stores(
+    stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8, show_progress: bool = True
+) -> None:
     """Fill every store's missing shards from one target forward per batch (not one per store).
 
     All stores must share one target. ``shards`` maps a shard name to its sequences' token ids (in
@@ -237,12 +258,16 @@ def build_stores(stores: list[PositionStore], shards: dict[str, list[list[int]]]
         group = [stores[i] for i in key]
         for shard, offsets, batches in _target_outputs(group, todo, batch_size, show_progress):
             tmps = [s._paths(shard)[0].with_name(s._paths(shard)[0].name + ".tmp") for s in group]
-            outs = [np.memmap(t, dtype=s.dtype, mode="w+", shape=(int(offsets[-1]), s.width)) for s, t in zip(group, tmps)]
+            outs = [
+                np.memmap(t, dtype=s.dtype, mode="w+", shape=(int(offsets[-1]), s.width)) for s, t in zip(group, tmps)
+            ]
             for idx, arrays in batches:
                 for store, out, arr in zip(group, outs, arrays):
                     arr = arr.cpu()
                     for j, i in enumerate(idx):
-                        out[offsets[i]: offsets[i + 1]] = arr[j, : offsets[i + 1] - offsets[i]].numpy().astype(store.dtype)
+                        out[offsets[i] : offsets[i + 1]] = (
+                            arr[j, : offsets[i + 1] - offsets[i]].numpy().astype(store.dtype)
+                        )
             for store, out, tmp in zip(group, outs, tmps):
                 out.flush()
                 os.replace(tmp, store._paths(shard)[0])
@@ -264,8 +289,14 @@ class ResidentStore:
         self.start = start  # (shard, row) -> (first position in data, length)
 
     @classmethod
-    def fill(cls, stores: list[PositionStore], shards: dict[str, list[list[int]]], device: torch.device | str | None = None,
-             batch_size: int = 32, show_progress: bool = True) -> list["ResidentStore"]:
+    def fill(
+        cls,
+        stores: list[PositionStore],
+        shards: dict[str, list[list[int]]],
+        device: torch.device | str | None = None,
+        batch_size: int = 32,
+        show_progress: bool = True,
+    ) -> list["ResidentStore"]:
         """Resident copies of ``stores`` (their ``from_hidden``, ``width`` and ``dtype``; their
         directories are never touched) for the sequences of ``shards`` (name -> token ids in row
         order), on ``device`` (default: the target's)."""
@@ -283,11 +314,13 @@ class ResidentStore:
                     arr = arr.to(device, data.dtype)
                     for j, i in enumerate(idx):
                         first, n = start[(shard, i)]
-                        data[first: first + n] = arr[j, :n]
+                        data[first : first + n] = arr[j, :n]
             base += int(offsets[-1])
         return [cls(s.width, data, start) for s, data in zip(stores, datas)]
 
-    def batch(self, keys: list[tuple[str, int]], lengths: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+    def batch(
+        self, keys: list[tuple[str, int]], lengths: list[int], device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """Right-padded arrays of several sequences: (N, max length, width) float32, on ``device``
         (default: where the arrays live)."""
         for key, n in zip(keys, lengths):

@@ -22,7 +22,10 @@ Run directory (the same for every drafter kind)::
 Resuming: a ``checkpoint/`` with ``trainer_state.pt`` continues at its step, with the same data
 order and random draws as a run that was never stopped (exactly so on one process). A ``checkpoint/`` of
 weights only (a drafter directory copied in) is a warm start: its weights are scored first
-(step 0 of the log), so ``best/`` never regresses below them.
+(step 0 of the log), so ``best/`` never regresses below them. A resume whose config differs from
+the run's ``train_config.json`` in anything but :data:`RESUMABLE_FIELDS` (a longer ``max_steps``,
+other evaluation or checkpoint intervals) is refused, naming the differing fields: the model
+shape and the schedule are the saved run's.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from dllm_spec.jsonl import append_record
 from dllm_spec.training.sequences import Sequence, length_bucketed_order
 
 TRAINER_STATE = "trainer_state.pt"
+#: config fields a resumed run may change (how long it goes on, how often it evaluates and saves)
+RESUMABLE_FIELDS = frozenset({"max_steps", "patience", "eval_every", "checkpoint_every", "eval_sequences"})
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,16 @@ class ScheduleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_len", "max_steps", "eval_every", "eval_sequences", "patience", "checkpoint_every",
-                     "heldout_mod"):
+        for name in (
+            "batch_size",
+            "max_len",
+            "max_steps",
+            "eval_every",
+            "eval_sequences",
+            "patience",
+            "checkpoint_every",
+            "heldout_mod",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -106,8 +119,12 @@ class TrainingTask(ABC):
         return sum(len(s.ids) for s in seqs)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
-                  time_fraction: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    max_steps: int,
+    time_fraction: Callable[[], float] | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 5% of the peak learning rate at ``max_steps``.
 
     ``time_fraction``: the fraction of a time budget spent (0..1); the decay then follows whichever
@@ -144,6 +161,40 @@ def resume_dir(out: str | os.PathLike) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def check_resume(out: str | os.PathLike, kind: str, cfg: ScheduleConfig) -> None:
+    """Refuse to resume ``out`` (a ``checkpoint/`` beside a ``train_config.json``) with a config
+    that differs from the saved one outside :data:`RESUMABLE_FIELDS`; the error names the fields."""
+    saved_path = Path(out) / "train_config.json"
+    if resume_dir(out) is None or not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--out {out}: cannot read {saved_path} of the run to resume ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--out {out}: {saved_path} is not a JSON object")
+    now = json.loads(json.dumps({"drafter": kind, **asdict(cfg)}))  # as saved (tuples as lists)
+    diff = [
+        f"{k} {saved[k]!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in RESUMABLE_FIELDS and k in saved and saved[k] != v
+    ]
+    if diff:
+        raise ValueError(
+            f"--out {out} holds a run with another config ({'; '.join(diff)}): resume it with the same "
+            "settings, or give a new --out"
+        )
+
+
+def _finite(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def _save(task: TrainingTask, out: Path, name: str, trainer: dict | None = None) -> None:
     def write(tmp: Path) -> None:
         task.save(task.model, tmp)
@@ -176,6 +227,9 @@ def run_training(
     model = task.model
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     out = Path(out_dir)
+    check_resume(out, task.kind, cfg)
+    if not any(s.greedy for s in held):
+        raise ValueError("no greedy held-out sequence to evaluate on: the offline tau would be undefined")
     out.mkdir(parents=True, exist_ok=True)
     order_rng = random.Random(cfg.seed)  # the same on every process: they split one batch order
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,7 +243,11 @@ def run_training(
     state = {"step": 0, "best_tau": 0.0, "bad_evals": 0, "tokens": 0}
     order: list[int] = []  # what is left of the epoch's batch order
     resume = resume_dir(out)
-    saved = torch.load(resume / TRAINER_STATE, weights_only=False) if resume and (resume / TRAINER_STATE).is_file() else None
+    saved = (
+        torch.load(resume / TRAINER_STATE, weights_only=False)
+        if resume and (resume / TRAINER_STATE).is_file()
+        else None
+    )
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -211,10 +269,14 @@ def run_training(
         tau0 = task.evaluate(model, held)
         state["best_tau"] = tau0
         _save(task, out, "best")
-        append_record(log, {"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0, "train_tau": task.evaluate(model, train)})
+        append_record(
+            log, {"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0, "train_tau": task.evaluate(model, train)}
+        )
         tqdm.write(f"warm start: held-out offline tau of the incoming weights {tau0:.3f}")
     start = clock["start"] = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train {task.kind} drafter", disable=not acc.is_main_process)
+    bar = tqdm(
+        total=cfg.max_steps, initial=state["step"], desc=f"train {task.kind} drafter", disable=not acc.is_main_process
+    )
     per_step = cfg.batch_size * acc.num_processes
     while state["step"] < cfg.max_steps and state["bad_evals"] < cfg.patience:
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
@@ -222,7 +284,7 @@ def run_training(
         if len(order) < per_step:
             order = length_bucketed_order(train, order_rng, chunk=cfg.batch_size)
         take, order = order[:per_step], order[per_step:]
-        seqs = [train[i] for i in take[acc.process_index:: acc.num_processes]]
+        seqs = [train[i] for i in take[acc.process_index :: acc.num_processes]]
         with acc.autocast():  # bf16 under Accelerator(mixed_precision="bf16"), else a no-op
             loss = task.loss(seqs, rng)
         acc.backward(loss)
@@ -235,7 +297,12 @@ def run_training(
         state["tokens"] += task.tokens(seqs) * acc.num_processes
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        record = {"step": state["step"], "loss": loss.item(), "tokens": state["tokens"], "time_s": time.perf_counter() - start}
+        record = {
+            "step": state["step"],
+            "loss": loss.item(),
+            "tokens": state["tokens"],
+            "time_s": time.perf_counter() - start,
+        }
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
             if acc.is_main_process:
                 tau = record["heldout_tau"] = task.evaluate(model, held)
@@ -258,10 +325,17 @@ def run_training(
             _save(task, out, "best")
         best = task.load(out / "best")
         final = task.evaluate(best, held)
-        summary = {"drafter": task.kind, "final_heldout_tau": final, "final_train_tau": task.evaluate(best, train),
-                   "steps": state["step"], "train_tokens_seen": state["tokens"], "train_sequences": len(train),
-                   "heldout_sequences": len(held), "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train)}
-        (out / "eval.json").write_text(json.dumps(summary, indent=1))
+        summary = {
+            "drafter": task.kind,
+            "final_heldout_tau": final,
+            "final_train_tau": task.evaluate(best, train),
+            "steps": state["step"],
+            "train_tokens_seen": state["tokens"],
+            "train_sequences": len(train),
+            "heldout_sequences": len(held),
+            "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train),
+        }
+        (out / "eval.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
         bar.write(f"final held-out offline tau of the best checkpoint: {final:.3f}")
     acc.wait_for_everyone()
     bar.close()
@@ -276,8 +350,21 @@ def _truncate_log(log: Path, step: int) -> None:
     os.replace(tmp, log)
 
 
-def _trainer_state(optimizer: torch.optim.Optimizer, scheduler, state: dict, order: list[int], order_rng: random.Random,
-                   rng: random.Random) -> dict:
+def _trainer_state(
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    order: list[int],
+    order_rng: random.Random,
+    rng: random.Random,
+) -> dict:
     """Everything a resumed run needs to continue this one exactly (on one process)."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": dict(state), "order": list(order),
-            "order_rng": order_rng.getstate(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": dict(state),
+        "order": list(order),
+        "order_rng": order_rng.getstate(),
+        "rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+    }

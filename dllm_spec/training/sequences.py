@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
 import random
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-
-from dllm_spec.data.distill import iter_shards
+from pathlib import Path
 
 
 @dataclass
@@ -21,23 +24,69 @@ class Sequence:
     row: int = 0  # row within the shard: the feature caches are indexed by (shard, row)
 
 
-def load_sequences(data_dir: str | os.PathLike, max_len: int, heldout_mod: int) -> tuple[list[Sequence], list[Sequence]]:
+SHARD_KEYS = ("prompt_id", "prompt_ids", "response_ids", "temperature")
+
+
+def _shards(data_dir: str | os.PathLike) -> Iterator[tuple[str, list[dict]]]:
+    """(shard name, records) of every ``shard-*.jsonl.gz`` in ``data_dir``, in name order (the
+    layout of :func:`dllm_spec.data.distill.iter_shards`); a shard that is not gzip'd JSONL, is
+    truncated, or has a record without the keys training reads is a ValueError naming it and the line."""
+    for path in sorted(Path(data_dir).glob("shard-*.jsonl.gz")):
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+            raise ValueError(f"shard {path}: not a complete gzip'd JSONL file ({type(exc).__name__}: {exc})") from None
+        records = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"shard {path}:{n}: malformed JSON ({exc.msg})") from None
+            if (
+                not isinstance(record, dict)
+                or any(k not in record for k in SHARD_KEYS)
+                or not isinstance(record["prompt_ids"], list)
+                or not isinstance(record["response_ids"], list)
+            ):
+                raise ValueError(
+                    f"shard {path}:{n}: a record needs the keys {', '.join(SHARD_KEYS)} (token ids as lists)"
+                )
+            records.append(record)
+        yield path.name.removesuffix(".jsonl.gz"), records
+
+
+def load_sequences(
+    data_dir: str | os.PathLike, max_len: int, heldout_mod: int
+) -> tuple[list[Sequence], list[Sequence]]:
     """(train, held-out) sequences from distillation shards; held out by prompt-id hash. Each
-    sequence remembers its (shard, row) for the feature cache."""
+    sequence remembers its (shard, row) for the feature cache. Refuses data with no training
+    sequence, or with no greedy held-out sequence (the offline tau every evaluation measures)."""
     train, held = [], []
-    for shard, records in iter_shards(data_dir):
+    for shard, records in _shards(data_dir):
         row = 0
         for r in records:
             if not r["response_ids"]:
                 continue
-            seq = Sequence((r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0, shard, row)
+            seq = Sequence(
+                (r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0, shard, row
+            )
             if seq.prompt_len >= len(seq.ids) - 1:
                 continue
             row += 1
-            bucket = int(hashlib.sha1(r["prompt_id"].encode()).hexdigest()[:8], 16) % heldout_mod
+            # the turns of one conversation (records with a conversation_id) land on the same side
+            bucket = (
+                int(hashlib.sha1(str(r.get("conversation_id", r["prompt_id"])).encode()).hexdigest()[:8], 16)
+                % heldout_mod
+            )
             (held if bucket == 0 else train).append(seq)
     if not train:
         raise ValueError(f"no training sequences found in {data_dir}")
+    if not any(s.greedy for s in held):
+        raise ValueError(
+            f"--data {data_dir}: no greedy held-out sequence to evaluate on (1 prompt id in --heldout-mod "
+            f"{heldout_mod} is held out, {len(held)} held out here): add data or lower --heldout-mod"
+        )
     return train, held
 
 
@@ -70,8 +119,10 @@ def shard_rows(sequences: list[Sequence], allow_gaps: bool = False) -> dict[str,
         return {name: [rows.get(i, []) for i in range(max(rows) + 1)] for name, rows in sorted(shards.items())}
     for name, rows in shards.items():
         if sorted(rows) != list(range(len(rows))):
-            raise ValueError(f"shard {name}: rows {sorted(set(range(max(rows) + 1)) - set(rows))[:5]}... are missing; "
-                             "the caches are indexed by row, so pass every sequence of the shard")
+            raise ValueError(
+                f"shard {name}: rows {sorted(set(range(max(rows) + 1)) - set(rows))[:5]}... are missing; "
+                "the caches are indexed by row, so pass every sequence of the shard"
+            )
     return {name: [rows[i] for i in sorted(rows)] for name, rows in sorted(shards.items())}
 
 
@@ -81,6 +132,6 @@ def length_bucketed_order(sequences: list[Sequence], rng: random.Random, bucket:
     order = list(range(len(sequences)))
     rng.shuffle(order)
     order.sort(key=lambda i: len(sequences[i].ids) // bucket)  # stable: shuffled within buckets
-    chunks = [order[i: i + chunk] for i in range(0, len(order), chunk)]
+    chunks = [order[i : i + chunk] for i in range(0, len(order), chunk)]
     rng.shuffle(chunks)
     return [i for c in chunks for i in c]

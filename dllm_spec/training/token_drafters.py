@@ -12,7 +12,7 @@ the drafter width by PCA (a cheap, useful start). Each objective is a class:
 - :class:`MaskedBlockObjective`: a small ``BertForMaskedLM`` with a new ``<|mask|>`` token (one row
   past the target's vocabulary, so no target id is reused). Examples are trailing windows of the
   context followed by the block [MASK x (B-1)] with each block position masked with probability
-  t ~ U(t_min, 1) (at least one), exactly how :class:`drafters.MaskedDiffusionDrafter` drafts;
+  t ~ U(t_min, 1) (at least one), exactly how :class:`dllm_spec.drafters.MaskedDiffusionDrafter` drafts;
   loss on masked positions, weighted 1/t (MDLM). Offline tau: one denoising step, full block.
 
 Training runs on the shared loop (:mod:`dllm_spec.training.loop`: one run-directory and
@@ -42,9 +42,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dllm_spec.training.loop import ScheduleConfig, TrainingTask, resume_dir, run_training
+from dllm_spec.drafters.base import target_vocab_size
+from dllm_spec.training.loop import ScheduleConfig, TrainingTask, check_resume, resume_dir, run_training
 from dllm_spec.training.sequences import Sequence, load_sequences
-from drafters.base import target_vocab_size
 
 MASK_TOKEN = "<|mask|>"
 
@@ -103,16 +103,22 @@ class Objective(ABC):
     kind: str
 
     @abstractmethod
-    def build(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: TokenDrafterConfig) -> PreTrainedModel: ...
+    def build(
+        self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: TokenDrafterConfig
+    ) -> PreTrainedModel: ...
 
     @abstractmethod
     def load(self, path: Path) -> PreTrainedModel: ...
 
     @abstractmethod
-    def loss(self, model: PreTrainedModel, seqs: list[Sequence], cfg: TokenDrafterConfig, rng: random.Random) -> torch.Tensor: ...
+    def loss(
+        self, model: PreTrainedModel, seqs: list[Sequence], cfg: TokenDrafterConfig, rng: random.Random
+    ) -> torch.Tensor: ...
 
     @abstractmethod
-    def leading_matches(self, model: PreTrainedModel, seq: Sequence, anchors: list[int], cfg: TokenDrafterConfig) -> list[int]: ...
+    def leading_matches(
+        self, model: PreTrainedModel, seq: Sequence, anchors: list[int], cfg: TokenDrafterConfig
+    ) -> list[int]: ...
 
     def save_tokenizer(self, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
         tokenizer.save_pretrained(path)
@@ -125,11 +131,19 @@ class NextTokenObjective(Objective):
 
     def build(self, target, tokenizer, cfg):
         vocab = target_vocab_size(target)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-                             max_position_embeddings=max(2048, cfg.max_len), tie_word_embeddings=True,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=max(2048, cfg.max_len),
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = LlamaForCausalLM(config)
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(projected_embeddings(target, cfg.hidden_size, vocab))
@@ -147,7 +161,7 @@ class NextTokenObjective(Objective):
         for i, s in enumerate(seqs):
             ids[i, : len(s.ids)] = torch.tensor(s.ids)
             attention[i, : len(s.ids)] = 1
-            labels[i, s.prompt_len: len(s.ids)] = torch.tensor(s.ids[s.prompt_len:])  # response tokens only
+            labels[i, s.prompt_len : len(s.ids)] = torch.tensor(s.ids[s.prompt_len :])  # response tokens only
         return ids, attention, labels
 
     def loss(self, model, seqs, cfg, rng):
@@ -173,12 +187,22 @@ class MaskedBlockObjective(Objective):
 
     def build(self, target, tokenizer, cfg):
         vocab = target_vocab_size(target)
-        config = BertConfig(vocab_size=vocab + 1, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                            max_position_embeddings=cfg.window + cfg.block_size, type_vocab_size=1, mask_token_id=vocab,
-                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                            tie_word_embeddings=True)
-        config.draft_window, config.draft_block_size = cfg.window, cfg.block_size - 1  # masks drafted; read by MaskedDiffusionDrafter.from_pretrained
+        config = BertConfig(
+            vocab_size=vocab + 1,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            max_position_embeddings=cfg.window + cfg.block_size,
+            type_vocab_size=1,
+            mask_token_id=vocab,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
+        config.draft_window, config.draft_block_size = (
+            cfg.window,
+            cfg.block_size - 1,
+        )  # masks drafted; read by MaskedDiffusionDrafter.from_pretrained
         model = BertForMaskedLM(config)
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(projected_embeddings(target, cfg.hidden_size, vocab + 1))
@@ -193,14 +217,21 @@ class MaskedBlockObjective(Objective):
         tok.save_pretrained(path)
 
     @staticmethod
-    def _examples(model, seq: Sequence, anchors: list[int], cfg: TokenDrafterConfig, t: list[float] | None, rng: random.Random | None):
+    def _examples(
+        model,
+        seq: Sequence,
+        anchors: list[int],
+        cfg: TokenDrafterConfig,
+        t: list[float] | None,
+        rng: random.Random | None,
+    ):
         """(ids (n, W+B-1), masked (n, B-1), labels (n, B-1), valid (n, B-1)) for anchors a: the
         window ending at token a, then the block body a+1..a+B-1 (masked where drawn)."""
         mask_id, length = int(model.config.mask_token_id), cfg.block_size - 1
         rows, masks, labels, valid = [], [], [], []
         for k, a in enumerate(anchors):
-            ctx = seq.ids[max(0, a + 1 - cfg.window): a + 1]
-            body = seq.ids[a + 1: a + 1 + length]
+            ctx = seq.ids[max(0, a + 1 - cfg.window) : a + 1]
+            body = seq.ids[a + 1 : a + 1 + length]
             ok = [True] * len(body) + [False] * (length - len(body))
             body = body + [mask_id] * (length - len(body))
             if t is None:
@@ -215,7 +246,10 @@ class MaskedBlockObjective(Objective):
             labels.append(body)
             valid.append(ok)
         ids = torch.tensor(rows)  # (n, W + B - 1), left-padded windows
-        attention = (torch.arange(ids.shape[1]).unsqueeze(0) >= torch.tensor([cfg.window - min(cfg.window, a + 1) for a in anchors]).unsqueeze(1)).long()
+        attention = (
+            torch.arange(ids.shape[1]).unsqueeze(0)
+            >= torch.tensor([cfg.window - min(cfg.window, a + 1) for a in anchors]).unsqueeze(1)
+        ).long()
         return ids, attention, torch.tensor(masks), torch.tensor(labels), torch.tensor(valid)
 
     @staticmethod
@@ -235,15 +269,17 @@ class MaskedBlockObjective(Objective):
                 ts.append(cfg.t_min + (1 - cfg.t_min) * rng.random())
         parts = [self._examples(model, s, [a], cfg, [t], rng) for s, a, t in zip(owners, anchors, ts)]
         ids, attention, masked, labels, valid = (torch.cat([p[i] for p in parts]) for i in range(5))
-        logits = self._forward(model, ids, attention)[:, cfg.window:]  # (n, B-1, V+1)
+        logits = self._forward(model, ids, attention)[:, cfg.window :]  # (n, B-1, V+1)
         masked, labels, valid = masked.to(logits.device), labels.to(logits.device), valid.to(logits.device)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view(labels.shape)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view(
+            labels.shape
+        )
         w = (masked & valid).float() / torch.tensor(ts, device=logits.device).unsqueeze(1)  # MDLM 1/t weighting
         return (ce * w).sum() / (masked & valid).float().sum().clamp_min(1.0)
 
     def leading_matches(self, model, seq, anchors, cfg):
         ids, attention, _, labels, valid = self._examples(model, seq, anchors, cfg, None, None)
-        logits = self._forward(model, ids, attention)[:, cfg.window:].cpu()
+        logits = self._forward(model, ids, attention)[:, cfg.window :].cpu()
         logits[..., model.config.mask_token_id] = float("-inf")
         correct = (logits.argmax(-1) == labels) & valid
         return _teacher_forced_leading(correct).tolist()
@@ -253,7 +289,9 @@ OBJECTIVES: dict[str, type[Objective]] = {"ar": NextTokenObjective, "mdlm": Mask
 
 
 @torch.no_grad()
-def token_offline_tau(objective: Objective, model: PreTrainedModel, held: list[Sequence], cfg: TokenDrafterConfig, anchors: int = 24) -> float:
+def token_offline_tau(
+    objective: Objective, model: PreTrainedModel, held: list[Sequence], cfg: TokenDrafterConfig, anchors: int = 24
+) -> float:
     """1 + mean leading drafts equal to the target's greedy continuation, over held-out greedy
     sequences and blocks with a full continuation (same anchors as the block-diffusion eval)."""
     was_training = model.training
@@ -271,8 +309,14 @@ def token_offline_tau(objective: Objective, model: PreTrainedModel, held: list[S
 class TokenDrafterTask(TrainingTask):
     """A token-only drafter's side of the shared loop: its objective's loss and offline tau."""
 
-    def __init__(self, objective: Objective, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: TokenDrafterConfig,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: TokenDrafterConfig,
+        device: torch.device,
+    ) -> None:
         self.objective, self.tokenizer, self.cfg, self.device = objective, tokenizer, cfg, device
         self.kind = objective.kind
         self.model = model.to(device=device, dtype=torch.float32)
@@ -300,13 +344,16 @@ def train_token_drafter(
     cfg: TokenDrafterConfig = TokenDrafterConfig(),
     accelerator=None,
     time_budget_s: float | None = None,
+    sequences: tuple[list[Sequence], list[Sequence]] | None = None,
 ) -> Path:
-    """Train (or resume) a token-only drafter on the shared loop; returns the best checkpoint's path."""
+    """Train (or resume) a token-only drafter on the shared loop; returns the best checkpoint's path.
+    ``sequences``: (train, held-out) already read from ``data_dir`` by :func:`load_sequences`."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=target.device.type == "cpu")
     torch.manual_seed(cfg.seed)
-    train, held = load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
+    check_resume(out_dir, objective.kind, cfg)
+    train, held = sequences or load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
     resume = resume_dir(out_dir)
     model = objective.load(resume) if resume is not None else objective.build(target, tokenizer, cfg)
     task = TokenDrafterTask(objective, model, tokenizer, cfg, acc.device)

@@ -1,0 +1,154 @@
+"""Speculation at temperature > 0: tau and speed by temperature, sampling method and draft shape.
+
+One process, every variant interleaved per prompt (the order rotates), on prompts nobody here
+wrote. For each temperature: transformers' sampled ``generate`` on a separately loaded stock model
+(same dtype, no kernels of ours: what a user compares against), our plain sampled decoding, and the
+speculators (the default draft trees, and chains) under both sampling methods: ``reproducible``
+(keyed Gumbel-max: a seed gives the same text whatever the speculation) and ``speculative``
+(Leviathan / SpecInfer rejection sampling). T = 0 is the greedy reference tau. ``--no-timing``
+measures tau only (it does not depend on the machine's load).
+
+    python scripts/sampling_study.py --prompts sharegpt-heldout --limit 16 --max-new-tokens 256 \
+        --temperatures 0,0.3,0.7,1.0 --threads 2 --out benchmarks/sampling_t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dllm_spec import DiffusionSpeculator
+from dllm_spec.bench import build_variant, default_prompts, load_prompt_file
+from dllm_spec.target import load_target
+
+SHAPES = {"trees": "default", "chains": "prompt-lookup+block-diffusion"}
+
+
+def _variants(spec: DiffusionSpeculator, temperature: float) -> dict[str, tuple[DiffusionSpeculator, dict]]:
+    """label -> (speculator, generate kwargs) for one temperature."""
+    out = {"plain": (build_variant("none", spec, "adaptive", 16), {})}
+    methods = ["reproducible"] if temperature == 0 else ["reproducible", "speculative"]
+    for shape, drafter in SHAPES.items():
+        runner = spec if drafter == "default" else build_variant(drafter, spec, "adaptive", 16)
+        for method in methods:
+            out[f"{shape}/{method}" if temperature else shape] = (runner, {"sampling": method})
+    return out
+
+
+def _hf_run(model, tokenizer, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
+    return dict(new_tokens=int(out.shape[1] - ids.shape[1]), wall_time_s=time.perf_counter() - start, tau=1.0)
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = DiffusionSpeculator.from_pretrained(dtype=args.dtype)
+    prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(2)[: args.limit]
+    hf, tokenizer = (None, None) if args.no_timing else load_target(dtype=spec.target.dtype, kernels="default")
+    temperatures = [float(t) for t in args.temperatures.split(",")]
+    records = []
+    spec.generate("Hello", max_new_tokens=8)  # warm-up (and the latency curve, measured once)
+    for temperature in temperatures:
+        variants = _variants(spec, temperature)
+        labels = list(variants) + ([] if hf is None else ["transformers"])
+        for i, prompt in enumerate(tqdm(prompts, desc=f"T={temperature}")):
+            order = labels[i % len(labels) :] + labels[: i % len(labels)]
+            for label in order:
+                if label == "transformers":
+                    row = _hf_run(
+                        hf, tokenizer, spec.encode(prompt.generate_input), temperature, args.max_new_tokens, i
+                    )
+                else:
+                    runner, kwargs = variants[label]
+                    s = runner.generate(
+                        prompt.generate_input,
+                        max_new_tokens=args.max_new_tokens,
+                        temperature=temperature,
+                        seed=1000 + i,
+                        **kwargs,
+                    ).stats
+                    row = dict(new_tokens=s.new_tokens, wall_time_s=s.wall_time_s, tau=s.tau)
+                records.append(
+                    dict(temperature=temperature, variant=label, prompt_id=prompt.id, category=prompt.category, **row)
+                )
+    return dict(
+        config=dict(
+            dtype=str(spec.target.dtype),
+            threads=torch.get_num_threads(),
+            prompts=args.prompts or "heldout",
+            limit=len(prompts),
+            max_new_tokens=args.max_new_tokens,
+            timing=not args.no_timing,
+        ),
+        summary=summarize(records),
+        records=records,
+    )
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per (temperature, variant): tau (tokens per target forward over all prompts), tokens/s, and
+    the speedup over transformers and over our plain decoding at that temperature."""
+    out: dict = {}
+    for t in sorted({r["temperature"] for r in records}):
+        rows = [r for r in records if r["temperature"] == t]
+        tps = {}
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            mine = [r for r in rows if r["variant"] == v]
+            tokens = sum(r["new_tokens"] for r in mine)
+            forwards = sum(r["new_tokens"] / r["tau"] for r in mine if r["tau"])
+            tps[v] = tokens / max(sum(r["wall_time_s"] for r in mine), 1e-9)
+            out.setdefault(str(t), {})[v] = dict(tau=tokens / max(forwards, 1e-9), tokens_per_s=tps[v])
+        for v, row in out[str(t)].items():
+            row["vs_plain"] = row["tokens_per_s"] / tps["plain"]
+            if "transformers" in tps:
+                row["vs_transformers"] = row["tokens_per_s"] / tps["transformers"]
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = [
+        "| T | variant | tau | tau / greedy tau | tokens/s | vs plain | vs transformers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    greedy = summary.get("0.0", {})
+    for t, variants in summary.items():
+        for v, r in variants.items():
+            ref = greedy.get(v.split("/")[0], {}).get("tau")
+            ratio = f"{r['tau'] / ref:.2f}" if ref and float(t) else ""
+            vs_hf = f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else ""
+            lines.append(
+                f"| {t} | {v} | {r['tau']:.2f} | {ratio} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x | {vs_hf} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--prompts", default=None, help="a prompt file or an evaluation set (sharegpt-heldout, mt-bench, humaneval)"
+    )
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperatures", default="0,0.3,0.7,1.0")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-timing", action="store_true", help="tau only: no transformers baseline")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(table(result["summary"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
