@@ -175,7 +175,7 @@ def measure_crossover(
             samples.append((time.perf_counter() - t0) / len(weights))
         return float(np.median(samples))
 
-    for m in rows:
+    def dense_wins(m: int) -> bool:
         x = torch.randn(m, k, dtype=torch.bfloat16)
         with torch.inference_mode():
             t_int4 = timed(
@@ -183,9 +183,11 @@ def measure_crossover(
                 int4_weights,
             )
             t_dense = timed(lambda w: _dense_matmul(x, w), dense_weights)
-        if t_dense < t_int4:
-            return m
-    return rows[-1] * 2
+        return t_dense < t_int4
+
+    if not dense_wins(rows[-1]):  # the dense path gains with rows: losing at the most rows, it never wins
+        return rows[-1] * 2
+    return next(m for m in rows if m == rows[-1] or dense_wins(m))
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

