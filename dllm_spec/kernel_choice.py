@@ -46,13 +46,10 @@ def linear_shapes(model: nn.Module) -> Counter:
     return Counter((m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
@@ -70,8 +67,8 @@ def measure(shapes: Counter, dtype: torch.dtype, repeats: int = 7) -> dict[str, 
             stock_fn(), packed_fn()  # warm-up
             stock, fast = [], []
             for _ in range(repeats):
-                stock.append(_median_time(stock_fn, 1))
-                fast.append(_median_time(packed_fn, 1))
+                stock.append(_seconds(stock_fn))
+                fast.append(_seconds(packed_fn))
             totals["default"][rows] += count * sorted(stock)[repeats // 2]
             totals["packed"][rows] += count * sorted(fast)[repeats // 2]
     return totals

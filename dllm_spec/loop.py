@@ -165,7 +165,6 @@ class _Run:
     clock: CycleClock
     cap: int  # drafts per cycle, whatever the policy asks
     ban: list[int]  # stop ids suppressed until min_new_tokens
-    last_drafted: DraftProposal | None = None  # this cycle's proposal before the policy's cut
 
 
 def speculative_decode(
@@ -246,18 +245,18 @@ def _admit(run: _Run, slots: _Slots, pending: Iterator[tuple[int, Request]], fin
         request.stats.prefill_time_s = done - now
 
 
-def _draft(run: _Run, slots: _Slots, seqs: Sequences, limits: list[int], rooms: list[int]) -> DraftProposal:
-    """The drafter's proposal for every active row, cut to what may be accepted and to what the
-    policy chooses to verify."""
-    b = len(slots)
+def _draft(
+    run: _Run, seqs: Sequences, gens: list, limits: list[int], rooms: list[int]
+) -> tuple[DraftProposal, DraftProposal]:
+    """The drafter's proposal for every active row cut to what may be accepted, and that proposal
+    cut to what the policy chooses to verify."""
+    b = seqs.batch
     k = max(0, min(run.policy.begin_cycle(b), max(rooms) - 1, run.cap))  # tokens (tree nodes) fed besides the last
     if run.drafter.tree_width == 1:
         k = min(k, max(limits))  # a chain's length is its depth
-    gens = [slots.request(r).generator for r in range(b)]
-    drafted = run.drafter.propose(seqs, k, run.sampling, gens) if k > 0 else DraftProposal.empty(b, slots.device)
+    drafted = run.drafter.propose(seqs, k, run.sampling, gens) if k > 0 else DraftProposal.empty(b, seqs.device)
     drafted = drafted.limit_depth(limits)  # never accept past max_new_tokens or the context
-    run.last_drafted = drafted
-    return drafted.truncate([min(k, v) for v in run.policy.choose(drafted)])
+    return drafted, drafted.truncate([min(k, v) for v in run.policy.choose(drafted)])
 
 
 def _cycle(run: _Run, slots: _Slots) -> Iterator[Emitted]:
@@ -268,18 +267,19 @@ def _cycle(run: _Run, slots: _Slots) -> Iterator[Emitted]:
     budgets = [run.stop.max_new_tokens - row.generated for row in slots.rows]
     rooms = [run.stop.context_limit - n for n in slots.lengths]
     limits = [max(0, min(budget, room) - 1) for budget, room in zip(budgets, rooms)]  # drafts each row may accept
+    gens = [slots.request(r).generator for r in range(b)]
     t0 = run.clock.mark()
-    proposal = _draft(run, slots, seqs, limits, rooms)
+    drafted, proposal = _draft(run, seqs, gens, limits, rooms)
     t1 = run.clock.mark()
     banned = [max(0, run.stop.min_new_tokens - row.generated) for row in slots.rows] if run.ban else None
-    gens = [slots.request(r).generator for r in range(b)]
     outcome = run.verifier.verify(
         seqs.last(), proposal, run.sampling, gens, banned_ids=run.ban, banned_until=banned, keys=seqs.keys
     )
     t2 = run.clock.mark()
     draft_s, verify_s = run.clock.seconds(t0, t1), run.clock.seconds(t1, t2)
-    _observe(run, proposal, outcome.num_accepted, outcome.paths, draft_s, verify_s, b)
+    _observe(run, drafted, proposal, outcome.num_accepted, outcome.paths, draft_s, verify_s)
     next_tokens, drafts = outcome.next_token.tolist(), outcome.tokens.tolist()
+    predictions = run.policy.last_predictions
     finished = []
     for r in range(b):
         new = drafts[r][: outcome.num_accepted[r]] + [next_tokens[r]]
@@ -287,7 +287,6 @@ def _cycle(run: _Run, slots: _Slots) -> Iterator[Emitted]:
         stats.draft_time_s += draft_s
         stats.verify_time_s += verify_s
         stats.draft_forwards += proposal.forwards
-        predictions = run.policy.last_predictions
         stats.record_cycle(
             proposal.lengths[r],
             outcome.num_accepted[r],
@@ -304,16 +303,17 @@ def _cycle(run: _Run, slots: _Slots) -> Iterator[Emitted]:
 
 def _observe(
     run: _Run,
+    drafted: DraftProposal,
     proposal: DraftProposal,
     accepted: list[int],
     paths: torch.Tensor,
     draft_s: float,
     verify_s: float,
-    b: int,
 ) -> None:
-    """Tell the policy what the cycle cost and accepted; add the batch-level counters."""
+    """Tell the policy what the cycle drafted, verified, cost and accepted; add the batch-level counters."""
+    b = proposal.batch
     row_paths = [paths[r, : accepted[r]] for r in range(b)] if proposal.is_tree else None
-    run.policy.observe(run.last_drafted, proposal.lengths, accepted, draft_s, verify_s, paths=row_paths)
+    run.policy.observe(drafted, proposal.lengths, accepted, draft_s, verify_s, paths=row_paths)
     totals = run.totals
     totals.draft_time_s += draft_s
     totals.verify_time_s += verify_s

@@ -253,7 +253,7 @@ def generate_traces(
         todo = [(p, j) for p in mine for j in range(num_samples) if (p.id, j) not in done]
         if not todo:
             return 0
-        encoded = _encode(spec, sorted({id(p): p for p, _ in todo}.values(), key=lambda p: mine.index(p)), source)
+        encoded = _encode(spec, list({id(p): p for p, _ in todo}.values()), source)  # todo is in input order
         order = (
             sorted(range(len(todo)), key=lambda i: encoded[id(todo[i][0])].numel())
             if batch_size > 1
