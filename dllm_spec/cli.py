@@ -1,5 +1,6 @@
 """Command line: ``dllm-spec generate``, ``bench`` and ``export`` (``traces``, ``train`` and
-``study`` parse their own arguments in their modules).
+``study`` parse their own arguments in their modules). ``bench`` parses and checks its arguments
+here and runs the experiments of :mod:`dllm_spec.bench`.
 
 Every subcommand ends on bad input with one line and exit status 2, before any work where it can
 (:mod:`dllm_spec.cli_errors`), and on Ctrl-C with exit status 130. Outputs are never clobbered:
@@ -10,7 +11,6 @@ Every subcommand ends on bad input with one line and exit status 2, before any w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -117,31 +117,6 @@ def cmd_generate(args) -> None:
     )
 
 
-def _writable(path: str | None, overwrite: bool = False) -> Path | None:
-    """Check an output path before any work: a regular file that does not exist yet (or
-    ``overwrite``), in a writable folder."""
-    if not path:
-        return None
-    out = Path(path)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory: give a file path")
-    if out.exists() and not out.is_file():
-        raise ValueError(f"--out {out} is not a regular file (a device, a pipe, ...): give a file path")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists: pass --overwrite to replace it, or give a new path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"--out {out} is not writable")
-    return out
-
-
-def _write_json(path: Path, result: dict) -> None:
-    """Replace ``path`` with ``result`` atomically; a new file gets the umask's permissions (0644 under 022)."""
-    from dllm_spec.jsonl import write_atomic
-
-    write_atomic(path, json.dumps(result, indent=1))
-
-
 def _int_list(text: str, name: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -153,7 +128,10 @@ def _int_list(text: str, name: str) -> list[int]:
 
 
 def cmd_bench(args) -> None:
-    from dllm_spec.bench import default_prompts, format_table, load_prompt_file, run_bench
+    """``bench``: the drafter side-by-side at batch 1 (:mod:`dllm_spec.bench.speed`), or with
+    ``--batch-sizes`` the throughput table (:mod:`dllm_spec.bench.throughput`), or with ``--latency``
+    the target's forward cost by tokens per row."""
+    from dllm_spec.bench.runner import check_out, default_prompts, load_prompt_file
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -164,26 +142,52 @@ def cmd_bench(args) -> None:
     if args.per_category < 1:
         raise ValueError(f"--per-category must be >= 1, got {args.per_category}")
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
-    from dllm_spec.peers import PEERS
-
-    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
-    if any(p not in PEERS for p in peers):
-        raise ValueError(f"--peers must name engines among {', '.join(PEERS)}, got {args.peers!r}")
-    if peers and (args.latency or batch_sizes):
-        raise ValueError("--peers runs beside the drafter bench, not with --latency or --batch-sizes")
-    out = _writable(args.out, args.overwrite)
+    peers, vllm = _bench_peers(args, batch_sizes)
+    out = check_out(args.out, args.overwrite)
     if args.latency:
         return _bench_latency(args, _int_list(args.latency, "--latency"), out)
     prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(args.per_category)
     if batch_sizes:
-        return _bench_throughput(args, prompts, batch_sizes, out)
+        return _bench_throughput(args, prompts, batch_sizes, out, vllm)
+    return _bench_speed(args, prompts, peers, out, vllm)
+
+
+def _bench_peers(args, batch_sizes: list[int] | None):
+    """``--peers`` checked before any work: the engines' names, and vLLM's options when it is one
+    of them (its venv must exist: :func:`dllm_spec.bench.peers.vllm_python`)."""
+    from dllm_spec.bench.peers import BENCH_PEERS, VLLM, VLLM_DEFAULT_K, VllmOptions, vllm_python
+
+    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    if any(p not in BENCH_PEERS for p in peers):
+        raise ValueError(f"--peers must name engines among {', '.join(BENCH_PEERS)}, got {args.peers!r}")
+    if args.vllm_k is not None and args.vllm_k < 1:
+        raise ValueError(f"--vllm-k must be >= 1, got {args.vllm_k}")
+    if peers and args.latency:
+        raise ValueError("--peers runs beside the drafter bench, not with --latency")
+    if batch_sizes and set(peers) - {VLLM}:
+        raise ValueError("--peers with --batch-sizes takes vllm only (llama.cpp runs at batch 1)")
+    if peers and (args.min_new_tokens or any(t != 0 for t in _temperatures(args))):
+        raise ValueError("--peers decode greedily without --min-new-tokens: use temperature 0 (and --ignore-eos)")
+    if VLLM not in peers:
+        return peers, None
+    vllm_python(args.vllm_venv)  # a missing venv: one line, exit status 2, before any work
+    k = VLLM_DEFAULT_K if args.vllm_k is None else args.vllm_k
+    return peers, VllmOptions(venv=args.vllm_venv, k=k, target=args.target)
+
+
+def _bench_speed(args, prompts, peers: list[str], out: Path | None, vllm=None) -> None:
+    """``bench``: plain AR vs each drafter at batch 1, one full interleaved run per temperature (the
+    file holds them all)."""
+    from dllm_spec.bench.runner import write_json
+    from dllm_spec.bench.speed import format_table, run_bench
+
     temperatures = _temperatures(args)
     spec = _load(args, "none")
     runs: list[dict] = []
     for temperature in temperatures:  # one full interleaved run per temperature; the file holds them all
 
         def save(r, done=tuple(runs)):
-            _write_json(out, r if len(temperatures) == 1 else dict(runs=[*done, r]))
+            write_json(out, r if len(temperatures) == 1 else dict(runs=[*done, r]))
 
         result = run_bench(
             spec,
@@ -199,15 +203,26 @@ def cmd_bench(args) -> None:
             ignore_eos=args.ignore_eos,
             peers=tuple(peers),
             sampling=args.sampling,
+            vllm=vllm,
         )
         runs.append(result)
         print(f"temperature {temperature} ({args.sampling} sampling):" if temperature else "greedy:")
         print(format_table(result["summary"]))
-        for name, why in result.get("failed", {}).items():
-            print(f"{name}: failed ({why})")
+        _print_peers(result)
     if out:
-        _write_json(out, runs[0] if len(runs) == 1 else dict(runs=runs))
+        write_json(out, runs[0] if len(runs) == 1 else dict(runs=runs))
         print(f"results written to {out}", file=sys.stderr)
+
+
+def _print_peers(result: dict) -> None:
+    """Below a table: each peer that failed and why, and vLLM's start-up time (not in tokens/s)."""
+    for name, why in result.get("failed", {}).items():
+        print(f"{name}: failed ({why})")
+    for name, info in result.get("peer_setup", {}).items():
+        if info.get("status") == "ok":
+            took = f"{info['startup_s']:.1f} s (LLM(...) {info['load_s']:.1f} s, warm-up {info['warmup_s']:.1f} s)"
+            export = f", after exporting the drafter in {info['export_s']:.1f} s" if "export_s" in info else ""
+            print(f"{name}: vLLM {info.get('vllm')} started in {took}{export}; not counted in tokens/s")
 
 
 def _temperatures(args) -> list[float]:
@@ -229,90 +244,54 @@ def _temperatures(args) -> list[float]:
     return values
 
 
-def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None) -> None:
+def _bench_throughput(args, prompts, batch_sizes: list[int], out: Path | None, vllm=None) -> None:
     """``bench --batch-sizes``: tokens/s over the prompt set at each batch size against transformers'
     batched generate (stock kernels) and plain batched decoding in our loop."""
-    from dllm_spec.bench import build_variant
-    from dllm_spec.target import load_target
-    from dllm_spec.throughput import format_table, run_throughput
+    from dllm_spec.bench.runner import machine_line, write_json
+    from dllm_spec.bench.throughput import format_table, run_throughput, stock_transformers_model, throughput_variants
 
     spec = _load(args, None, max_batch=max(batch_sizes))
-    variants = {}
-    for label in [d.strip() for d in (args.drafters_throughput or "default").split(",") if d.strip()]:
-        variants[label] = spec if label == "default" else build_variant(label, spec, args.policy, args.block_size)
-    hf_model = spec.target
-    if getattr(spec.target, "dllm_kernels", "default") not in (
-        "default",
-        "int4",
-    ):  # transformers: stock kernels (int4: the same int4 model)
-        hf_model, _ = load_target(args.target, dtype=spec.target.dtype, device=spec.target.device, kernels="default")
+    labels = [d.strip() for d in (args.drafters_throughput or "default").split(",") if d.strip()]
     result = run_throughput(
         spec,
-        variants,
+        throughput_variants(spec, labels, args.policy, args.block_size),
         [p.text for p in prompts],
         batch_sizes,
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
-        hf_model=hf_model,
-        on_result=(lambda r: _write_json(out, r)) if out else None,
+        hf_model=stock_transformers_model(spec, args.target),
+        on_result=(lambda r: write_json(out, r)) if out else None,
+        vllm=vllm,
     )
-    result["config"]["cpu_flags"] = _cpu_flags()
-    print(
-        f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {result['config']['dtype']}, "
-        f"{result['config']['threads']} threads, kernels {result['config']['kernels']}, {_cpu_flags()}"
-    )
+    print(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {machine_line(result['config'])}")
     print(format_table(result["summary"], len(prompts)))
+    _print_peers(result)
     if out:
-        _write_json(out, result)
+        write_json(out, result)
         print(f"results written to {out}", file=sys.stderr)
+
+
+LATENCY_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def _bench_latency(args, rows: list[int], out: Path | None) -> None:
     """``bench --latency ROWS``: the target's cached forward over k = 1..32 tokens per row, as
     multiples of a one-token step with the same rows (median of 7 round-robin passes), for each row count."""
+    from dllm_spec.bench.runner import cpu_flags, describe_machine, machine_line, write_json
     from dllm_spec.latency import measure_latency
 
     spec = _load(args, "none")
-    points = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-    table = {}
-    for r in rows:
-        curve = measure_latency(spec.target, points, repeats=7, rows=r)
-        table[r] = {k: curve.points[k] for k in points}
-    print(
-        f"{spec.target.dtype}, {torch_threads()} threads, kernels {getattr(spec.target, 'dllm_kernels', 'default')}, {_cpu_flags()}"
-    )
-    print("| rows | step(1) ms | " + " | ".join(f"k={k}" for k in points[1:]) + " |")
-    print("|---|---|" + "---|" * (len(points) - 1))
+    table = {r: measure_latency(spec.target, LATENCY_POINTS, repeats=7, rows=r).points for r in rows}
+    machine = describe_machine(spec.target)
+    config = dict(dtype=machine["dtype"], threads=machine["threads"], cpu_flags=cpu_flags(), kernels=machine["kernels"])
+    print(machine_line(config))
+    print("| rows | step(1) ms | " + " | ".join(f"k={k}" for k in LATENCY_POINTS[1:]) + " |")
+    print("|---|---|" + "---|" * (len(LATENCY_POINTS) - 1))
     for r, t in table.items():
-        print(f"| {r} | {1000 * t[1]:.1f} | " + " | ".join(f"{t[k] / t[1]:.2f}x" for k in points[1:]) + " |")
+        print(f"| {r} | {1000 * t[1]:.1f} | " + " | ".join(f"{t[k] / t[1]:.2f}x" for k in LATENCY_POINTS[1:]) + " |")
     if out:
-        _write_json(
-            out,
-            dict(
-                config=dict(
-                    dtype=str(spec.target.dtype),
-                    threads=torch_threads(),
-                    cpu_flags=_cpu_flags(),
-                    kernels=getattr(spec.target, "dllm_kernels", "default"),
-                ),
-                seconds={str(r): {str(k): v for k, v in t.items()} for r, t in table.items()},
-            ),
-        )
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown CPU"
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return "CPU flags " + (" ".join(shown) if shown else "none of avx2/avx512")
+        seconds = {str(r): {str(k): t[k] for k in LATENCY_POINTS} for r, t in table.items()}
+        write_json(out, dict(config=config, seconds=seconds))
 
 
 EXPORT_FORMATS = ("dflash", "transformers", "dllm")
@@ -390,10 +369,20 @@ def _write_dir(out: Path, write) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dllm-spec`` parser: one subparser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="dllm-spec", description="Lossless speculative decoding with diffusion and classic drafters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    _add_bench_parser(sub)
+    _add_export_parser(sub)
+    _add_pass_through_parsers(sub)
+    return parser
+
+
+def _add_generate_parser(sub) -> None:
+    """``generate PROMPT``: one generation, streamed."""
     g = sub.add_parser("generate", help="generate with live streaming, then print tokens, tau and tokens/s")
     g.add_argument("prompt")
     _common(g)
@@ -411,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-new-tokens", type=int, default=0, help="suppress stop ids until this many new tokens")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.set_defaults(func=cmd_generate)
+
+
+def _add_bench_parser(sub) -> None:
+    """``bench``: the drafter side-by-side, and its throughput (``--batch-sizes``) and latency
+    (``--latency``) modes."""
     b = sub.add_parser("bench", help="plain AR vs each drafter, side by side in one run")
     _common(b)
     b.add_argument(
@@ -451,7 +445,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--peers",
         default=None,
-        help="other engines' plain decoding of the same GGUF, side by side: llama.cpp (pip install llama-cpp-python)",
+        help="other engines, side by side from the same prompt ids, greedy: llama.cpp (its plain decoding of the "
+        "same GGUF; pip install llama-cpp-python; batch 1 only), vllm (vLLM plain and vLLM with the drafter "
+        "exported in the DFlash layout, from its own venv: --vllm-venv; with --batch-sizes too)",
+    )
+    b.add_argument(
+        "--vllm-venv",
+        default=None,
+        help="the venv with vLLM for --peers vllm (default: $DLLM_SPEC_VLLM_VENV, else ../vllm-venv beside the "
+        "repository, as scripts/vllm_check.sh builds it)",
+    )
+    b.add_argument(
+        "--vllm-k",
+        type=int,
+        default=None,
+        help="num_speculative_tokens of the vllm+dflash@K peer (default 1: the fastest at batch 1 in "
+        "benchmarks/vllm_check.json)",
     )
     b.add_argument(
         "--throughput-drafters",
@@ -460,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput mode: drafter@policy variants besides plain ('default' = the library default)",
     )
     b.set_defaults(func=cmd_bench)
+
+
+def _add_export_parser(sub) -> None:
+    """``export DRAFTER``: a block-diffusion drafter in the DFlash layouts."""
     e = sub.add_parser(
         "export", help="write a block-diffusion drafter in the DFlash layouts (vLLM / SGLang / transformers)"
     )
@@ -477,14 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=None, help="the target, for a reduced draft vocabulary's LM head (default: embedded)"
     )
     e.set_defaults(func=cmd_export)
-    # listed for --help; main() hands their arguments to their own parsers
+
+
+def _add_pass_through_parsers(sub) -> None:
+    """Listed for ``--help``; :func:`main` hands their arguments to their own parsers (:data:`PASS_THROUGH`)."""
     sub.add_parser("traces", help="generate reasoning traces from a prompt file (dllm-spec traces --help)")
     sub.add_parser("train", help="train a drafter: block-diffusion (default), ar or mdlm (dllm-spec train --help)")
     sub.add_parser("study", help="speedup study on long outputs (dllm-spec study --help)")
-    return parser
 
 
-PASS_THROUGH = {"traces": "dllm_spec.traces", "train": "dllm_spec.training.cli", "study": "dllm_spec.study"}
+PASS_THROUGH = {"traces": "dllm_spec.traces", "train": "dllm_spec.training.cli", "study": "dllm_spec.bench.study"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,11 +2,13 @@
 
 A kernel that wins on one CPU loses on another (oneDNN-packed fp32 linears are 1.8x faster than
 MKL on an AVX512 AMD EPYC and 1.3x slower on an AMX Xeon; bf16 packing needs AVX512-BW/VL/DQ or
-AVX-NE-CONVERT and raises elsewhere). So ``auto`` times the model's own linear shapes, stock
-``F.linear`` against the packed path, at 1 and 16 rows (a decoding step and a verify), weighted by
-how often each shape occurs, and packs only when that is faster at one row and not slower at 16:
-never a path slower than stock. The choice is cached per CPU, torch version, dtype, thread count
-and shapes (``<cache>/kernels/*.json``), so only the first load on a machine pays (about a second).
+AVX-NE-CONVERT and raises elsewhere; on a 2-core AVX2 EPYC stock MKL is 1.2x faster at one row
+and the packed path 1.4x faster at 16). So ``auto`` times the model's own linear shapes, stock
+``F.linear`` against the packed path, at 1 to 16 rows (a decoding step up to a verify), weighted by
+how often each shape occurs, and packs from the fewest rows at which packed wins at that row count
+and every larger one; below it the layers keep the stock path: never a path slower than stock
+where it was measured. The choice is cached per CPU, torch version, dtype, thread count and shapes
+(``<cache>/kernels/*.json``), so only the first load on a machine pays (a few seconds).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from torch import nn
 
 from dllm_spec.kernels import pack_weight, packed_linear, packing_supported
 
-#: rows timed: a one-token step and a 16-token verify
-ROWS = (1, 16)
-#: packed must beat stock by this factor at one row to be chosen
+#: rows timed: a one-token step up to a 16-token verify
+ROWS = (1, 2, 4, 8, 16)
+#: packed must beat stock by this factor at a row count to be chosen there
 MARGIN = 0.95
 
 
@@ -74,39 +76,59 @@ def measure(shapes: Counter, dtype: torch.dtype, repeats: int = 7) -> dict[str, 
     return totals
 
 
-def decide(timings: dict[str, dict[int, float]]) -> str:
-    """ "packed" when it is faster at one row (by ``MARGIN``) and not slower at 16 rows, else "default"."""
+def decide(timings: dict[str, dict[int, float]]) -> int | None:
+    """The fewest measured rows from which the packed path is faster (by ``MARGIN``) at that row
+    count and at every larger one; ``None`` when it is not faster at the most rows (stay stock)."""
     stock, packed = timings["default"], timings["packed"]
-    return "packed" if packed[1] < MARGIN * stock[1] and packed[16] <= stock[16] else "default"
+    rows = sorted(int(r) for r in stock)
+    packed_from = None
+    for m in reversed(rows):
+        if not packed[m] < MARGIN * stock[m]:
+            break
+        packed_from = m
+    return packed_from
 
 
-def choose_kernels(model: nn.Module, cache_root: Path) -> str:
-    """The measured (and cached) choice for ``model`` on this machine: ``"packed"`` or ``"default"``."""
+def _choice(packed_from: int | None) -> tuple[str, int]:
+    return ("default", 1) if packed_from is None else ("packed", packed_from)
+
+
+def _cached(path: Path) -> tuple[str, int] | None:
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("choice") in ("packed", "default") and isinstance(cached.get("packed_from"), int):
+            return cached["choice"], max(1, cached["packed_from"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def choose_kernels(model: nn.Module, cache_root: Path) -> tuple[str, int]:
+    """The measured (and cached) choice for ``model`` on this machine: ``("packed", packed_from)``
+    (the packed path from ``packed_from`` rows on) or ``("default", 1)``."""
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu" or not packing_supported(param.dtype):
-        return "default"
+        return "default", 1
     shapes = linear_shapes(model)
     key = json.dumps(
         [_cpu_signature(), torch.__version__, str(param.dtype), torch.get_num_threads(), sorted(shapes.items())]
     )
     path = cache_root / "kernels" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("choice") in ("packed", "default"):
-            return cached["choice"]
-    except (OSError, ValueError, AttributeError):
-        pass
+    cached = _cached(path)
+    if cached is not None:
+        return cached
     print(
         f"dllm-spec: timing stock and packed matmuls for {param.dtype} on this CPU (once; cached in {path.parent})",
         file=sys.stderr,
     )
     timings = measure(shapes, param.dtype)
-    choice = decide(timings)
+    choice, packed_from = _choice(decide(timings))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(dict(choice=choice, key=json.loads(key), timings=timings)))
+        record = dict(choice=choice, packed_from=packed_from, key=json.loads(key), timings=timings)
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
     except OSError:
         pass  # measured again next time
-    return choice
+    return choice, packed_from

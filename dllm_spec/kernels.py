@@ -16,7 +16,10 @@ decoder layer instead of 7, a one-token step 7-9% faster. Each output column is 
 so the logits are the same as unfused packing (bit for bit here).
 
 ``kernels="auto"`` packs fp32 and bf16 models on CPU where that is measured to be faster
-(:mod:`dllm_spec.kernel_choice`) and leaves everything else alone. Different
+(:mod:`dllm_spec.kernel_choice`) and leaves everything else alone. Where the packed path wins only
+from some number of rows on (an AVX2 CPU: stock MKL is faster for one row, oneDNN's packed weight for
+a 16-token verify), a packed layer keeps the stock path below ``packed_from`` rows: it holds both
+weights anyway. Different
 kernels round differently, so greedy output is exactly the same engine's plain greedy output (same
 kernels on both sides), and equals transformers' unpacked greedy output except at floating-point
 near-ties. No modeling file is forked: the swap is module-level and works for any transformers
@@ -53,36 +56,43 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def stock_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a packed layer must take ``F.linear`` instead: training (autograd through the
-    parameters), autocast (it picks the compute dtype), or an input in another dtype."""
+def stock_path(x: torch.Tensor, weight: torch.Tensor, packed_from: int = 1) -> bool:
+    """Whether a packed layer takes ``F.linear`` instead: training (autograd through the
+    parameters), autocast (it picks the compute dtype), an input in another dtype, or fewer than
+    ``packed_from`` rows (where stock was measured faster)."""
     return (
         (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or x.dtype != weight.dtype
         or torch.is_autocast_enabled(x.device.type)
+        or (packed_from > 1 and x.numel() < packed_from * x.shape[-1])  # rows = numel / K
     )
 
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight also held packed for oneDNN. ``weight``/``bias`` stay the
     original parameters (shared, not copied), so code reading them and ``state_dict`` see the usual
-    layout; training, autocast and inputs of another dtype take ``F.linear`` on them (:func:`stock_path`)."""
+    layout; training, autocast, inputs of another dtype and fewer than ``packed_from`` rows take
+    ``F.linear`` on them (:func:`stock_path`)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed_from: int = 1) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.packed_from = packed_from
         with torch.no_grad():
             self._packed = pack_weight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if stock_path(x, self.weight):
+        if stock_path(x, self.weight, self.packed_from):
             return nn.functional.linear(x, self.weight, self.bias)
         return packed_linear(x, self._packed, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=oneDNN"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"packed=oneDNN from {self.packed_from} rows"
+        )
 
 
 #: sibling linears that modeling code calls on the same input tensor, one after another
@@ -143,19 +153,27 @@ class FusedProjection(nn.Module):
     called on an input runs the group's single matmul (:class:`SharedInput`), the others take their
     columns of it.
     ``weight``/``bias`` stay the original parameters, so ``state_dict`` is unchanged; training,
-    autocast and inputs of another dtype take ``F.linear`` on them, member by member (:func:`stock_path`)."""
+    autocast, inputs of another dtype and fewer than ``packed_from`` rows take ``F.linear`` on them,
+    member by member (:func:`stock_path`)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, group: SharedInput, member: int, kernel: str = "oneDNN"
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group: SharedInput,
+        member: int,
+        kernel: str = "oneDNN",
+        packed_from: int = 1,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
+        self.packed_from = packed_from
         self._group, self._member, self._kernel = group, member, kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if stock_path(x, self.weight):
+        if stock_path(x, self.weight, self.packed_from):
             return nn.functional.linear(x, self.weight, self.bias)
         return self._group.output(x, self._member)
 
@@ -170,7 +188,7 @@ def _packable(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in PACKED_DTYPES
 
 
-def _fuse_siblings(module: nn.Module) -> int:
+def _fuse_siblings(module: nn.Module, packed_from: int = 1) -> int:
     """Swap each complete group of :data:`FUSED_GROUPS` among ``module``'s children for
     :class:`FusedProjection` members; returns how many linears were swapped."""
     swapped = 0
@@ -183,7 +201,7 @@ def _fuse_siblings(module: nn.Module) -> int:
             continue
         group = SharedInput.packed(linears)
         for member, (name, lin) in enumerate(zip(names, linears)):
-            setattr(module, name, FusedProjection(lin.weight, lin.bias, group, member))
+            setattr(module, name, FusedProjection(lin.weight, lin.bias, group, member, packed_from=packed_from))
             swapped += 1
     return swapped
 
@@ -213,29 +231,34 @@ def packing_pays(model: nn.Module) -> bool:
     return param is not None and param.device.type == "cpu" and packing_supported(param.dtype)
 
 
-def pack_linears(model: nn.Module, fuse: bool = True) -> int:
+def pack_linears(model: nn.Module, fuse: bool = True, packed_from: int = 1) -> int:
     """Swap every ``nn.Linear`` of ``model`` (CPU, fp32/bf16) in place for a packed one: sibling
-    groups for :class:`FusedProjection` members (``fuse``), the rest for :class:`PackedLinear`;
-    returns how many linears were swapped."""
+    groups for :class:`FusedProjection` members (``fuse``), the rest for :class:`PackedLinear`, each
+    on the stock path below ``packed_from`` rows; returns how many linears were swapped."""
+    if packed_from < 1:
+        raise ValueError(f"packed_from must be >= 1, got {packed_from}")
     swapped = 0
     for module in list(model.modules()):
         if fuse:
-            swapped += _fuse_siblings(module)
+            swapped += _fuse_siblings(module, packed_from)
         for child_name, child in list(module.named_children()):
             if _packable(child):
-                setattr(module, child_name, PackedLinear(child))
+                setattr(module, child_name, PackedLinear(child, packed_from))
                 swapped += 1
     return swapped
 
 
-def apply_kernels(model: nn.Module, kernels: str = "auto") -> str:
-    """Apply the kernel choice ``"auto"`` (packed where it pays), ``"packed"`` or ``"default"``;
-    returns what was applied (``"packed"`` or ``"default"``)."""
+def apply_kernels(model: nn.Module, kernels: str = "auto", packed_from: int = 1) -> str:
+    """Apply the kernel choice ``"auto"`` (packed where it pays), ``"packed"`` or ``"default"``,
+    the packed path from ``packed_from`` rows on; returns what was applied (``"default"``,
+    ``"packed"``, or ``"packed from N rows"``). The model records ``packed_from`` as
+    ``dllm_packed_from`` (its drafter's linears follow it)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "default" or (kernels == "auto" and not packing_pays(model)):
         return "default"
     if not packed_available():
         raise ValueError("kernels='packed' needs a torch build with oneDNN (mkldnn._linear_pointwise)")
-    pack_linears(model)
-    return "packed"
+    pack_linears(model, packed_from=packed_from)
+    model.dllm_packed_from = packed_from
+    return "packed" if packed_from == 1 else f"packed from {packed_from} rows"

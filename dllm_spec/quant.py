@@ -149,6 +149,8 @@ def _dense_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 #: matmul streams its weight from memory as it does inside a model (a hot-cache micro-benchmark
 #: favours the dense weight, four times the bytes, and puts the crossover too late)
 COLD_BYTES = 96 << 20
+#: at most this many copies: a weight small enough to need more is a test model's, not worth the loop
+MAX_COPIES = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,7 +163,7 @@ def measure_crossover(
     torch.manual_seed(0)
     codes, scale, lo = quantize_groups(torch.randn(n, k) * 0.02)
     layer = Int4Linear(codes, scale, lo, dense_from=1 << 30)
-    copies = max(2, -(-COLD_BYTES // (2 * n * k)))
+    copies = min(MAX_COPIES, max(2, -(-COLD_BYTES // (2 * n * k))))
     int4_weights = [layer.packed.clone() for _ in range(copies)]
     dense_weights = [_dense_weight(layer.dense.clone()) for _ in range(copies)]
 

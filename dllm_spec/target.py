@@ -236,8 +236,9 @@ def load_target(
             or ``"int4"`` (CPU): the decoder linears as 4-bit grouped weights with bf16 activations,
             taken from the GGUF's own Q4_1 blocks for the embedded default (see :mod:`dllm_spec.quant`).
         device: ``"cpu"``, ``"cuda"``, ... or ``None`` for CUDA when available.
-        kernels: ``"auto"`` (oneDNN-packed linear weights for fp32 and bf16 on CPU, where they are faster),
-            ``"packed"`` or ``"default"`` (see :mod:`dllm_spec.kernels`).
+        kernels: ``"auto"`` (oneDNN-packed linear weights for fp32 and bf16 on CPU, from the number of
+            rows at which they are measured faster: :mod:`dllm_spec.kernel_choice`), ``"packed"`` or
+            ``"default"`` (see :mod:`dllm_spec.kernels`).
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
@@ -259,9 +260,10 @@ def load_target(
         apply_kernels(model, kernels)  # what stays bf16 (the LM head) runs packed
         model.dllm_kernels = "int4"
         return model, tokenizer
+    packed_from = 1
     if kernels == "auto" and dev.type == "cpu":
         from dllm_spec.kernel_choice import choose_kernels
 
-        kernels = choose_kernels(model, cache_root())  # measured on this machine, cached
-    model.dllm_kernels = apply_kernels(model, kernels)  # recorded for benchmarks and the latency cache key
+        kernels, packed_from = choose_kernels(model, cache_root())  # measured on this machine, cached
+    model.dllm_kernels = apply_kernels(model, kernels, packed_from)  # for benchmarks and the latency cache key
     return model, tokenizer

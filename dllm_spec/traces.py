@@ -41,12 +41,16 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from dllm_spec.jsonl import append_record, read_records, write_atomic
 from dllm_spec.prompt import Prompt, read_prompts
 from dllm_spec.stats import GenerationStats
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _parts(out: Path) -> list[Path]:
@@ -245,12 +249,7 @@ def generate_traces(
     check_prompts(prompts, source)
     part = out.with_name(f"{out.name}.part-{process_index}-of-{num_processes}")
     with locked(part):
-        done = {record_key(r): r for r in read_traces(out)}
-        for other in _parts(out):
-            done.update({record_key(r): r for r in read_records(other, repair=other == part)})
-        mine = [p for i, p in enumerate(prompts) if i % num_processes == process_index]
-        _warn_changed(mine, done)
-        todo = [(p, j) for p in mine for j in range(num_samples) if (p.id, j) not in done]
+        todo = _todo(out, part, prompts, process_index, num_processes, num_samples)
         if not todo:
             return 0
         encoded = _encode(spec, list({id(p): p for p, _ in todo}.values()), source)  # todo is in input order
@@ -259,44 +258,62 @@ def generate_traces(
             if batch_size > 1
             else list(range(len(todo)))
         )
-        seeds = [sample_seed(seed, *todo[i]) if temperature > 0 else None for i in order]
-        bar = tqdm(total=len(todo), desc=f"traces[{process_index}]", unit="trace", disable=None, position=process_index)
-        totals = GenerationStats()
-        written = 0
-        started = time.perf_counter()
-        for j, result in spec.generate_iter(
-            [encoded[id(todo[i][0])] for i in order],
+        config = dict(
+            config_record or {},
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
-            seeds=seeds,
+            seed=seed,
             batch_size=batch_size,
             min_new_tokens=min_new_tokens,
             ignore_eos=ignore_eos,
-            totals=totals,
+            num_samples=num_samples,
             sampling=sampling,
-        ):
-            prompt, sample = todo[order[j]]
-            config = dict(
-                config_record or {},
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                batch_size=batch_size,
-                min_new_tokens=min_new_tokens,
-                ignore_eos=ignore_eos,
-                num_samples=num_samples,
-                sampling=sampling,
-            )
-            _append(part, _trace_record(prompt, sample, result, config, temperature > 0))
-            written += 1
-            bar.update()
-            bar.set_postfix(
-                tok_s=f"{totals.new_tokens / max(time.perf_counter() - started, 1e-9):.1f}", tau=f"{totals.tau:.2f}"
-            )
-        bar.close()
-        return written
+        )
+        jobs = [(*todo[i], encoded[id(todo[i][0])]) for i in order]
+        return _write_traces(spec, part, jobs, config, process_index)
+
+
+def _todo(
+    out: Path, part: Path, prompts: list[Prompt], process_index: int, num_processes: int, num_samples: int
+) -> list[tuple[Prompt, int]]:
+    """This process's (prompt, sample) pairs that neither ``out`` nor a part file holds yet, in input
+    order (only this process's own part file is repaired when its last line is torn)."""
+    done = {record_key(r): r for r in read_traces(out)}
+    for other in _parts(out):
+        done.update({record_key(r): r for r in read_records(other, repair=other == part)})
+    mine = [p for i, p in enumerate(prompts) if i % num_processes == process_index]
+    _warn_changed(mine, done)
+    return [(p, j) for p in mine for j in range(num_samples) if (p.id, j) not in done]
+
+
+#: the keys of a traces config that are ``generate_iter``'s arguments
+_GENERATE_KEYS = ("max_new_tokens", "temperature", "top_p", "batch_size", "min_new_tokens", "ignore_eos", "sampling")
+
+
+def _write_traces(
+    spec, part: Path, jobs: list[tuple[Prompt, int, torch.Tensor]], config: dict, process_index: int
+) -> int:
+    """Generate ``jobs`` (prompt, sample, encoded prompt), in this order, with continuous batching,
+    appending each record to ``part`` the moment it finishes; returns how many it wrote."""
+    sampled = config["temperature"] > 0
+    seeds = [sample_seed(config["seed"], prompt, sample) if sampled else None for prompt, sample, _ in jobs]
+    bar = tqdm(total=len(jobs), desc=f"traces[{process_index}]", unit="trace", disable=None, position=process_index)
+    totals = GenerationStats()
+    written = 0
+    started = time.perf_counter()
+    for j, result in spec.generate_iter(
+        [ids for _, _, ids in jobs], seeds=seeds, totals=totals, **{k: config[k] for k in _GENERATE_KEYS}
+    ):
+        prompt, sample, _ = jobs[j]
+        _append(part, _trace_record(prompt, sample, result, config, sampled))
+        written += 1
+        bar.update()
+        bar.set_postfix(
+            tok_s=f"{totals.new_tokens / max(time.perf_counter() - started, 1e-9):.1f}", tau=f"{totals.tau:.2f}"
+        )
+    bar.close()
+    return written
 
 
 def _trace_record(prompt: Prompt, sample: int, result, config: dict, sampled: bool) -> dict:

@@ -129,7 +129,90 @@ def dflash_table(offline: str, online: str) -> str:
     return text
 
 
+def training_table(name: str, every: int = 500) -> str:
+    """A drafter's held-out and train offline tau against training steps and tokens (every
+    ``every`` steps and the best checkpoint), from its run's evaluations."""
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    best = max(result["curve"], key=lambda r: r["heldout_tau"])
+    points = [r for r in result["curve"] if r["step"] % every == 0 or r is best]
+    step = [
+        f"**{r['step']}** (shipped)" if r is best else f"{r['step']} (warm start)" if r["step"] == 0 else str(r["step"])
+        for r in points
+    ]
+    cells = {
+        "step": step,
+        "tokens seen in the run": [f"{r['tokens'] / 1e6:.1f}M" for r in points],
+        "held-out tau": [f"**{r['heldout_tau']:.2f}**" if r is best else f"{r['heldout_tau']:.2f}" for r in points],
+        "train tau": [f"{r['train_tau']:.2f}" for r in points],
+    }
+    rows = [f"| {label} | " + " | ".join(values) + " |" for label, values in cells.items()]
+    rows.insert(1, "|---|" + "---|" * len(points))
+    e = result["eval"]
+    head = (
+        f"{e['steps']:,} steps, {e['train_tokens_seen'] / 1e6:.1f}M training tokens, {e['train_sequences']:,} training / "
+        f"{e['heldout_sequences']:,} held-out sequences ({e['train_response_tokens'] / 1e6:.2f}M training response tokens), "
+        f"held-out tau on the first {result['config']['eval_sequences']} held-out greedy sequences:\n\n"
+    )
+    return head + "\n".join(rows)
+
+
+def kernel_choice_table(name: str) -> str:
+    """kernels="auto"'s measurement (a kernel-choice cache file): stock against packed matmuls over
+    one model's linears at each row count, and the rows the packed path was chosen from."""
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    stock, packed = result["timings"]["default"], result["timings"]["packed"]
+    rows = sorted(stock, key=int)
+    lines = [
+        "| rows | " + " | ".join(rows) + " |",
+        "|---|" + "---|" * len(rows),
+        "| stock (MKL) | " + " | ".join(f"{1000 * stock[r]:.1f} ms" for r in rows) + " |",
+        "| packed (oneDNN) | " + " | ".join(f"{1000 * packed[r]:.1f} ms" for r in rows) + " |",
+    ]
+    cpu, version, dtype, threads = result["key"][:4]
+    head = (
+        f"{dtype.replace('torch.', '')}, {threads} threads, torch {version}, {cpu}; "
+        f"choice: {result['choice']} from {result['packed_from']} rows:\n\n"
+    )
+    return head + "\n".join(lines)
+
+
+def sampling_table(name: str) -> str:
+    """tau and speed by temperature and variant (scripts/sampling_study.py's result file)."""
+    result = _load(name)
+    return "(no results yet)" if result is None else sampling_rows(result)
+
+
+def sampling_rows(result: dict) -> str:
+    """A sampling study's table: tau as a fraction of the same drafter shape's greedy tau, tokens/s
+    against our plain decoding and transformers' generate."""
+    c, summary = result["config"], result["summary"]
+    rows = [
+        "| T | variant | tau | tau / greedy tau | tokens/s | vs plain | vs transformers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    greedy = summary.get("0.0", {})
+    for t, variants in summary.items():
+        for v, r in variants.items():
+            ref = greedy.get(v.split("/")[0], {}).get("tau")
+            ratio = f"{r['tau'] / ref:.2f}" if ref and float(t) else ""
+            vs_hf = f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else ""
+            rows.append(
+                f"| {t} | {v} | {r['tau']:.2f} | {ratio} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x | {vs_hf} |"
+            )
+    head = (
+        f"{c['dtype'].replace('torch.', '')}, {c['threads']} threads, kernels {c.get('kernels', '?')}, "
+        f"{c.get('cpu_flags', 'CPU flags not recorded')}, "
+        f"{c['limit']} {c['prompts']} prompts x {c['max_new_tokens']} new tokens, one run, variants interleaved:\n\n"
+    )
+    return head + "\n".join(rows)
+
+
 TABLES = {
+    "drafter-training": lambda: training_table("drafter_training.json"),
     "throughput-fp32": lambda: throughput_table(["throughput_fp32.json", "throughput_fp32_b32.json"]),
     "throughput-bf16": lambda: throughput_table(["throughput_bf16.json", "throughput_bf16_b32.json"]),
     "latency": lambda: latency_table(
@@ -145,6 +228,9 @@ TABLES = {
     "int4-batch1": lambda: drafter_table("int4_batch1.json"),
     "latency-int4": lambda: latency_table([("latency_int4.json", "int4 (bf16 activations)")]),
     "dflash": lambda: dflash_table("dflash_offline_tau.json", "dflash_transformers.json"),
+    "sampling": lambda: sampling_table("sampling.json"),
+    "kernel-choice-avx2": lambda: kernel_choice_table("kernel_choice_fp32_avx2.json"),
+    "sharegpt-batch1-avx2": lambda: throughput_table(["sharegpt_batch1_fp32_avx2.json"]),
 }
 PATTERN = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dllm_spec import DiffusionSpeculator
-from dllm_spec.bench import default_prompts
+from dllm_spec.bench.runner import default_prompts
 from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.jsonl import write_atomic
 from dllm_spec.policy import FixedLength

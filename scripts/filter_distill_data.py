@@ -10,7 +10,7 @@ list ``dllm_spec/data/heldout_subjects.txt``. Generation itself skips those prom
 (``training_prompts``) on any machine that has the list; run ``--update-subjects`` on the
 reference machine (the one the benchmarks run on) when its prompt set changes, and commit the list.
 
-    python scripts/filter_distill_data.py --data data/distill [--dry-run]
+    python scripts/filter_distill_data.py --data data/distill [--dry-run] [--target HF_ID_OR_DIR]
     python scripts/filter_distill_data.py --update-subjects
 """
 
@@ -25,10 +25,25 @@ from dllm_spec.jsonl import write_atomic
 from dllm_spec.target import load_target
 
 
+def _tokenizer(target: str | None):
+    """The tokenizer of ``target`` (an HF id or directory), or the embedded default's."""
+    if target is None:
+        return load_target(None, dtype="float32", device="cpu")[1]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(target)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/distill")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="the target that generated the data (its tokenizer decodes records from outside the prompt set); "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
     parser.add_argument(
         "--update-subjects",
         action="store_true",
@@ -40,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         write_atomic(HELDOUT_SUBJECTS_FILE, "".join(f"{s}\n" for s in sorted(subjects)).encode())
         print(f"{HELDOUT_SUBJECTS_FILE}: {len(subjects)} held-out subjects")
         return
-    _, tokenizer = load_target(None, dtype="float32", device="cpu")
+    tokenizer = None  # loaded for the first record from outside the prompt set (ShareGPT turns, ...)
     prompts = build_prompts()
     known = {p.id: p for p in prompts}
     held = heldout_subjects(prompts)
@@ -49,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         keep = []
         for r in records:
             prompt = known.get(r["prompt_id"])
+            if prompt is None and tokenizer is None:
+                tokenizer = _tokenizer(args.target)
             subject = (
                 prompt_subject(prompt) if prompt is not None else prompt_subject(tokenizer.decode(r["prompt_ids"]))
             )

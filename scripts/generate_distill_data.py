@@ -8,6 +8,8 @@ data/sharegpt. Rerun the same command to resume; a kill loses at most the shard 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import torch
 
@@ -21,10 +23,23 @@ from dllm_spec.data.prompts import training_prompts
 from dllm_spec.target import load_target
 
 
+def default_out(prompts: str, target: str | None) -> str:
+    """data/distill or data/sharegpt (the embedded target's committed shards), or for another
+    target data/distill-NAME / data/sharegpt-NAME: a rerun resumes the shards in ``--out``, so one
+    target's responses must never land beside another's."""
+    base = "data/sharegpt" if prompts == "sharegpt" else "data/distill"
+    return base if target is None else f"{base}-{Path(os.path.normpath(target)).name}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", choices=("project", "sharegpt"), default="project")
-    parser.add_argument("--out", default=None, help="default: data/distill (project) or data/sharegpt")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: data/distill (project) or data/sharegpt; with --target, data/distill-NAME or data/sharegpt-NAME "
+        "(NAME: the target's last path part), so another target's responses never join the embedded one's",
+    )
     parser.add_argument("--target", default=None, help="HF id or path; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="auto", help="auto (measured), float32, bfloat16, ...")
     parser.add_argument(
@@ -58,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     temperatures = tuple(float(t) for t in args.temperatures.split(","))
+    out = args.out or default_out(args.prompts, args.target)
     if args.prompts == "sharegpt":
         from dllm_spec.data.sharegpt import load_sharegpt
 
@@ -78,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             window=args.window,
             seed=args.seed,
         )
-        stats = generate_conversation_data(
-            model, tokenizer, prompts, args.out or "data/sharegpt", config, max_shards=args.max_shards
-        )
+        stats = generate_conversation_data(model, tokenizer, prompts, out, config, max_shards=args.max_shards)
         print(
             f"{stats['records']} responses, {stats['new_tokens']} new tokens in {stats['seconds']:.1f} s "
             f"({stats['tokens_per_s']:.1f} new tokens/s), {stats['shards']} shards written, {stats['remaining']} pairs left"
@@ -96,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         compile=args.compile,
         seed=args.seed,
     )
-    generate_distillation_data(
-        model, tokenizer, prompts, args.out or "data/distill", config, max_shards=args.max_shards
-    )
+    generate_distillation_data(model, tokenizer, prompts, out, config, max_shards=args.max_shards)
 
 
 if __name__ == "__main__":

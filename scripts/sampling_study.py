@@ -9,7 +9,8 @@ speculators (the default draft trees, and chains) under both sampling methods: `
 measures tau only (it does not depend on the machine's load).
 
     python scripts/sampling_study.py --prompts sharegpt-heldout --limit 16 --max-new-tokens 256 \
-        --temperatures 0,0.3,0.7,1.0 --threads 2 --out benchmarks/sampling_t.json
+        --temperatures 0,0.7 --threads 2 --out benchmarks/sampling.json  # more temperatures: rerun with
+    # --temperatures 0.3,1.0 and the same --out (the finished ones are kept)
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_tables import sampling_rows  # scripts/benchmark_tables.py, beside this script
 from tqdm.auto import tqdm
 
 from dllm_spec import DiffusionSpeculator
-from dllm_spec.bench import build_variant, default_prompts, load_prompt_file
+from dllm_spec.bench.runner import build_variant, cpu_flags, default_prompts, load_prompt_file
 from dllm_spec.target import load_target
 
 SHAPES = {"trees": "default", "chains": "prompt-lookup+block-diffusion"}
@@ -48,6 +50,39 @@ def _hf_run(model, tokenizer, ids: torch.Tensor, temperature: float, max_new_tok
     return dict(new_tokens=int(out.shape[1] - ids.shape[1]), wall_time_s=time.perf_counter() - start, tau=1.0)
 
 
+def _config(args, spec: DiffusionSpeculator, n_prompts: int) -> dict:
+    return dict(
+        dtype=str(spec.target.dtype),
+        threads=torch.get_num_threads(),
+        prompts=args.prompts or "heldout",
+        limit=n_prompts,
+        max_new_tokens=args.max_new_tokens,
+        timing=not args.no_timing,
+        cpu_flags=cpu_flags(),
+        kernels=getattr(spec.target, "dllm_kernels", "default"),
+    )
+
+
+def _save(args, config: dict, records: list[dict]) -> dict:
+    """The result so far; written atomically to --out after every temperature."""
+    result = dict(config=config, summary=summarize(records), records=records)
+    if args.out:
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out)
+    return result
+
+
+def _resumed(args, config: dict) -> list[dict]:
+    """Records of a previous run of the same configuration in --out (its finished temperatures)."""
+    if not args.out or not Path(args.out).exists():
+        return []
+    old = json.loads(Path(args.out).read_text())
+    if old.get("config") != config:
+        raise SystemExit(f"--out {args.out}: holds a run with another configuration; remove it or pick another path")
+    return old["records"]
+
+
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,9 +90,11 @@ def run(args) -> dict:
     prompts = load_prompt_file(args.prompts, args.limit) if args.prompts else default_prompts(2)[: args.limit]
     hf, tokenizer = (None, None) if args.no_timing else load_target(dtype=spec.target.dtype, kernels="default")
     temperatures = [float(t) for t in args.temperatures.split(",")]
-    records = []
+    config = _config(args, spec, len(prompts))
+    records = _resumed(args, config)
+    done = {r["temperature"] for r in records}
     spec.generate("Hello", max_new_tokens=8)  # warm-up (and the latency curve, measured once)
-    for temperature in temperatures:
+    for temperature in [t for t in temperatures if t not in done]:
         variants = _variants(spec, temperature)
         labels = list(variants) + ([] if hf is None else ["transformers"])
         for i, prompt in enumerate(tqdm(prompts, desc=f"T={temperature}")):
@@ -80,18 +117,8 @@ def run(args) -> dict:
                 records.append(
                     dict(temperature=temperature, variant=label, prompt_id=prompt.id, category=prompt.category, **row)
                 )
-    return dict(
-        config=dict(
-            dtype=str(spec.target.dtype),
-            threads=torch.get_num_threads(),
-            prompts=args.prompts or "heldout",
-            limit=len(prompts),
-            max_new_tokens=args.max_new_tokens,
-            timing=not args.no_timing,
-        ),
-        summary=summarize(records),
-        records=records,
-    )
+        _save(args, config, records)
+    return _save(args, config, records)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -114,23 +141,6 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def table(summary: dict) -> str:
-    lines = [
-        "| T | variant | tau | tau / greedy tau | tokens/s | vs plain | vs transformers |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    greedy = summary.get("0.0", {})
-    for t, variants in summary.items():
-        for v, r in variants.items():
-            ref = greedy.get(v.split("/")[0], {}).get("tau")
-            ratio = f"{r['tau'] / ref:.2f}" if ref and float(t) else ""
-            vs_hf = f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else ""
-            lines.append(
-                f"| {t} | {v} | {r['tau']:.2f} | {ratio} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x | {vs_hf} |"
-            )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -144,10 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-timing", action="store_true", help="tau only: no transformers baseline")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    result = run(args)
-    print(table(result["summary"]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(sampling_rows(run(args)))
 
 
 if __name__ == "__main__":

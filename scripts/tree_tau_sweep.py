@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dllm_spec.bench import default_prompts
+from dllm_spec.bench.runner import default_prompts
 from dllm_spec.drafters.base import Sequences
 from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.drafters.shipped import shipped_drafter_dir

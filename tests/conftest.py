@@ -79,10 +79,16 @@ def sampling_target() -> LlamaForCausalLM:
 
 
 def two_token_total_variation(
-    spec, target: LlamaForCausalLM, draws: int, prompt: list[int] = (0, 2, 3), sampling: str = "speculative"
+    spec,
+    target: LlamaForCausalLM,
+    draws: int,
+    prompt: list[int] = (0, 2, 3),
+    sampling: str = "speculative",
+    batch: int = 1,
 ) -> float:
     """TV distance between the empirical joint of the first two sampled tokens of ``spec`` (T = 1)
-    and the target's exact joint, enumerated."""
+    and the target's exact joint, enumerated. ``batch`` > 1 draws that many rows per call (row r of
+    the call starting at draw d has seed d + r: every draw its own seed)."""
     vocab = SAMPLING_VOCAB
     ids = torch.tensor([list(prompt)])
     with torch.no_grad():
@@ -91,9 +97,12 @@ def two_token_total_variation(
             [p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1) for a in range(vocab)]
         ).flatten()
     counts = torch.zeros(vocab * vocab)
-    for seed in range(draws):
-        out = spec.generate(ids, max_new_tokens=2, temperature=1.0, seed=seed, sampling=sampling).token_ids[0]
-        counts[out[0] * vocab + out[1]] += 1
+    for start in range(0, draws, batch):
+        rows = ids.expand(min(batch, draws - start), -1)  # (rows, T): the same prompt, a seed each
+        result = spec.generate(rows, max_new_tokens=2, temperature=1.0, seed=start, sampling=sampling)
+        for row in getattr(result, "outputs", [result]):  # a batch gives one output per row
+            first, second = row.token_ids[0, :2].tolist()
+            counts[first * vocab + second] += 1
     return float(0.5 * (counts / draws - exact).abs().sum())
 
 

@@ -380,7 +380,8 @@ CLI_CASES = [
     (lambda t: ["bench", "--max-new-tokens", "0"], "--max-new-tokens"),
     (lambda t: ["bench", "--out", str(t)], "is a directory"),
     (lambda t: ["bench", "--batch-sizes", "0,x"], "--batch-sizes"),
-    (lambda t: ["bench", "--peers", "vllm"], "--peers"),
+    (lambda t: ["bench", "--peers", "sglang"], "--peers"),
+    (lambda t: ["bench", "--peers", "vllm", "--vllm-venv", str(t / "no-venv")], "--vllm-venv"),
     (lambda t: ["bench", "--peers", "llama.cpp", "--batch-sizes", "1"], "--peers"),
     (lambda t: ["bench", "--prompts", str(t / "missing.txt")], "missing.txt"),
     (lambda t: ["traces", _prompt_file(t), "--out", str(t / "in.txt")], "is the input file"),
@@ -495,13 +496,13 @@ def test_bench_with_an_unwritable_out_fails_before_running(tmp_path, capsys):
 
 
 def test_bench_json_is_written_as_each_prompt_finishes(spec, monkeypatch):
-    from dllm_spec import bench
+    from dllm_spec.bench import speed
 
-    real = bench.DiffusionSpeculator.generate
+    real = DiffusionSpeculator.generate
     # the tiny target has no tokenizer: the bench's string prompts become fixed input ids
-    monkeypatch.setattr(bench.DiffusionSpeculator, "generate", lambda self, prompt, **kwargs: real(self, IDS, **kwargs))
+    monkeypatch.setattr(DiffusionSpeculator, "generate", lambda self, prompt, **kwargs: real(self, IDS, **kwargs))
     calls = []
-    bench.run_bench(
+    speed.run_bench(
         spec,
         ["prompt-lookup"],
         [Prompt(str(i), "c", "p") for i in range(3)],
@@ -585,11 +586,11 @@ def test_a_hub_id_target_is_fetched_not_taken_for_a_directory(tmp_path, monkeypa
 def test_bench_out_is_written_with_normal_permissions(tmp_path):
     import os
 
-    from dllm_spec.cli import _write_json
+    from dllm_spec.bench.runner import write_json
 
     old = os.umask(0o022)
     try:
-        _write_json(tmp_path / "r.json", {"a": 1})
+        write_json(tmp_path / "r.json", {"a": 1})
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644 and not list(tmp_path.glob(".*tmp*"))

@@ -25,7 +25,7 @@ from dllm_spec.data.prompts import (
     prompt_subject,
     training_prompts,
 )
-from tests.conftest import VOCAB, CharTokenizer
+from tests.conftest import VOCAB, CharTokenizer, tiny_llama
 
 PROMPTS = [Prompt(f"p{i}", "chat", "hello " * (1 + i % 3) + str(i)) for i in range(6)]
 
@@ -53,6 +53,26 @@ def test_greedy_variants_come_first_and_equal_the_targets_greedy_output(target, 
         ids = torch.tensor([record["prompt_ids"]])
         expected = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=1)[0, ids.shape[1] :]
         assert record["response_ids"] == expected.tolist()
+
+
+def test_a_response_ends_at_any_stop_id_of_the_generation_config(tmp_path):
+    """Qwen2.5 and Llama 3 instruct models stop on several ids (``generation_config.eos_token_id`` a
+    list): a row that stops on one the tokenizer does not name, while the batch goes on, is cut
+    there, not kept with the padding HF generate writes after it."""
+    target = tiny_llama(0)  # not the shared fixture: its generation config changes here
+    tok = CharTokenizer(eos_token_id=VOCAB - 1)
+    config = DistillConfig(temperatures=(0.0,), max_new_tokens=8, batch_size=2, shard_size=2)
+
+    def free(prompt: Prompt) -> list[int]:
+        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt.text}])])
+        return target.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)[0, ids.shape[1] :].tolist()
+
+    first, other = free(PROMPTS[0]), free(PROMPTS[1])
+    end = next(i for i in range(1, 6) if first[i] not in first[:i] and first[i] not in other)
+    target.generation_config.eos_token_id = [VOCAB - 1, first[end]]
+    generate_distillation_data(target, tok, PROMPTS[:2], tmp_path, config)
+    responses = {r["prompt_id"]: r["response_ids"] for r in read_shards(tmp_path)}
+    assert responses == {PROMPTS[0].id: first[: end + 1], PROMPTS[1].id: other}
 
 
 def test_an_appended_temperature_adds_only_the_new_variant(target, tmp_path):

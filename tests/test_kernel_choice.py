@@ -11,15 +11,17 @@ from dllm_spec.kernels import packing_supported
 from tests.conftest import tiny_llama
 
 
-def test_packed_is_chosen_only_when_faster_at_one_row_and_not_slower_at_sixteen():
-    fast = {"default": {1: 10.0, 16: 20.0}, "packed": {1: 5.0, 16: 19.0}}
-    assert kernel_choice.decide(fast) == "packed"
-    assert (
-        kernel_choice.decide({"default": {1: 10.0, 16: 20.0}, "packed": {1: 9.8, 16: 10.0}}) == "default"
-    )  # within the margin
-    assert (
-        kernel_choice.decide({"default": {1: 10.0, 16: 20.0}, "packed": {1: 5.0, 16: 21.0}}) == "default"
-    )  # slower at 16
+def _timings(stock: list[float], packed: list[float]) -> dict[str, dict[int, float]]:
+    return {"default": dict(zip(kernel_choice.ROWS, stock)), "packed": dict(zip(kernel_choice.ROWS, packed))}
+
+
+def test_packed_is_chosen_from_the_fewest_rows_at_which_it_wins_there_and_beyond():
+    assert kernel_choice.ROWS == (1, 2, 4, 8, 16)
+    assert kernel_choice.decide(_timings([10, 11, 12, 14, 20], [5, 6, 7, 8, 18])) == 1  # wins everywhere
+    assert kernel_choice.decide(_timings([10, 11, 12, 14, 20], [12, 12, 10, 9, 10])) == 4  # an AVX2 CPU
+    assert kernel_choice.decide(_timings([10, 11, 12, 14, 20], [5, 6, 7, 8, 21])) is None  # slower at 16
+    assert kernel_choice.decide(_timings([10, 11, 12, 14, 20], [9.8, 6, 7, 8, 10])) == 2  # within the margin at 1
+    assert kernel_choice.decide(_timings([10, 11, 12, 14, 20], [5, 12, 7, 8, 10])) == 4  # a loss at 2 cuts below
 
 
 def test_the_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
@@ -27,23 +29,25 @@ def test_the_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     def fake_measure(shapes, dtype, repeats=7):
         calls.append(dtype)
-        return {"default": {1: 1.0, 16: 2.0}, "packed": {1: 0.5, 16: 1.0}}
+        return _timings([1, 1, 1.2, 1.5, 2], [1.1, 1.1, 1.0, 0.9, 1.0])
 
     monkeypatch.setattr(kernel_choice, "measure", fake_measure)
     model = tiny_llama(0)
-    assert kernel_choice.choose_kernels(model, tmp_path) == "packed"
-    assert kernel_choice.choose_kernels(model, tmp_path) == "packed" and calls == [torch.float32]
+    assert kernel_choice.choose_kernels(model, tmp_path) == ("packed", 4)
+    assert kernel_choice.choose_kernels(model, tmp_path) == ("packed", 4) and calls == [torch.float32]
     (cached,) = (tmp_path / "kernels").glob("*.json")
     cached.write_text("null")  # a corrupt cache is measured again
-    assert kernel_choice.choose_kernels(model, tmp_path) == "packed" and len(calls) == 2
+    assert kernel_choice.choose_kernels(model, tmp_path) == ("packed", 4) and len(calls) == 2
+    cached.write_text('{"choice": "packed"}')  # a cache of another version (no threshold) too
+    assert kernel_choice.choose_kernels(model, tmp_path) == ("packed", 4) and len(calls) == 3
 
 
 def test_a_dtype_that_cannot_be_packed_here_stays_stock(tmp_path):
     half = tiny_llama(0).to(torch.float16)
-    assert kernel_choice.choose_kernels(half, tmp_path) == "default"
+    assert kernel_choice.choose_kernels(half, tmp_path) == ("default", 1)
     bf16 = tiny_llama(0).to(torch.bfloat16)
     if not packing_supported(torch.bfloat16):
-        assert kernel_choice.choose_kernels(bf16, tmp_path) == "default"
+        assert kernel_choice.choose_kernels(bf16, tmp_path) == ("default", 1)
 
 
 def test_a_real_measurement_returns_timings_for_both_paths():

@@ -12,7 +12,14 @@ import torch
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.drafters import PromptLookupDrafter
-from dllm_spec.kernels import FusedProjection, PackedLinear, apply_kernels, pack_linears, packing_supported
+from dllm_spec.kernels import (
+    FusedProjection,
+    PackedLinear,
+    apply_kernels,
+    pack_linears,
+    packed_linear,
+    packing_supported,
+)
 from dllm_spec.policy import FixedLength
 from tests.conftest import make_drafter, tiny_llama
 
@@ -66,6 +73,31 @@ def test_packed_linear_equals_linear_at_every_row_count(dtype, tol):
         for rows in (0, 1, 2, 7, 16, 33):
             x = torch.randn(2, rows, 64).to(dtype)  # 3-D input, as decoder layers pass it
             torch.testing.assert_close(packed(x), linear(x), rtol=tol, atol=tol)
+
+
+def test_below_packed_from_rows_a_packed_layer_takes_the_stock_path():
+    """packed_from: fewer rows than that run F.linear on the original weight (bit for bit), that
+    many and more the packed weight; fused sibling groups and the drafter follow the same threshold."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 40)
+    packed = PackedLinear(linear, packed_from=8)
+    with torch.inference_mode():
+        for rows in (1, 3):  # 2 x rows < 8 rows in all
+            x = torch.randn(2, rows, 64)
+            assert torch.equal(packed(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+        x = torch.randn(2, 4, 64)  # 8 rows: packed
+        assert torch.equal(packed(x), packed_linear(x, packed._packed, linear.bias))
+    model = tiny_llama(0)
+    model.dllm_kernels = apply_kernels(model, "packed", packed_from=4)
+    assert model.dllm_kernels == "packed from 4 rows" and model.dllm_packed_from == 4
+    layer = model.model.layers[0].self_attn
+    assert isinstance(layer.q_proj, FusedProjection) and layer.q_proj.packed_from == 4
+    drafter = make_drafter(model, 1)
+    DiffusionSpeculator(model, None, drafter)
+    own = [m for module in drafter.kernel_modules() for m in module.modules() if hasattr(m, "packed_from")]
+    assert own and {m.packed_from for m in own} == {4}
+    with pytest.raises(ValueError, match="packed_from"):
+        pack_linears(tiny_llama(0), packed_from=0)
 
 
 def test_the_speculator_packs_the_drafters_own_linears_and_keeps_greedy_output():

@@ -200,22 +200,22 @@ def test_sampling_is_deterministic_under_a_seed(target, small_drafter_model):
 
 
 @pytest.mark.parametrize(
-    "mode,policy,sampling",
+    "mode,policy,sampling,batch",
     [
-        ("token", "fixed", "speculative"),
-        ("block", "fixed", "speculative"),
-        ("token", "adaptive", "speculative"),
-        ("token", "adaptive", "reproducible"),
+        ("token", "fixed", "speculative", 25),
+        ("block", "fixed", "speculative", 25),
+        ("token", "adaptive", "speculative", 1),
+        ("token", "adaptive", "reproducible", 25),
     ],
 )
-def test_sampled_loop_follows_target_distribution(mode, policy, sampling):
+def test_sampled_loop_follows_target_distribution(mode, policy, sampling, batch):
     """End to end through the loop: the first two sampled tokens follow the target's exact joint
-    distribution (enumerated), with an AR drafter whose q differs from p."""
+    distribution (enumerated), with an AR drafter whose q differs from p, at batch 1 and in batches."""
     target = sampling_target()
     drafter = AutoregressiveDrafter(tiny_llama(4, vocab=SAMPLING_VOCAB, hidden=16, layers=1))
     chosen = FixedLength(3) if policy == "fixed" else CostAwarePolicy(max_k=4)
     spec = DiffusionSpeculator(target, None, drafter, SpeculatorConfig(verification=mode), policy=chosen)
-    tv = two_token_total_variation(spec, target, draws=2500, sampling=sampling)
+    tv = two_token_total_variation(spec, target, draws=2500, sampling=sampling, batch=batch)
     assert tv < 0.08, f"TV {tv:.3f}"
 
 

@@ -21,6 +21,7 @@ from tests.conftest import (
     fake_distill,
     make_drafter,
     propose,
+    tiny_llama,
 )
 
 
@@ -180,6 +181,20 @@ def test_training_with_resident_features_follows_the_disk_cache_run(target, tmp_
     assert not (tmp_path / "cache-resident").exists()
     torch.testing.assert_close([r["loss"] for r in logs["resident"]], [r["loss"] for r in logs["disk"]])
     assert [r.get("heldout_tau") for r in logs["resident"]] == [r.get("heldout_tau") for r in logs["disk"]]
+
+
+def test_a_warm_start_from_another_targets_drafter_is_refused_naming_why(target, tmp_path):
+    """The shipped drafter copied into a run for another target: refused before any feature is
+    computed, naming the mismatch (not a shape error deep in the feature cache)."""
+    from dllm_spec.training.block_diffusion import TrainConfig, train_block_diffusion
+
+    fake_distill(tmp_path / "data", target, n=6)
+    make_drafter(tiny_llama(2, hidden=16), 1).save_pretrained(tmp_path / "run" / "checkpoint")
+    with pytest.raises(ValueError, match="built for another target.*hidden size 16"):
+        train_block_diffusion(
+            target, tmp_path / "data", tmp_path / "run", TrainConfig(heldout_mod=2), feature_root=tmp_path / "f"
+        )
+    assert not (tmp_path / "f").exists()
 
 
 def test_capping_positions_keeps_greedy_sequences_first_and_stays_under_the_cap():

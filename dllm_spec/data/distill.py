@@ -119,13 +119,24 @@ def _generate_batch(
         input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
         max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kwargs,
     )
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     responses = []
-    for row in out[:, width:].tolist():
-        if eos in row:
-            row = row[: row.index(eos) + 1]
-        responses.append(row)
+    for row in out[:, width:].tolist():  # a row that stopped early is padded after its stop id: cut there
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        responses.append(row if end is None else row[: end + 1])
     return responses
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids that end a response: the tokenizer's eos and every id of the model's generation
+    config (one id or a list: Qwen2.5 and Llama 3 instruct models stop on several)."""
+    ids: set[int] = set()
+    for eos in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+    return ids
 
 
 def generate_distillation_data(

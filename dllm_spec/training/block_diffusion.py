@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from dllm_spec.drafters.base import target_vocab_size
 from dllm_spec.drafters.block_diffusion import BlockDiffusionConfig, BlockDiffusionModel
-from dllm_spec.drafters.block_diffusion_model import ARCHITECTURES
+from dllm_spec.drafters.block_diffusion_model import ARCHITECTURES, target_mismatches
 from dllm_spec.drafters.schedulers import ConfidenceUnmaskingScheduler
 from dllm_spec.training.block_examples import (
     BlockBatch,
@@ -256,6 +256,12 @@ def train_block_diffusion(
         train = capped
     resume = resume_dir(out_dir)
     incoming = BlockDiffusionModel.from_pretrained(resume) if resume is not None else None
+    problems = target_mismatches(incoming.config, target) if incoming is not None else []
+    if problems:  # e.g. the shipped SmolLM2 drafter copied in as a warm start for another target
+        raise ValueError(
+            f"{resume}: the drafter there was built for another target ({'; '.join(problems)}); "
+            "train a fresh drafter for this target in a new run directory"
+        )
     if incoming is not None:
         layer_ids = list(incoming.config.target_layer_ids)
     else:

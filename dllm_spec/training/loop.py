@@ -231,17 +231,80 @@ def run_training(
     if not any(s.greedy for s in held):
         raise ValueError("no greedy held-out sequence to evaluate on: the offline tau would be undefined")
     out.mkdir(parents=True, exist_ok=True)
-    order_rng = random.Random(cfg.seed)  # the same on every process: they split one batch order
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     clock = {"start": None}  # set at the first step: a time budget paces the schedule from there
 
     def time_fraction() -> float:
         return 0.0 if clock["start"] is None else (time.perf_counter() - clock["start"]) / time_budget_s
 
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, time_fraction if time_budget_s else None)
-    state = {"step": 0, "best_tau": 0.0, "bad_evals": 0, "tokens": 0}
-    order: list[int] = []  # what is left of the epoch's batch order
+    run, saved = _start_run(cfg, acc, out, params, time_fraction if time_budget_s else None)
+    model.train()
+    log = out / "train_log.jsonl"
+    if acc.is_main_process:
+        _open_run_dir(task, cfg, out, log, run, saved, train, held)
+    start = clock["start"] = time.perf_counter()
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=run.state["step"],
+        desc=f"train {task.kind} drafter",
+        disable=not acc.is_main_process,
+    )
+    while run.state["step"] < cfg.max_steps and run.state["bad_evals"] < cfg.patience:
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            break
+        loss = _train_step(task, acc, params, run, _next_batch(run, train, cfg, acc))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.1e}")
+        step = run.state["step"]
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "tokens": run.state["tokens"],
+            "time_s": time.perf_counter() - start,
+        }
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            _evaluate(task, acc, run, out, train, held, record, bar)
+        if acc.is_main_process:
+            append_record(log, record)
+            if step % cfg.checkpoint_every == 0:
+                _save(task, out, "checkpoint", run.trainer_state())
+    if acc.is_main_process:
+        _finish(task, out, run, train, held, bar)
+    acc.wait_for_everyone()
+    bar.close()
+    return out / "best"
+
+
+@dataclass
+class _Run:
+    """A run's progress besides the weights (what ``trainer_state.pt`` holds): the optimiser and its
+    schedule, the counters, what is left of the epoch's batch order, and the random states."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: dict
+    order: list[int]
+    order_rng: random.Random
+    rng: random.Random | None = None
+
+    def trainer_state(self) -> dict:
+        """Everything a resumed run needs to continue this one exactly (on one process)."""
+        return _trainer_state(self.optimizer, self.scheduler, self.state, self.order, self.order_rng, self.rng)
+
+
+def _start_run(
+    cfg: ScheduleConfig,
+    acc,
+    out: Path,
+    params: list[torch.nn.Parameter],
+    time_fraction: Callable[[], float] | None,
+) -> tuple[_Run, dict | None]:
+    """A fresh run, or the one saved in ``out/checkpoint`` continued; returns it and the saved
+    trainer state (None when there is none: a fresh run or a warm start)."""
+    order_rng = random.Random(cfg.seed)  # the same on every process: they split one batch order
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, time_fraction)
+    run = _Run(optimizer, scheduler, {"step": 0, "best_tau": 0.0, "bad_evals": 0, "tokens": 0}, [], order_rng)
     resume = resume_dir(out)
     saved = (
         torch.load(resume / TRAINER_STATE, weights_only=False)
@@ -251,95 +314,116 @@ def run_training(
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state.update({k: v for k, v in saved["state"].items() if k in state})
-        order = list(saved["order"])
+        run.state.update({k: v for k, v in saved["state"].items() if k in run.state})
+        run.order = list(saved["order"])
         order_rng.setstate(saved["order_rng"])
     # the task's randomness (anchors, noise): per process; the main process continues exactly where it stopped
-    rng = random.Random(f"{cfg.seed}/{acc.process_index}/{state['step']}")
+    run.rng = random.Random(f"{cfg.seed}/{acc.process_index}/{run.state['step']}")
     if saved is not None and acc.is_main_process:
-        rng.setstate(saved["rng"])
+        run.rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
-    model.train()
-    log = out / "train_log.jsonl"
-    if saved is not None and acc.is_main_process and log.is_file():
-        _truncate_log(log, state["step"])  # steps after the checkpoint (a killed run's) are done again
-    if acc.is_main_process:
-        (out / "train_config.json").write_text(json.dumps({"drafter": task.kind, **asdict(cfg)}, indent=1))
-    if resume is not None and saved is None and acc.is_main_process:
-        tau0 = task.evaluate(model, held)
-        state["best_tau"] = tau0
+    return run, saved
+
+
+def _open_run_dir(
+    task: TrainingTask,
+    cfg: ScheduleConfig,
+    out: Path,
+    log: Path,
+    run: _Run,
+    saved: dict | None,
+    train: list[Sequence],
+    held: list[Sequence],
+) -> None:
+    """On the main process, before the first step: cut the log back to the checkpoint's step (a
+    killed run's later steps are done again), write ``train_config.json``, and score a warm start's
+    incoming weights (step 0 of the log) so that ``best/`` never regresses below them."""
+    if saved is not None and log.is_file():
+        _truncate_log(log, run.state["step"])
+    (out / "train_config.json").write_text(json.dumps({"drafter": task.kind, **asdict(cfg)}, indent=1))
+    if resume_dir(out) is not None and saved is None:
+        tau0 = task.evaluate(task.model, held)
+        run.state["best_tau"] = tau0
         _save(task, out, "best")
         append_record(
-            log, {"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0, "train_tau": task.evaluate(model, train)}
+            log,
+            {"step": 0, "tokens": 0, "time_s": 0.0, "heldout_tau": tau0, "train_tau": task.evaluate(task.model, train)},
         )
         tqdm.write(f"warm start: held-out offline tau of the incoming weights {tau0:.3f}")
-    start = clock["start"] = time.perf_counter()
-    bar = tqdm(
-        total=cfg.max_steps, initial=state["step"], desc=f"train {task.kind} drafter", disable=not acc.is_main_process
-    )
+
+
+def _next_batch(run: _Run, train: list[Sequence], cfg: ScheduleConfig, acc) -> list[Sequence]:
+    """This process's share of the next batch (a new length-bucketed epoch order when the last runs out)."""
     per_step = cfg.batch_size * acc.num_processes
-    while state["step"] < cfg.max_steps and state["bad_evals"] < cfg.patience:
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            break
-        if len(order) < per_step:
-            order = length_bucketed_order(train, order_rng, chunk=cfg.batch_size)
-        take, order = order[:per_step], order[per_step:]
-        seqs = [train[i] for i in take[acc.process_index :: acc.num_processes]]
-        with acc.autocast():  # bf16 under Accelerator(mixed_precision="bf16"), else a no-op
-            loss = task.loss(seqs, rng)
-        acc.backward(loss)
-        _average_gradients(acc, params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += task.tokens(seqs) * acc.num_processes
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        record = {
-            "step": state["step"],
-            "loss": loss.item(),
-            "tokens": state["tokens"],
-            "time_s": time.perf_counter() - start,
-        }
-        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
-            if acc.is_main_process:
-                tau = record["heldout_tau"] = task.evaluate(model, held)
-                record["train_tau"] = task.evaluate(model, train)
-                if tau > state["best_tau"]:
-                    state["best_tau"], state["bad_evals"] = tau, 0
-                    _save(task, out, "best")
-                else:
-                    state["bad_evals"] += 1
-                bar.write(f"step {state['step']}: held-out offline tau {tau:.3f} (best {state['best_tau']:.3f})")
-            if acc.num_processes > 1:  # every process stops at the same step
-                state["bad_evals"] = int(acc.gather(torch.tensor([state["bad_evals"]], device=acc.device)).max())
-        if acc.is_main_process:
-            append_record(log, record)
-            if state["step"] % cfg.checkpoint_every == 0:
-                _save(task, out, "checkpoint", _trainer_state(optimizer, scheduler, state, order, order_rng, rng))
+    if len(run.order) < per_step:
+        run.order = length_bucketed_order(train, run.order_rng, chunk=cfg.batch_size)
+    take, run.order = run.order[:per_step], run.order[per_step:]
+    return [train[i] for i in take[acc.process_index :: acc.num_processes]]
+
+
+def _train_step(
+    task: TrainingTask, acc, params: list[torch.nn.Parameter], run: _Run, seqs: list[Sequence]
+) -> torch.Tensor:
+    """One optimisation step on ``seqs`` (gradients averaged over processes, clipped); returns the loss."""
+    with acc.autocast():  # bf16 under Accelerator(mixed_precision="bf16"), else a no-op
+        loss = task.loss(seqs, run.rng)
+    acc.backward(loss)
+    _average_gradients(acc, params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["step"] += 1
+    run.state["tokens"] += task.tokens(seqs) * acc.num_processes
+    return loss
+
+
+def _evaluate(
+    task: TrainingTask,
+    acc,
+    run: _Run,
+    out: Path,
+    train: list[Sequence],
+    held: list[Sequence],
+    record: dict,
+    bar,
+) -> None:
+    """The held-out and train offline tau into ``record`` (main process); a new best is saved to
+    ``best/``, else it counts towards early stopping, which every process then agrees on."""
+    state = run.state
     if acc.is_main_process:
-        _save(task, out, "checkpoint", _trainer_state(optimizer, scheduler, state, order, order_rng, rng))
-        if not (out / "best" / "config.json").is_file():
+        tau = record["heldout_tau"] = task.evaluate(task.model, held)
+        record["train_tau"] = task.evaluate(task.model, train)
+        if tau > state["best_tau"]:
+            state["best_tau"], state["bad_evals"] = tau, 0
             _save(task, out, "best")
-        best = task.load(out / "best")
-        final = task.evaluate(best, held)
-        summary = {
-            "drafter": task.kind,
-            "final_heldout_tau": final,
-            "final_train_tau": task.evaluate(best, train),
-            "steps": state["step"],
-            "train_tokens_seen": state["tokens"],
-            "train_sequences": len(train),
-            "heldout_sequences": len(held),
-            "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train),
-        }
-        (out / "eval.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
-        bar.write(f"final held-out offline tau of the best checkpoint: {final:.3f}")
-    acc.wait_for_everyone()
-    bar.close()
-    return out / "best"
+        else:
+            state["bad_evals"] += 1
+        bar.write(f"step {state['step']}: held-out offline tau {tau:.3f} (best {state['best_tau']:.3f})")
+    if acc.num_processes > 1:  # every process stops at the same step
+        state["bad_evals"] = int(acc.gather(torch.tensor([state["bad_evals"]], device=acc.device)).max())
+
+
+def _finish(task: TrainingTask, out: Path, run: _Run, train: list[Sequence], held: list[Sequence], bar) -> None:
+    """On the main process, after the last step: the final checkpoint, and ``eval.json`` with the
+    best checkpoint's held-out and train tau and the data sizes."""
+    _save(task, out, "checkpoint", run.trainer_state())
+    if not (out / "best" / "config.json").is_file():
+        _save(task, out, "best")
+    best = task.load(out / "best")
+    final = task.evaluate(best, held)
+    summary = {
+        "drafter": task.kind,
+        "final_heldout_tau": final,
+        "final_train_tau": task.evaluate(best, train),
+        "steps": run.state["step"],
+        "train_tokens_seen": run.state["tokens"],
+        "train_sequences": len(train),
+        "heldout_sequences": len(held),
+        "train_response_tokens": sum(len(s.ids) - s.prompt_len for s in train),
+    }
+    (out / "eval.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
+    bar.write(f"final held-out offline tau of the best checkpoint: {final:.3f}")
 
 
 def _truncate_log(log: Path, step: int) -> None:
