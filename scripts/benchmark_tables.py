@@ -180,6 +180,28 @@ def kernel_choice_table(name: str) -> str:
     return head + "\n".join(lines)
 
 
+def peers_table(name: str) -> str:
+    """Every variant of a throughput run with peers (``bench --batch-sizes ... --peers vllm``), by
+    batch: tokens/s against transformers and our plain decoding, tau, outputs identical to plain."""
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    c = result["config"]
+    rows = [
+        "| batch | variant | tokens/s | vs transformers | vs our plain | tau | rows identical to plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for batch, by in sorted(result["summary"].items(), key=lambda kv: int(kv[0])):
+        for variant, r in by.items():
+            tau = f"{r['tau']:.2f}" if r.get("tau") else ""
+            rows.append(
+                f"| {batch} | {variant} | {r['tokens_per_s']:.1f} | {r['vs_transformers']:.2f}x | {r['vs_plain']:.2f}x | "
+                f"{tau} | {r['rows_identical_to_plain']}/{c['prompts']} |"
+            )
+    head = f"{_machine(c)}, {c['prompts']} prompts x {c['max_new_tokens']} new tokens, one run:\n\n"
+    return head + "\n".join(rows)
+
+
 def sampling_table(name: str) -> str:
     """tau and speed by temperature and variant (scripts/sampling_study.py's result file)."""
     result = _load(name)
@@ -229,6 +251,7 @@ TABLES = {
     "latency-int4": lambda: latency_table([("latency_int4.json", "int4 (bf16 activations)")]),
     "dflash": lambda: dflash_table("dflash_offline_tau.json", "dflash_transformers.json"),
     "sampling": lambda: sampling_table("sampling.json"),
+    "vllm-peer-avx2": lambda: peers_table("vllm_peer_fp32_avx2.json"),
     "kernel-choice-avx2": lambda: kernel_choice_table("kernel_choice_fp32_avx2.json"),
     "sharegpt-batch1-avx2": lambda: throughput_table(["sharegpt_batch1_fp32_avx2.json"]),
 }
