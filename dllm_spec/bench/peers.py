@@ -55,7 +55,34 @@ class PeerOutput:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-class LlamaCppPeer:
+class GreedyPeer:
+    """What every peer shares: this library's ``generate`` signature over greedy decoding of the
+    prompt's ids (the same ids this library encodes); a peer supplies ``name``, ``encode`` and
+    :meth:`_decode` (ids -> new ids, seconds of decoding, target forwards)."""
+
+    name: str
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+        ignore_eos: bool = False,
+        sampling: str = "reproducible",
+    ) -> PeerOutput:
+        _check_greedy(self.name, temperature, min_new_tokens)
+        ids, wall, forwards = self._decode(self.encode(prompt)[0].tolist(), max_new_tokens, ignore_eos)
+        out = _output(self.name, ids, wall)
+        out.stats.target_forwards = out.stats.row_forwards = forwards
+        return out
+
+    def _decode(self, ids: list[int], max_new_tokens: int, ignore_eos: bool) -> tuple[list[int], float, int]:
+        raise NotImplementedError
+
+
+class LlamaCppPeer(GreedyPeer):
     """Greedy plain decoding of a GGUF file with llama.cpp.
 
     Args:
@@ -98,21 +125,10 @@ class LlamaCppPeer:
             logits_all=False,
         )
 
-    def generate(
-        self,
-        prompt,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-        ignore_eos: bool = False,
-        sampling: str = "reproducible",
-    ) -> PeerOutput:
-        _check_greedy(self.name, temperature, min_new_tokens)
-        ids = self.encode(prompt)[0].tolist()
+    def _decode(self, ids: list[int], max_new_tokens: int, ignore_eos: bool) -> tuple[list[int], float, int]:
         t0 = time.perf_counter()
         out = self.generate_ids(ids, max_new_tokens, ignore_eos)
-        return _output(self.name, out, time.perf_counter() - t0)
+        return out, time.perf_counter() - t0, len(out)
 
     def generate_ids(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
         """The greedy continuation of the prompt ``ids``: stops after a stop id (emitted) unless
@@ -146,7 +162,7 @@ class PeerCrashed(RuntimeError):
     """A peer's process died: a signal (a segfault, an abort) or an exit."""
 
 
-class PeerProcess:
+class PeerProcess(GreedyPeer):
     """A peer run in a child process (:mod:`dllm_spec.bench.peer_worker`), so that a crash in its native
     code cannot take the bench down: the child dies, :meth:`generate` raises :class:`PeerCrashed`
     naming the signal, and the caller goes on without it.
@@ -196,21 +212,10 @@ class PeerProcess:
                 return f"killed by signal {-code}"
         return f"exited with status {code}"
 
-    def generate(
-        self,
-        prompt,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-        ignore_eos: bool = False,
-        sampling: str = "reproducible",
-    ) -> PeerOutput:
-        """As :meth:`LlamaCppPeer.generate`, in the child; raises :class:`PeerCrashed` if it died."""
-        _check_greedy(self.name, temperature, min_new_tokens)
-        ids = self.encode(prompt)[0].tolist()
+    def _decode(self, ids: list[int], max_new_tokens: int, ignore_eos: bool) -> tuple[list[int], float, int]:
+        """In the child; raises :class:`PeerCrashed` if it died."""
         reply = self._call({"ids": ids, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos})
-        return _output(self.name, reply["ids"], reply["wall_s"])
+        return reply["ids"], reply["wall_s"], len(reply["ids"])
 
     def close(self, timeout: float = 10) -> None:
         """Let the child finish (stdin closed), killing it if it does not within ``timeout`` s."""
@@ -360,22 +365,10 @@ class VllmPeer(PeerProcess):
             return ""
         return f"; its log {self.log} ends: " + " | ".join(tail) if tail else f"; its log: {self.log}"
 
-    def generate(
-        self,
-        prompt,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-        ignore_eos: bool = False,
-        sampling: str = "reproducible",
-    ) -> PeerOutput:
-        """One prompt alone (batch 1), as :meth:`PeerProcess.generate`."""
-        _check_greedy(self.name, temperature, min_new_tokens)
-        outputs, wall, forwards = self.generate_rows([self.encode(prompt)[0].tolist()], 1, max_new_tokens, ignore_eos)
-        out = _output(self.name, outputs[0], wall)
-        out.stats.target_forwards = out.stats.row_forwards = forwards
-        return out
+    def _decode(self, ids: list[int], max_new_tokens: int, ignore_eos: bool) -> tuple[list[int], float, int]:
+        """One prompt alone (batch 1)."""
+        outputs, wall, forwards = self.generate_rows([ids], 1, max_new_tokens, ignore_eos)
+        return outputs[0], wall, forwards
 
     def generate_rows(
         self, rows: list[list[int]], slots: int, max_new_tokens: int, ignore_eos: bool = False
