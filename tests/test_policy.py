@@ -173,6 +173,35 @@ def test_batch_aware_policy_shrinks_the_draft_as_the_batch_becomes_compute_bound
     assert chosen(16, 0.3) == 0
 
 
+def test_a_batch_stops_verifying_when_its_verified_cycles_lose_to_plain_batched_steps():
+    """The estimate says verifying pays (confident drafts, half of them accepted), but the verify
+    forwards take three times what the surface says: the batch gate sees the cycles that verified
+    drafts commit fewer tokens per second than a plain batched step and backs off to rare probes.
+    With the timings the surface promised it keeps verifying."""
+    from dllm_spec.latency import LatencyCurve, LatencySurface
+
+    def run(slowdown: float, cycles: int = 150) -> tuple[list[int], CostAwarePolicy]:
+        curves = {1: LatencyCurve({1: 0.02, 16: 0.025}, momentum=1.0)}
+        curves[16] = LatencyCurve({1: 0.03, 2: 0.033, 4: 0.04, 8: 0.06, 16: 0.1}, momentum=1.0)
+        policy = CostAwarePolicy(max_k=8, latency=LatencySurface(curves))
+        caps = []
+        for _ in range(cycles):
+            k = policy.begin_cycle(16)
+            proposal = DraftProposal(torch.zeros((16, k), dtype=torch.long), None, torch.full((16, k), 0.9))
+            verified = policy.choose(proposal)
+            cap = max(verified)
+            caps.append(cap)
+            seconds = policy.latency(cap + 1, 16) * (slowdown if cap else 1.0)
+            policy.observe(proposal, verified, [v // 2 for v in verified], 1e-5, seconds)
+        return caps, policy
+
+    caps, slow = run(3.0)
+    assert 0 < sum(c > 0 for c in caps[50:]) < 10  # rare probes
+    assert slow.batch_gate(16).gain < 1.0 and slow.batch_gate(12) is slow.batch_gate(16)
+    caps, fine = run(1.0)
+    assert sum(c > 0 for c in caps[50:]) > 90 and fine.batch_gate(16).gain > 1.0
+
+
 def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_path):
     """A curve cached while the machine was busy (here: absurdly fast) is re-measured once live
     timings keep disagreeing with it, and the new curve replaces the cached one."""

@@ -50,7 +50,11 @@ class CostAwarePolicy(BlockLengthPolicy):
     sum_r E_r(min(K, n_r)) / (draft time + latency(K + 1, b)) over the measured (tokens, rows)
     latency surface, and each row verifies min(K, n_r) of its drafts. As the batch grows the target
     becomes compute-bound, latency(K + 1, b) climbs faster than the expected gain, K shrinks, and at
-    K = 0 the cycle is plain batched decoding.
+    K = 0 the cycle is plain batched decoding. The estimate can still be wrong (a calibration learnt
+    on other rows, a surface measured at a shorter context), so a batch also checks the outcome:
+    while the cycles it verified drafts in have been committing fewer tokens per second than a plain
+    batched step (an EMA per batch size, as for skipping a drafter), it verifies nothing but every
+    ``probe_every``-th cycle, backing off the same way.
 
     Args:
         max_k: longest draft.
@@ -101,6 +105,7 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.last_predictions = None
         self.rows = 1  # rows of the current cycle
         self.recent_cap = 4.0  # EMA of the verified cap K chosen for batches (sizes their drafts)
+        self.batch_gates: dict[int, BatchGate] = {}  # per batch size (rounded up to a power of two)
 
     @property
     def latency(self) -> LatencySurface | None:
@@ -147,6 +152,23 @@ class CostAwarePolicy(BlockLengthPolicy):
             st.since_draft += 1
             return True
         st.since_draft = 0
+        return False
+
+    def batch_gate(self, rows: int) -> "BatchGate":
+        """What the policy has learnt about verifying drafts in a batch of about ``rows`` rows."""
+        bucket = 1 << (rows - 1).bit_length()
+        if bucket not in self.batch_gates:
+            self.batch_gates[bucket] = BatchGate(interval=self.probe_every)
+        return self.batch_gates[bucket]
+
+    def _batch_sits_out(self, rows: int) -> bool:
+        """Verify nothing in this batch cycle? (while verified batch cycles lose, only every
+        ``interval``-th cycle verifies)"""
+        gate = self.batch_gate(rows)
+        if self.allow_skip and gate.gain is not None and gate.gain < 1.0 and gate.since + 1 < gate.interval:
+            gate.since += 1
+            return True
+        gate.since = 0
         return False
 
     def begin_cycle(self, rows: int = 1) -> int:
@@ -196,7 +218,9 @@ class CostAwarePolicy(BlockLengthPolicy):
         cost = max(self.stats(s).draft_cost_per_token for s in set(proposal.sources)) * k_max
         rate = self._rate(per_row.sum(0), k_max, torch.full((k_max + 1,), cost))
         k = int(rate.argmax())
-        if proposal.batch > 1 and rate[k] < (1 + self.batch_margin) * rate[0]:
+        if proposal.batch > 1 and (
+            rate[k] < (1 + self.batch_margin) * rate[0] or (k and self._batch_sits_out(proposal.batch))
+        ):
             k = 0  # a batch speculates only for a clear gain: near break-even, plain batched decoding is the safe bet
         if proposal.batch > 1:
             self.recent_cap = 0.8 * self.recent_cap + 0.2 * k
@@ -213,6 +237,8 @@ class CostAwarePolicy(BlockLengthPolicy):
             # wide verify at long contexts costs more than the curve measured at a short one) against
             # the surface's plain step
             gain = (sum(accepted) + rows) / (max(verify_time_s, 1e-9) + draft_time_s) * self._step(1, rows) / rows
+        if rows > 1 and k_verify and gain is not None:
+            self.batch_gate(rows).update(gain, self.gain_momentum, self.probe_every, self.max_probe_every)
         if proposal.length:
             m = self.momentum
             for source in set(proposal.sources):
@@ -256,3 +282,17 @@ class SourceStats:
     accept_rate: float = 0.6  # conditional acceptance, EMA (for choosing the draft length)
     interval: int = 4  # probing interval while this source loses (cycles)
     since_draft: int = 0  # cycles this source sat out since it last drafted
+
+
+@dataclass
+class BatchGate:
+    """Whether verifying drafts pays in a batch of one size: the EMA gain of the cycles that verified
+    drafts over a plain batched step, and the probing interval while it is below 1."""
+
+    gain: float | None = None
+    interval: int = 4
+    since: int = 0  # batch cycles that verified nothing since the last probe
+
+    def update(self, gain: float, momentum: float, probe_every: int, max_probe_every: int) -> None:
+        self.gain = gain if self.gain is None else momentum * self.gain + (1 - momentum) * gain
+        self.interval = probe_every if gain >= 1.0 else min(max_probe_every, 2 * self.interval)
