@@ -85,6 +85,7 @@ class LatencySurface:
         self._drift: dict[int, tuple[float, int]] = {}  # rows -> (EMA of live / predicted seconds, timings seen)
         self.remeasured = 0  # curves measured again because live timings disagreed
         self.stale: set[int] = set()  # row counts whose curve live timings disagree with (measured at the next ensure)
+        self._measured_again: set[int] = set()  # row counts already measured again in this process
 
     def ensure(self, rows: int) -> None:
         """Measure the row counts bracketing ``rows`` (powers of two) when a model is attached, and
@@ -94,6 +95,7 @@ class LatencySurface:
         for stale in sorted(self.stale):
             self.curves[stale] = measure_and_cache(self.model, self.cache_dir, stale)
             self._drift[stale] = (1.0, 0)
+            self._measured_again.add(stale)
             self.remeasured += 1
         self.stale.clear()
         if rows in self.curves:
@@ -130,7 +132,7 @@ class LatencySurface:
         """Fold a live timing into the curve of ``rows``; track how far live timings run from the
         curve, and when they disagree persistently (a curve measured while the machine was busy, or a
         machine that changed) mark it stale: the next :meth:`ensure` (the start of the next
-        generation) measures it again and re-caches it."""
+        generation) measures it again and re-caches it, once per row count and process."""
         if rows not in self.curves:
             return
         predicted = self.curves[rows](k)
@@ -139,8 +141,12 @@ class LatencySurface:
         ema = 0.9 * ema + 0.1 * ratio
         count += 1
         self._drift[rows] = (ema, count)
-        if count >= 20 and not 1 / self.STALE_RATIO < ema < self.STALE_RATIO and self.model is not None:
-            self.stale.add(rows)  # measured again by the next ensure(), never inside a generation
+        disagrees = count >= 20 and not 1 / self.STALE_RATIO < ema < self.STALE_RATIO
+        if disagrees and self.model is not None and rows not in self._measured_again:
+            # measured again by the next ensure(), never inside a generation; once only: a curve that
+            # still disagrees after that is off for a lasting reason (long contexts cost more than the
+            # measured 128-token one), which the live timings folded into it already track
+            self.stale.add(rows)
         self.curves[rows].observe(k, seconds)
 
 

@@ -204,7 +204,8 @@ def test_a_batch_stops_verifying_when_its_verified_cycles_lose_to_plain_batched_
 
 def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_path):
     """A curve cached while the machine was busy (here: absurdly fast) is re-measured once live
-    timings keep disagreeing with it, and the new curve replaces the cached one."""
+    timings keep disagreeing with it, and the new curve replaces the cached one. Live timings that
+    still disagree after that (long contexts) never trigger a second measurement."""
     from dllm_spec.latency import LatencyCurve, LatencySurface, load_or_measure
     from tests.conftest import tiny_llama
 
@@ -218,6 +219,9 @@ def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_
     surface.ensure(1)  # the start of the next one
     assert surface.remeasured == 1 and not surface.stale and surface(1) > 1e-6
     assert load_or_measure(model, tmp_path).points == surface.curves[1].points  # cached for the next process
+    for _ in range(40):
+        surface.observe(1, 100 * surface(1))  # far slower than measured, for a lasting reason
+    assert not surface.stale and surface.remeasured == 1
     steady = LatencySurface({1: LatencyCurve({1: 0.01, 2: 0.02})}, model=model, cache_dir=tmp_path)
     for _ in range(50):
         steady.observe(1, 0.011)
