@@ -254,6 +254,7 @@ TABLES = {
     "vllm-peer-avx2": lambda: peers_table("vllm_peer_fp32_avx2.json"),
     "kernel-choice-avx2": lambda: kernel_choice_table("kernel_choice_fp32_avx2.json"),
     "sharegpt-batch1-avx2": lambda: throughput_table(["sharegpt_batch1_fp32_avx2.json"]),
+    "sharegpt-amx": lambda: throughput_table(["sharegpt_bf16_amx.json"]),
 }
 PATTERN = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

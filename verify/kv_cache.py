@@ -81,7 +81,7 @@ class StaticKVCache:
         values = self.lengths[: self.batch] if rows is None else [self.lengths[r] for r in rows]
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: grown tensors stay the kind __init__ made (plain tensors)
     def _ensure(self, needed: int) -> None:
         if needed <= self.capacity:
             return
@@ -120,7 +120,7 @@ class StaticKVCache:
         self.reset_rows(rows)
         self.batch = max(self.batch, top)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # as _ensure
     def _grow_rows(self, rows: int) -> None:
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
