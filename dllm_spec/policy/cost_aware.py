@@ -105,7 +105,7 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.last_predictions = None
         self.rows = 1  # rows of the current cycle
         self.recent_cap = 4.0  # EMA of the verified cap K chosen for batches (sizes their drafts)
-        self.batch_gates: dict[int, BatchGate] = {}  # per batch size (rounded up to a power of two)
+        self.batch_gates: dict[int, ProbeGate] = {}  # per batch size (rounded up to a power of two)
 
     @property
     def latency(self) -> LatencySurface | None:
@@ -127,7 +127,7 @@ class CostAwarePolicy(BlockLengthPolicy):
     def stats(self, source: str | None = None) -> "SourceStats":
         """What the policy has learnt about one draft source (``None``: a single drafter)."""
         if source not in self.sources:
-            self.sources[source] = SourceStats(interval=self.probe_every)
+            self.sources[source] = SourceStats(gate=ProbeGate(interval=self.probe_every))
         return self.sources[source]
 
     def _step(self, k: int, rows: int | None = None) -> float:
@@ -144,32 +144,27 @@ class CostAwarePolicy(BlockLengthPolicy):
         costly = st.draft_cost_per_call is not None and st.draft_cost_per_call > self.free_draft_fraction * self._step(
             1
         )
-        return self.allow_skip and costly and st.draft_gain is not None and st.draft_gain < 1.0
+        return self.allow_skip and costly and st.gate.losing
 
     def _sit_out(self, st: "SourceStats") -> bool:
         """Skip this source this cycle? (a losing source drafts only every ``interval``-th cycle)"""
-        if self._losing(st) and st.since_draft + 1 < st.interval:
-            st.since_draft += 1
-            return True
-        st.since_draft = 0
-        return False
+        return st.gate.sits_out(self._losing(st))
 
-    def batch_gate(self, rows: int) -> "BatchGate":
+    def batch_gate(self, rows: int) -> "ProbeGate":
         """What the policy has learnt about verifying drafts in a batch of about ``rows`` rows."""
         bucket = 1 << (rows - 1).bit_length()
         if bucket not in self.batch_gates:
-            self.batch_gates[bucket] = BatchGate(interval=self.probe_every)
+            self.batch_gates[bucket] = ProbeGate(interval=self.probe_every)
         return self.batch_gates[bucket]
 
     def _batch_sits_out(self, rows: int) -> bool:
         """Verify nothing in this batch cycle? (while verified batch cycles lose, only every
         ``interval``-th cycle verifies)"""
         gate = self.batch_gate(rows)
-        if self.allow_skip and gate.gain is not None and gate.gain < 1.0 and gate.since + 1 < gate.interval:
-            gate.since += 1
-            return True
-        gate.since = 0
-        return False
+        return gate.sits_out(self.allow_skip and gate.losing)
+
+    def _update_gate(self, gate: "ProbeGate", gain: float) -> None:
+        gate.update(gain, self.gain_momentum, self.probe_every, self.max_probe_every)
 
     def begin_cycle(self, rows: int = 1) -> int:
         self.rows = rows
@@ -238,7 +233,7 @@ class CostAwarePolicy(BlockLengthPolicy):
             # the surface's plain step
             gain = (sum(accepted) + rows) / (max(verify_time_s, 1e-9) + draft_time_s) * self._step(1, rows) / rows
         if rows > 1 and k_verify and gain is not None:
-            self.batch_gate(rows).update(gain, self.gain_momentum, self.probe_every, self.max_probe_every)
+            self._update_gate(self.batch_gate(rows), gain)
         if proposal.length:
             m = self.momentum
             for source in set(proposal.sources):
@@ -249,10 +244,7 @@ class CostAwarePolicy(BlockLengthPolicy):
                 if proposal.length > 1:  # a drafter that runs once per token (AR) vs once per block (diffusion, lookup)
                     st.cost_scales_with_length = proposal.forwards >= proposal.length
                 if gain is not None:
-                    g = self.gain_momentum
-                    st.draft_gain = gain if st.draft_gain is None else g * st.draft_gain + (1 - g) * gain
-                    # back off probing while drafts lose to a plain step, reset when one wins
-                    st.interval = self.probe_every if gain >= 1.0 else min(self.max_probe_every, 2 * st.interval)
+                    self._update_gate(st.gate, gain)
         for r in range(rows):
             if not verified[r]:
                 continue
@@ -271,6 +263,33 @@ class CostAwarePolicy(BlockLengthPolicy):
 
 
 @dataclass
+class ProbeGate:
+    """Whether something that costs time has been paying (a draft source's drafting, a batch size's
+    verifying): the EMA gain of the cycles that did it over a plain step, and the probing interval
+    while that gain is below 1 (doubled while probes lose, reset when one wins)."""
+
+    gain: float | None = None
+    interval: int = 4
+    since: int = 0  # cycles sat out since the last probe
+
+    @property
+    def losing(self) -> bool:
+        return self.gain is not None and self.gain < 1.0
+
+    def sits_out(self, losing: bool) -> bool:
+        """Sit this cycle out? While ``losing``, only every ``interval``-th cycle goes ahead."""
+        if losing and self.since + 1 < self.interval:
+            self.since += 1
+            return True
+        self.since = 0
+        return False
+
+    def update(self, gain: float, momentum: float, probe_every: int, max_probe_every: int) -> None:
+        self.gain = gain if self.gain is None else momentum * self.gain + (1 - momentum) * gain
+        self.interval = probe_every if gain >= 1.0 else min(max_probe_every, 2 * self.interval)
+
+
+@dataclass
 class SourceStats:
     """What :class:`CostAwarePolicy` learns about one source of drafts."""
 
@@ -278,21 +297,10 @@ class SourceStats:
     draft_cost_per_token: float = 0.0  # seconds, EMA
     draft_cost_per_call: float | None = None  # seconds, EMA (a block drafter's cost barely depends on k)
     cost_scales_with_length: bool = True  # one drafter forward per drafted token (from DraftProposal.forwards)
-    draft_gain: float | None = None  # EMA of drafted cycles' tokens/s over a plain step's
     accept_rate: float = 0.6  # conditional acceptance, EMA (for choosing the draft length)
-    interval: int = 4  # probing interval while this source loses (cycles)
-    since_draft: int = 0  # cycles this source sat out since it last drafted
+    gate: ProbeGate = field(default_factory=ProbeGate)  # whether drafting pays; probing while it does not
 
-
-@dataclass
-class BatchGate:
-    """Whether verifying drafts pays in a batch of one size: the EMA gain of the cycles that verified
-    drafts over a plain batched step, and the probing interval while it is below 1."""
-
-    gain: float | None = None
-    interval: int = 4
-    since: int = 0  # batch cycles that verified nothing since the last probe
-
-    def update(self, gain: float, momentum: float, probe_every: int, max_probe_every: int) -> None:
-        self.gain = gain if self.gain is None else momentum * self.gain + (1 - momentum) * gain
-        self.interval = probe_every if gain >= 1.0 else min(max_probe_every, 2 * self.interval)
+    @property
+    def draft_gain(self) -> float | None:
+        """EMA of drafted cycles' tokens/s over a plain step's."""
+        return self.gate.gain
