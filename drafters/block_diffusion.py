@@ -35,6 +35,9 @@ from dllm_spec.drafters.schedulers import (
 from dllm_spec.verify.kv_cache import StaticKVCache
 from dllm_spec.verify.sampling import SamplingParams
 
+#: committed cycles whose features may wait for the drafter's next draft (their memory is b x n x F each)
+MAX_PENDING = 64
+
 
 def _check_config_json(path: Path) -> None:
     """``path/config.json`` must be a JSON object of a block-diffusion drafter (this library's or a
@@ -103,6 +106,7 @@ class BlockDiffusionDrafter(Drafter):
         self._full_head: torch.Tensor | None = None  # (V, H) the target's LM head
         self._ctx: StaticKVCache | None = None  # per-row context keys/values of every drafter layer
         self._last_fused: torch.Tensor | None = None  # (max_batch, H) fused state of each row's last context position
+        self._pending: list[tuple[torch.Tensor, list[int]]] = []  # committed features not yet in _ctx
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -231,6 +235,7 @@ class BlockDiffusionDrafter(Drafter):
 
     def begin(self, rows: list[int], seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
         ctx = self._ensure_cache(seqs.device)
+        self._catch_up()
         ctx.start_rows(rows)
         if self._last_fused.shape[0] < ctx.max_batch:
             grown = torch.zeros(
@@ -243,15 +248,43 @@ class BlockDiffusionDrafter(Drafter):
             self._extend(features, counts, rows)
 
     def commit(self, seqs: Sequences, features: torch.Tensor | None, counts: list[int]) -> None:
+        """Queue the committed positions' features; they enter the context cache when the drafter next
+        drafts (or the batch changes), in one projection: while the policy skips drafting, a cycle
+        costs the drafter nothing. At most ``MAX_PENDING`` cycles wait (a bound on their memory)."""
         if features is not None and max(counts, default=0) > 0:
-            self._extend(features, counts, None)
+            self._pending.append((features, list(counts)))
+            if len(self._pending) >= MAX_PENDING:
+                self._catch_up()
 
     def reorder(self, index: list[int]) -> None:
         if self._ctx is None:
             return
+        keep = torch.tensor(index, dtype=torch.long)
+        self._pending = [(f[keep.to(f.device)], [c[i] for i in index]) for f, c in self._pending if index]
         self._ctx.reorder(index)
         idx = torch.tensor(index, dtype=torch.long, device=self._last_fused.device)
         self._last_fused[: len(index)] = self._last_fused[idx]
+
+    def _catch_up(self) -> None:
+        """Project the queued features of every active row into the context cache, in one call."""
+        if not self._pending:
+            return
+        chunks, self._pending = self._pending, []
+        if len(chunks) == 1:
+            self._extend(*chunks[0], None)
+            return
+        features = torch.cat([f for f, _ in chunks], dim=1)  # (b, sum n_j, F): each chunk's valid positions first
+        valid = torch.cat(
+            [
+                torch.arange(f.shape[1], device=f.device)[None, :] < torch.tensor(c, device=f.device)[:, None]
+                for f, c in chunks
+            ],
+            dim=1,
+        )  # (b, sum n_j)
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid positions first, in order
+        packed = features.gather(1, order[:, :, None].expand_as(features))
+        counts = valid.sum(1).tolist()
+        self._extend(packed[:, : max(counts)], counts, None)
 
     @torch.inference_mode()
     def _extend(self, features: torch.Tensor, counts: list[int], rows: list[int] | None) -> None:
@@ -288,6 +321,7 @@ class BlockDiffusionDrafter(Drafter):
             return DraftProposal.empty(batch, seqs.device)
         if self._ctx is None or self._ctx.batch != batch:
             raise RuntimeError("propose() before begin(): the drafter has no target context for these rows")
+        self._catch_up()
         # the trained block, or (when few drafts are asked for, as in a large batch) a shorter one of at
         # least ``min_block``: cost falls with the block while acceptance barely does (4-5% lower tau
         # at block 8 than at the trained 16 for the shipped drafter)

@@ -136,3 +136,48 @@ def test_drafts_after_skipped_cycles_equal_drafts_of_a_fresh_drafter(target, sma
         want = propose(fresh, torch.tensor([ids[:12]]), 4, SamplingParams(), None)
         assert got.tokens.tolist() == want.tokens.tolist()
         torch.testing.assert_close(got.confidence, want.confidence, atol=1e-5, rtol=1e-5)
+
+
+def test_queued_commits_of_ragged_rows_through_a_reorder_equal_committing_each_cycle(target):
+    """commit() only queues features; the queue enters the context cache at the next draft in one
+    projection. With ragged per-row counts and a reorder (a finished row dropped) while queued, the
+    context and the proposals equal those of a drafter that projects every cycle at once."""
+    from dllm_spec.drafters.base import Sequences
+
+    lazy, eager = make_drafter(target, 2), make_drafter(target, 2)
+    for d in (lazy, eager):
+        DiffusionSpeculator(target, None, d)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (3, 24), generator=g)
+    feats = torch.randn(3, 24, 2 * target.config.hidden_size, generator=g)
+    lengths = [5, 7, 4]
+
+    def step(counts: list[int], index: list[int] | None = None) -> None:
+        n = max(counts)
+        chunk = torch.stack([feats[r, lengths[r] - 1 : lengths[r] - 1 + n] for r in range(len(counts))])  # (b, n, F)
+        for r, c in enumerate(counts):
+            lengths[r] += c
+        for d in (lazy, eager):
+            d.commit(Sequences(ids, list(lengths)), chunk, counts)
+        eager._catch_up()
+        if index is not None:
+            for d in (lazy, eager):
+                d.reorder(index)
+
+    for d in (lazy, eager):
+        d.begin([0, 1, 2], Sequences(ids, list(lengths)), torch.stack([feats[r, :7] for r in range(3)]), [4, 6, 3])
+    step([1, 3, 2])
+    step([2, 1, 1], index=[2, 0])  # row 1 finished: rows 2 and 0 remain, in that order
+    ids, feats, lengths = ids[[2, 0]], feats[[2, 0]], [lengths[2], lengths[0]]
+    step([3, 1])
+    step([1, 2])
+    assert len(lazy._pending) == 4 and not eager._pending
+    seqs = Sequences(ids, list(lengths))
+    got, want = (d.propose(seqs, 4, SamplingParams(), [None, None]) for d in (lazy, eager))
+    assert not lazy._pending
+    assert lazy._ctx.lengths[:2] == eager._ctx.lengths[:2]
+    for layer in range(lazy.config.num_hidden_layers):
+        for a, b in zip(lazy._ctx.view(layer), eager._ctx.view(layer)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got.tokens.tolist() == want.tokens.tolist()
+    torch.testing.assert_close(got.confidence, want.confidence, atol=1e-5, rtol=1e-5)
