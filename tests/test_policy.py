@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dllm_spec.policy import AssistedHeuristic, ConfidenceThreshold, CostAwarePolicy, FixedLength, MovingAverageLength
+from dllm_spec.policy.cost_aware import ProbeGate
 from dllm_spec.verify.proposal import DraftProposal
 
 
@@ -77,6 +78,7 @@ def test_cost_aware_policy_stops_drafting_when_drafts_lose_and_keeps_drafting_wh
         lambda: FixedLength(-1),
         lambda: ConfidenceThreshold(1.5),
         lambda: CostAwarePolicy(max_k=0),
+        lambda: CostAwarePolicy(gain_momentum=1.0),
         lambda: MovingAverageLength(momentum=1.0),
         lambda: AssistedHeuristic(k=0),
     ],
@@ -226,3 +228,21 @@ def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_
     for _ in range(50):
         steady.observe(1, 0.011)
     assert not steady.stale
+
+
+def test_the_gate_keeps_a_drafter_that_pays_on_average_through_runs_of_misses_and_drops_one_that_loses():
+    """Drafted cycles commit 4 tokens, then 1, 1, 1 (runs of three misses), each in 1.6 plain steps'
+    time: 1.09x a plain step on average, so drafting pays. The gate (about ten cycles of memory)
+    never calls it losing; a three-cycle memory does after every run of misses. Cycles of 1, 1, 2
+    tokens in 1.6 steps (0.83x) are losing within a few cycles."""
+    pays, short, loses = ProbeGate(), ProbeGate(), ProbeGate()
+    flags = {"pays": [], "short": [], "loses": []}
+    for i in range(80):
+        pays.update([4.0, 1.0, 1.0, 1.0][i % 4], 1.6, 0.9, 4, 64)
+        short.update([4.0, 1.0, 1.0, 1.0][i % 4], 1.6, 0.7, 4, 64)
+        loses.update([1.0, 1.0, 2.0][i % 3], 1.6, 0.9, 4, 64)
+        for name, gate in (("pays", pays), ("short", short), ("loses", loses)):
+            flags[name].append(gate.losing)
+    assert not any(flags["pays"]) and 1.0 < pays.gain < 1.2
+    assert sum(flags["short"][8:]) > 20
+    assert all(flags["loses"][10:]) and 0.75 < loses.gain < 0.9

@@ -69,6 +69,8 @@ class CostAwarePolicy(BlockLengthPolicy):
         batch_margin: with several rows, verify drafts only when the expected rate beats plain
             batched decoding by this fraction (the latency of a wide batch is the least certain
             input: near break-even the plain step is kept).
+        gain_momentum: the memory of the gain estimates behind skipping a drafter and a batch's
+            verifying (EMAs of tokens and of time per cycle; 0.9 remembers about ten cycles).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class CostAwarePolicy(BlockLengthPolicy):
         max_probe_every: int = 64,
         free_draft_fraction: float = 0.05,
         batch_margin: float = 0.1,
+        gain_momentum: float = 0.9,
     ) -> None:
         if max_k < 1 or not 1 <= min_draft <= max_k:
             raise ValueError(f"need max_k >= 1 and 1 <= min_draft <= max_k, got max_k={max_k}, min_draft={min_draft}")
@@ -93,6 +96,8 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.momentum = momentum
         self.allow_skip = allow_skip
         self.free_draft_fraction = free_draft_fraction
+        if not 0 <= gain_momentum < 1:
+            raise ValueError(f"gain_momentum must be in [0, 1), got {gain_momentum}")
         if batch_margin < 0:
             raise ValueError(f"batch_margin must be >= 0, got {batch_margin}")
         self.batch_margin = batch_margin
@@ -100,7 +105,7 @@ class CostAwarePolicy(BlockLengthPolicy):
         self.max_probe_every = max_probe_every
         self.sources: dict[str | None, SourceStats] = {}
         self.skipped = 0  # cycles run without drafting (for stats and tests)
-        self.gain_momentum = 0.7
+        self.gain_momentum = gain_momentum
         self.name = "adaptive"
         self.last_predictions = None
         self.rows = 1  # rows of the current cycle
@@ -163,8 +168,8 @@ class CostAwarePolicy(BlockLengthPolicy):
         gate = self.batch_gate(rows)
         return gate.sits_out(self.allow_skip and gate.losing)
 
-    def _update_gate(self, gate: "ProbeGate", gain: float) -> None:
-        gate.update(gain, self.gain_momentum, self.probe_every, self.max_probe_every)
+    def _update_gate(self, gate: "ProbeGate", tokens: float, steps: float) -> None:
+        gate.update(tokens, steps, self.gain_momentum, self.probe_every, self.max_probe_every)
 
     def begin_cycle(self, rows: int = 1) -> int:
         self.rows = rows
@@ -226,14 +231,14 @@ class CostAwarePolicy(BlockLengthPolicy):
     def observe(self, proposal, verified, accepted, draft_time_s, verify_time_s, paths=None) -> None:
         rows = proposal.batch
         k_verify = max(verified, default=0)
-        gain = None
+        outcome = None
         if self._latency is not None:
-            # this cycle's tokens/s relative to a plain step of the same rows: the live verify time (a
-            # wide verify at long contexts costs more than the curve measured at a short one) against
-            # the surface's plain step
-            gain = (sum(accepted) + rows) / (max(verify_time_s, 1e-9) + draft_time_s) * self._step(1, rows) / rows
-        if rows > 1 and k_verify and gain is not None:
-            self._update_gate(self.batch_gate(rows), gain)
+            # this cycle's tokens per row, and its time in plain steps of the same rows: the live
+            # verify time (a wide verify at long contexts costs more than the curve measured at a
+            # short one) against the surface's plain step
+            outcome = (sum(accepted) + rows) / rows, (max(verify_time_s, 1e-9) + draft_time_s) / self._step(1, rows)
+        if rows > 1 and k_verify and outcome is not None:
+            self._update_gate(self.batch_gate(rows), *outcome)
         if proposal.length:
             m = self.momentum
             for source in set(proposal.sources):
@@ -243,8 +248,8 @@ class CostAwarePolicy(BlockLengthPolicy):
                 st.draft_cost_per_call = draft_time_s if prev is None else m * prev + (1 - m) * draft_time_s
                 if proposal.length > 1:  # a drafter that runs once per token (AR) vs once per block (diffusion, lookup)
                     st.cost_scales_with_length = proposal.forwards >= proposal.length
-                if gain is not None:
-                    self._update_gate(st.gate, gain)
+                if outcome is not None:
+                    self._update_gate(st.gate, *outcome)
         for r in range(rows):
             if not verified[r]:
                 continue
@@ -265,12 +270,23 @@ class CostAwarePolicy(BlockLengthPolicy):
 @dataclass
 class ProbeGate:
     """Whether something that costs time has been paying (a draft source's drafting, a batch size's
-    verifying): the EMA gain of the cycles that did it over a plain step, and the probing interval
-    while that gain is below 1 (doubled while probes lose, reset when one wins)."""
+    verifying): the gain of the cycles that did it over a plain step, and the probing interval
+    while that gain is below 1 (doubled while probes lose, reset when one wins).
 
-    gain: float | None = None
+    The gain is a ratio of two EMAs, tokens per row per cycle over the cycle's time in plain steps,
+    not an EMA of per-cycle ratios: one cycle's outcome is noisy (a draft is taken or missed), and
+    an EMA over a few cycles dips below 1 after a run of misses even where drafting pays on
+    average, which then sits a paying drafter out."""
+
+    tokens: float | None = None  # EMA of the tokens a row commits per cycle
+    steps: float | None = None  # EMA of a cycle's time, in plain steps of the same rows
     interval: int = 4
     since: int = 0  # cycles sat out since the last probe
+
+    @property
+    def gain(self) -> float | None:
+        """Tokens per second of the cycles that did it, over a plain step's (None before any)."""
+        return None if self.tokens is None else self.tokens / max(self.steps, 1e-9)
 
     @property
     def losing(self) -> bool:
@@ -284,9 +300,14 @@ class ProbeGate:
         self.since = 0
         return False
 
-    def update(self, gain: float, momentum: float, probe_every: int, max_probe_every: int) -> None:
-        self.gain = gain if self.gain is None else momentum * self.gain + (1 - momentum) * gain
-        self.interval = probe_every if gain >= 1.0 else min(max_probe_every, 2 * self.interval)
+    def update(self, tokens: float, steps: float, momentum: float, probe_every: int, max_probe_every: int) -> None:
+        """One cycle that did it: ``tokens`` committed per row in ``steps`` plain steps' time."""
+        if self.tokens is None:
+            self.tokens, self.steps = tokens, steps
+        else:
+            self.tokens = momentum * self.tokens + (1 - momentum) * tokens
+            self.steps = momentum * self.steps + (1 - momentum) * steps
+        self.interval = probe_every if tokens >= steps else min(max_probe_every, 2 * self.interval)
 
 
 @dataclass
