@@ -233,6 +233,31 @@ def sampling_rows(result: dict) -> str:
     return head + "\n".join(rows)
 
 
+def sweep_by_temperature_table(name: str) -> str:
+    """Offline tau of draft chains and trees by temperature (scripts/tree_tau_sweep.py's result file):
+    one row per temperature, one column per (width, nodes), and each temperature's tau as a fraction
+    of the greedy one."""
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    runs = [r for r in result["results"] if r.get("sharpness", 1.0) == 1.0]
+    shapes = sorted({(r["width"], r["nodes"]) for r in runs})
+    tau = {(r["temperature"], r["width"], r["nodes"]): r["tau"] for r in runs}
+    names = [("chain" if w == 1 else f"width {w}") + f", {n} nodes" for w, n in shapes]
+    rows = ["| T | " + " | ".join(names) + " |", "|---|" + "---|" * len(shapes)]
+    for t in sorted({r["temperature"] for r in runs}):
+        cells = []
+        for w, n in shapes:
+            ratio = f" ({tau[(t, w, n)] / tau[(0.0, w, n)]:.2f}x)" if t and (0.0, w, n) in tau else ""
+            cells.append(f"{tau[(t, w, n)]:.2f}{ratio}")
+        rows.append(f"| {t:g} | " + " | ".join(cells) + " |")
+    head = (
+        f"{result['n_prompts']} {result['prompts']} prompts x {result['max_new_tokens']} new tokens, "
+        f"S = {result['steps']}, fp32, tau (and its fraction of the greedy tau):\n\n"
+    )
+    return head + "\n".join(rows)
+
+
 TABLES = {
     "drafter-training": lambda: training_table("drafter_training.json"),
     "throughput-fp32": lambda: throughput_table(["throughput_fp32.json", "throughput_fp32_b32.json"]),
@@ -250,7 +275,8 @@ TABLES = {
     "int4-batch1": lambda: drafter_table("int4_batch1.json"),
     "latency-int4": lambda: latency_table([("latency_int4.json", "int4 (bf16 activations)")]),
     "dflash": lambda: dflash_table("dflash_offline_tau.json", "dflash_transformers.json"),
-    "sampling": lambda: sampling_table("sampling.json"),
+    "sampling": lambda: sampling_table("sampling_bf16_amx.json"),
+    "tree-tau-temperature": lambda: sweep_by_temperature_table("tree_tau_temperature.json"),
     "vllm-peer-avx2": lambda: peers_table("vllm_peer_fp32_avx2.json"),
     "kernel-choice-avx2": lambda: kernel_choice_table("kernel_choice_fp32_avx2.json"),
     "sharegpt-batch1-avx2": lambda: throughput_table(["sharegpt_batch1_fp32_avx2.json"]),
