@@ -203,3 +203,14 @@ def tiny_mdlm(vocab: int = VOCAB, seed: int = 0):
         max_position_embeddings=512,
     )
     return BertForMaskedLM(cfg).eval()
+
+
+def load_script(name: str):
+    """A module of ``scripts/`` (not a package) by its file name without ``.py``."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

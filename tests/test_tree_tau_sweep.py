@@ -4,7 +4,6 @@ speculative loop takes, for chains and trees."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,13 @@ import torch
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.policy import FixedLength
 from dllm_spec.verify.sampling import SamplingParams
-from tests.conftest import make_drafter
+from tests.conftest import load_script, make_drafter
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("tree_tau_sweep", ROOT / "scripts" / "tree_tau_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tree_tau_sweep")
 
 
 @pytest.mark.parametrize("width,nodes", [(1, 4), (3, 6)])
