@@ -259,8 +259,8 @@ class BlockDiffusionDrafter(Drafter):
     def reorder(self, index: list[int]) -> None:
         if self._ctx is None:
             return
-        keep = torch.tensor(index, dtype=torch.long)
-        self._pending = [(f[keep.to(f.device)], [c[i] for i in index]) for f, c in self._pending if index]
+        keep = torch.tensor(index, dtype=torch.long)  # queued cycles follow their rows; none when no row stays
+        self._pending = [(f[keep.to(f.device)], [c[i] for i in index]) for f, c in self._pending] if index else []
         self._ctx.reorder(index)
         idx = torch.tensor(index, dtype=torch.long, device=self._last_fused.device)
         self._last_fused[: len(index)] = self._last_fused[idx]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dllm_spec import DiffusionSpeculator
 from dllm_spec.bench.runner import build_variant, cpu_flags, default_prompts, load_prompt_file
+from dllm_spec.jsonl import write_atomic
 from dllm_spec.target import load_target
 
 SHAPES = {"trees": "default", "chains": "prompt-lookup+block-diffusion"}
@@ -67,9 +68,7 @@ def _save(args, config: dict, records: list[dict]) -> dict:
     """The result so far; written atomically to --out after every temperature."""
     result = dict(config=config, summary=summarize(records), records=records)
     if args.out:
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_atomic(args.out, json.dumps(result, indent=1))
     return result
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from dllm_spec.bench.runner import default_prompts, load_prompt_file
 from dllm_spec.drafters.base import Sequences
 from dllm_spec.drafters.block_diffusion import BlockDiffusionDrafter
 from dllm_spec.drafters.shipped import shipped_drafter_dir
+from dllm_spec.jsonl import write_atomic
 from dllm_spec.speculator import DiffusionSpeculator
 from dllm_spec.verify.keyed import NoiseKeys
 from dllm_spec.verify.sampling import SamplingParams
@@ -87,40 +87,32 @@ def sharpened(drafter: BlockDiffusionDrafter, factor: float) -> BlockDiffusionDr
     return drafter
 
 
-def sweep(args, spec, prompts, drafters, temperature: float) -> dict[str, dict[str, list[int]]]:
-    """(sharpness/width/nodes) -> category -> [new tokens, cycles] at one temperature."""
+def sweep(args, spec, prompts, drafters, temperature: float) -> dict[tuple, dict[str, list[int]]]:
+    """(sharpness, width, nodes) -> category -> [new tokens, cycles] at one temperature."""
     sampling = SamplingParams(temperature=temperature)
     first = next(iter(drafters.values()))
     depth_cap = first.config.block_size - 1
-    totals: dict[str, dict[str, list[int]]] = {}
+    totals: dict[tuple, dict[str, list[int]]] = {}
     for i, prompt in enumerate(tqdm(prompts, desc=f"T={temperature:g}")):
         ids, seed = spec.encode(prompt.generate_input), args.seed + i
         full, features = target_response(spec, ids, first.target_layer_ids, args.max_new_tokens, temperature, seed)
         for (a, w), drafter in drafters.items():
             for n in args.sizes if w > 1 else sorted({min(n, depth_cap) for n in args.sizes}):
                 cycles = count_cycles(drafter, full, features, ids.shape[1], n, sampling, seed)
-                row = totals.setdefault(f"{a}/{w}/{n}", {}).setdefault(prompt.category, [0, 0])
+                row = totals.setdefault((a, w, n), {}).setdefault(prompt.category, [0, 0])
                 row[0] += full.shape[1] - ids.shape[1]
                 row[1] += cycles
     return totals
 
 
-def results_of(totals: dict[str, dict[str, list[int]]], temperature: float) -> list[dict]:
+def results_of(totals: dict[tuple, dict[str, list[int]]], temperature: float) -> list[dict]:
     results = []
-    for key, cats in totals.items():
-        a, w, n = key.split("/")
+    for (a, w, n), cats in totals.items():
         new, cyc = sum(v[0] for v in cats.values()), sum(v[1] for v in cats.values())
         by_category = {c: v[0] / v[1] for c, v in cats.items()}
-        row = dict(temperature=temperature, sharpness=float(a), width=int(w), nodes=int(n), tau=new / cyc)
+        row = dict(temperature=temperature, sharpness=a, width=w, nodes=n, tau=new / cyc)
         results.append(dict(row, by_category=by_category))
     return results
-
-
-def write(out_path: Path, payload: dict) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, out_path)
 
 
 def plot(out_path: Path, results: list[dict], title: str) -> None:
@@ -189,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = next(iter(drafters.values())).steps
     out_path = Path(args.out)
     config = dict(prompts=args.prompts or "heldout", n_prompts=len(prompts), max_new_tokens=args.max_new_tokens)
-    write(out_path, dict(config, seed=args.seed, steps=steps, results=results))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_path, json.dumps(dict(config, seed=args.seed, steps=steps, results=results), indent=1))
     plot(out_path, results, f"Block-diffusion drafter, S = {steps}, {len(prompts)} prompts")
     for r in sorted(results, key=lambda r: (r["temperature"], r["sharpness"], r["width"], r["nodes"])):
         setting = f"T {r['temperature']:g} sharpness {r['sharpness']:g} width {r['width']:>2} nodes {r['nodes']:>3}"

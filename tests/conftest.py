@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,8 +208,6 @@ def tiny_mdlm(vocab: int = VOCAB, seed: int = 0):
 
 def load_script(name: str):
     """A module of ``scripts/`` (not a package) by its file name without ``.py``."""
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

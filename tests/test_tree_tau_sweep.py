@@ -4,8 +4,6 @@ speculative loop takes, for chains and trees."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,16 +12,10 @@ from dllm_spec.policy import FixedLength
 from dllm_spec.verify.sampling import SamplingParams
 from tests.conftest import load_script, make_drafter
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script():
-    return load_script("tree_tau_sweep")
-
 
 @pytest.mark.parametrize("width,nodes", [(1, 4), (3, 6)])
 def test_offline_cycles_equal_the_loops_under_keyed_sampling(target, width, nodes):
-    sweep = _script()
+    sweep = load_script("tree_tau_sweep")
     drafter = make_drafter(target, 1, tree_width=width)
     spec = DiffusionSpeculator(target, None, drafter, policy=FixedLength(nodes))
     prompt = torch.tensor([[3, 17, 5, 9, 22, 4, 11]])
