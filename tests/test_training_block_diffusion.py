@@ -143,6 +143,34 @@ def test_distillation_to_a_one_hot_teacher_is_plain_cross_entropy(target):
     assert not torch.allclose(weighted_loss(states, batch, head, 7.0, soft, 1.0, torch.arange(VOCAB)), plain)
 
 
+def test_off_policy_rows_learn_the_teachers_distribution_alone(target):
+    """Text the target did not write trains on the target's top-k only: its own tokens (the hard
+    labels) do not move the loss, whatever distill_weight the on-policy rows use."""
+    from dllm_spec.training.block_diffusion import TrainConfig
+    from dllm_spec.training.block_examples import BlockBatch, weighted_loss
+    from dllm_spec.training.sequences import Sequence
+
+    cfg = TrainConfig(block_size=6, anchors_per_seq=3)
+    ids = [0, 5, 9, 14, 5, 9, 22, 7, 3, 11, 30, 2, 17, 4]
+    other = ids[:3] + [(t * 7 + 1) % VOCAB for t in ids[3:]]  # other text after the same prompt
+
+    def loss(tokens, on_policy, weight, teacher):
+        batch = BlockBatch(
+            [Sequence(tokens, 3, False, on_policy=on_policy)], cfg, torch.arange(VOCAB), random.Random(0), noised=False
+        )
+        return weighted_loss(states, batch, head, 7.0, teacher, weight, torch.arange(VOCAB), batch.on_policy)
+
+    torch.manual_seed(0)
+    states, head = torch.randn(1, 3, 5, 8), torch.randn(VOCAB, 8)
+    teacher = torch.cat([torch.randint(0, VOCAB, (1, 3, 5, 4)).float(), torch.randn(1, 3, 5, 4).log_softmax(-1)], -1)
+    off = loss(ids, False, 0.0, teacher)
+    torch.testing.assert_close(loss(other, False, 0.3, teacher), off)  # the text's tokens do not count
+    torch.testing.assert_close(loss(ids, True, 1.0, teacher), off)  # = all-teacher on-policy
+    assert not torch.allclose(loss(ids, True, 0.3, teacher), off)
+    with pytest.raises(ValueError, match="teacher"):
+        loss(ids, False, 0.0, None)
+
+
 @pytest.mark.slow
 def test_training_with_resident_features_follows_the_disk_cache_run(target, tmp_path):
     """Same data, config and seed: resident features (and teacher) give the disk-cache run's losses

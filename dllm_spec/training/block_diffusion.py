@@ -57,7 +57,7 @@ from dllm_spec.training.features import (
     teacher_dir,
 )
 from dllm_spec.training.loop import TRAINER_STATE, ScheduleConfig, TrainingTask, check_resume, resume_dir, run_training
-from dllm_spec.training.sequences import Sequence, cap_positions, load_sequences, shard_rows
+from dllm_spec.training.sequences import DataDirs, Sequence, cap_positions, has_gaps, load_sequences, shard_rows
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,9 @@ class BlockDiffusionTask(TrainingTask):
         feats = sequence_features(self.store, seqs, self.device)
         teacher = block_teacher(self.teachers, seqs, batch, self.device) if self.teachers is not None else None
         states = block_states(self.model, batch, feats, self.embed, self.cfg.block_size)
-        return weighted_loss(states, batch, self.head, self.cfg.gamma, teacher, self.cfg.distill_weight, self.vocab_map)
+        return weighted_loss(
+            states, batch, self.head, self.cfg.gamma, teacher, self.cfg.distill_weight, self.vocab_map, batch.on_policy
+        )
 
     def evaluate(self, model: torch.nn.Module, seqs: list[Sequence]) -> float:
         return offline_tau(model, self.target, seqs, self.cfg, self.head, self.vocab, self.store)
@@ -223,7 +225,7 @@ def _initial_model(
 
 def train_block_diffusion(
     target: PreTrainedModel,
-    data_dir: str | os.PathLike,
+    data_dir: DataDirs,
     out_dir: str | os.PathLike,
     cfg: TrainConfig = TrainConfig(),
     eos_token_id: int | None = None,
@@ -250,8 +252,7 @@ def train_block_diffusion(
     check_resume(out_dir, BlockDiffusionTask.kind, cfg)
     train, held = sequences or load_sequences(data_dir, cfg.max_len, cfg.heldout_mod)
     capped = cap_positions(train, cfg.max_positions, cfg.seed)
-    gaps = len(capped) < len(train)  # the caches then hold only the kept sequences' rows
-    if gaps:
+    if len(capped) < len(train):  # the caches then hold only the kept sequences' rows
         acc.print(f"max_positions {cfg.max_positions}: training on {len(capped)} of {len(train)} sequences")
         train = capped
     resume = resume_dir(out_dir)
@@ -273,18 +274,21 @@ def train_block_diffusion(
 
         feature_root = cache_root() / "features"
     store = FeatureStore(feature_dir(feature_root, target, layer_ids), target, layer_ids)
+    gaps = has_gaps(train + held)
+    bf16 = acc.mixed_precision == "bf16"  # the feature pass under the same autocast as the drafter
     teachers = None
-    if cfg.distill_weight > 0:
+    if cfg.distill_weight > 0 or not all(s.on_policy for s in train):  # off-policy text learns the target's labels
         teachers = TeacherStore(teacher_dir(feature_root, target, cfg.teacher_top_k), target, cfg.teacher_top_k)
     if resident_features:  # every process holds its own copy, computed on its own device
         resident = ResidentStore.fill(
             [store] if teachers is None else [store, teachers],
             shard_rows(train + held, gaps),
             show_progress=acc.is_main_process,
+            bf16=bf16,
         )
         store, teachers = resident[0], (resident[1] if teachers is not None else None)
     elif acc.is_main_process:
-        build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps))
+        build_stores([store] if teachers is None else [store, teachers], shard_rows(train + held, gaps), bf16=bf16)
     acc.wait_for_everyone()
     model = _initial_model(cfg, target, incoming, resume, train, store, eos_token_id, acc)
     task = BlockDiffusionTask(model, target, cfg, store, teachers, acc.device)

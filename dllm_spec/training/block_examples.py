@@ -116,6 +116,7 @@ class BlockBatch:
         self.labels = draft_labels
         self.loss_mask = masked & label_valid & (draft_labels >= 0) & ~dup.unsqueeze(-1)
         self.label_valid = label_valid & ~dup.unsqueeze(-1)
+        self.on_policy = torch.tensor([s.on_policy for s in seqs])  # (N,) False: off-policy text
 
     def attention_mask(self, width: int, block: int) -> torch.Tensor:
         """(N, 1, A*B, T + A*B) bool: a block sees context keys before its anchor, and its own block."""
@@ -158,20 +159,30 @@ def weighted_loss(
     teacher: torch.Tensor | None = None,
     distill_weight: float = 0.0,
     vocab_map: torch.Tensor | None = None,
+    on_policy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Position-decayed cross-entropy over the loss positions only (the LM head, a third of a
     step's compute, runs on those rows alone): weight exp(-(j-1)/gamma) at block position j.
 
     With ``teacher`` (N, A, L, 2k) from :func:`block_teacher` and ``distill_weight`` w > 0 the
     per-position loss is (1 - w) * CE(label) + w * CE(teacher top-k renormalised over the draft
-    vocabulary) (``vocab_map``: target id -> draft id, -1 outside)."""
+    vocabulary) (``vocab_map``: target id -> draft id, -1 outside). ``on_policy`` (N,) bool: rows
+    that are False hold text the target did not write, so their loss is the teacher term alone
+    (w = 1 there): the drafter learns what the target would say, not what the text says."""
     n, A, L, _ = states.shape
     dev = states.device
     selected = batch.loss_mask.to(dev)  # (N, A, L)
     w = torch.exp(-torch.arange(L, device=dev, dtype=torch.float32) / gamma).expand(n, A, L)[selected]  # (M,)
     logits = states[selected] @ head.T  # (M, V_draft)
     ce = F.cross_entropy(logits.float(), batch.labels.to(dev)[selected], reduction="none")
-    if teacher is not None and distill_weight > 0:
+    off = (
+        None
+        if on_policy is None or bool(on_policy.all())
+        else ~on_policy.to(dev).view(n, 1, 1).expand(n, A, L)[selected]
+    )
+    if off is not None and teacher is None:
+        raise ValueError("off-policy rows need the teacher's distribution (teacher=None)")
+    if teacher is not None and (distill_weight > 0 or off is not None):
         if vocab_map is None:
             raise ValueError("distillation needs vocab_map (target id -> draft id)")
         k = teacher.shape[-1] // 2
@@ -181,7 +192,8 @@ def weighted_loss(
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
         logq = torch.log_softmax(logits.float(), dim=-1).gather(1, ids.clamp_min(0))  # (M, k)
         soft = -(p * logq).sum(-1)
-        ce = (1 - distill_weight) * ce + distill_weight * soft
+        mix = torch.full_like(soft, distill_weight) if off is None else torch.where(off, 1.0, distill_weight)  # (M,)
+        ce = (1 - mix) * ce + mix * soft
     return (ce * w).sum() / w.sum().clamp_min(1e-6)
 
 

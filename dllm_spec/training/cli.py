@@ -27,7 +27,20 @@ def build_parser(drafter: str = "block-diffusion") -> argparse.ArgumentParser:
         default="block-diffusion",
         help="block-diffusion (default), or the token-only comparison drafters ar / mdlm",
     )
-    p.add_argument("--data", required=True, help="directory of distillation shards (scripts/generate_distill_data.py)")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="one or more directories of distillation shards (scripts/generate_distill_data.py); records with "
+        "temperature null (--prompts sharegpt-text) are off-policy text, trained on the target's distribution alone",
+    )
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        nargs="+",
+        help="directories whose held-out greedy sequences the evaluations use (default: those of --data); "
+        "the held-out split is by conversation hash, the same in every directory",
+    )
     p.add_argument(
         "--out", required=True, help="run directory: checkpoint/ (resume), best/ (the drafter), train_log.jsonl"
     )
@@ -79,8 +92,10 @@ def _main(argv: list[str] | None = None) -> None:
     pre.add_argument("--drafter", choices=sorted(CONFIGS), default="block-diffusion")
     drafter = pre.parse_known_args(argv)[0].drafter
     args = build_parser(drafter).parse_args(argv)
-    if not Path(args.data).is_dir():
-        raise FileNotFoundError(f"--data {args.data}: no such directory")
+    for flag, dirs in (("--data", args.data), ("--eval-data", args.eval_data or [])):
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise FileNotFoundError(f"{flag} {d}: no such directory")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
@@ -95,7 +110,7 @@ def _main(argv: list[str] | None = None) -> None:
     config_cls = CONFIGS[drafter]
     cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
     check_resume(args.out, drafter, cfg)  # before any work: a mismatched resume, unreadable or unusable data
-    sequences = load_sequences(args.data, cfg.max_len, cfg.heldout_mod)
+    sequences = load_sequences(args.data, cfg.max_len, cfg.heldout_mod, args.eval_data)
     if torch.cuda.is_available():
         # TF32 for the target's fp32 feature passes (the resident fill's cost): its error is far
         # below the bf16 noise the drafter already tolerates, and training needs no exact features.

@@ -189,9 +189,16 @@ def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offset
 
 
 def _target_outputs(
-    stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int, show_progress: bool
+    stores: list[PositionStore],
+    shards: dict[str, list[list[int]]],
+    batch_size: int,
+    show_progress: bool,
+    bf16: bool = False,
 ) -> Iterator[tuple[str, np.ndarray, Iterator[tuple[list[int], list[torch.Tensor]]]]]:
-    """Run the stores' shared target once per batch over every shard of ``shards``.
+    """Run the stores' shared target once per batch over every shard of ``shards`` (under bf16
+    autocast with ``bf16``: twice as fast on a CPU with AMX, 2.2K against 1.1K tokens/s for the
+    body of the embedded target at 8 x 512 on 2 cores; training tolerates the features' bf16 noise,
+    which is what the drafter sees at inference in that dtype anyway).
 
     Yields ``(shard, offsets, batches)`` per shard: ``offsets`` (rows + 1,) the cumulative sequence
     lengths, ``batches`` an iterator (consume it before the next shard) of ``(rows, arrays)``:
@@ -215,7 +222,8 @@ def _target_outputs(
             for j, i in enumerate(idx):
                 ids[j, : len(rows[i])] = torch.tensor(rows[i])
                 attention[j, : len(rows[i])] = 1
-            with torch.no_grad():
+            autocast = torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=bf16)
+            with torch.no_grad(), autocast:
                 hidden = target.model(
                     input_ids=ids.to(target.device),
                     attention_mask=attention.to(target.device),
@@ -237,9 +245,14 @@ def _target_outputs(
 
 
 def build_stores(
-    stores: list[PositionStore], shards: dict[str, list[list[int]]], batch_size: int = 8, show_progress: bool = True
+    stores: list[PositionStore],
+    shards: dict[str, list[list[int]]],
+    batch_size: int = 8,
+    show_progress: bool = True,
+    bf16: bool = False,
 ) -> None:
-    """Fill every store's missing shards from one target forward per batch (not one per store).
+    """Fill every store's missing shards from one target forward per batch (not one per store),
+    under bf16 autocast with ``bf16``.
 
     All stores must share one target. ``shards`` maps a shard name to its sequences' token ids (in
     row order); a shard every store already holds is skipped, so a rerun after a kill resumes.
@@ -256,7 +269,7 @@ def build_stores(
             groups.setdefault(missing, {})[name] = rows
     for key, todo in groups.items():
         group = [stores[i] for i in key]
-        for shard, offsets, batches in _target_outputs(group, todo, batch_size, show_progress):
+        for shard, offsets, batches in _target_outputs(group, todo, batch_size, show_progress, bf16):
             tmps = [s._paths(shard)[0].with_name(s._paths(shard)[0].name + ".tmp") for s in group]
             outs = [
                 np.memmap(t, dtype=s.dtype, mode="w+", shape=(int(offsets[-1]), s.width)) for s, t in zip(group, tmps)
@@ -296,6 +309,7 @@ class ResidentStore:
         device: torch.device | str | None = None,
         batch_size: int = 32,
         show_progress: bool = True,
+        bf16: bool = False,
     ) -> list["ResidentStore"]:
         """Resident copies of ``stores`` (their ``from_hidden``, ``width`` and ``dtype``; their
         directories are never touched) for the sequences of ``shards`` (name -> token ids in row
@@ -306,7 +320,7 @@ class ResidentStore:
         datas = [torch.empty((total, s.width), dtype=d, device=device) for s, d in zip(stores, dtypes)]
         start: dict[tuple[str, int], tuple[int, int]] = {}
         base = 0
-        for shard, offsets, batches in _target_outputs(stores, shards, batch_size, show_progress):
+        for shard, offsets, batches in _target_outputs(stores, shards, batch_size, show_progress, bf16):
             for row in range(len(offsets) - 1):
                 start[(shard, row)] = (base + int(offsets[row]), int(offsets[row + 1] - offsets[row]))
             for idx, arrays in batches:

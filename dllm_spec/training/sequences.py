@@ -22,6 +22,9 @@ class Sequence:
     greedy: bool  # the target's own greedy continuation (offline tau is measured on these)
     shard: str = ""
     row: int = 0  # row within the shard: the feature caches are indexed by (shard, row)
+    on_policy: bool = (
+        True  # the target wrote the response; False: other text (temperature None), labelled by the target
+    )
 
 
 SHARD_KEYS = ("prompt_id", "prompt_ids", "response_ids", "temperature")
@@ -56,38 +59,75 @@ def _shards(data_dir: str | os.PathLike) -> Iterator[tuple[str, list[dict]]]:
         yield path.name.removesuffix(".jsonl.gz"), records
 
 
-def load_sequences(
-    data_dir: str | os.PathLike, max_len: int, heldout_mod: int
-) -> tuple[list[Sequence], list[Sequence]]:
-    """(train, held-out) sequences from distillation shards; held out by prompt-id hash. Each
-    sequence remembers its (shard, row) for the feature cache. Refuses data with no training
-    sequence, or with no greedy held-out sequence (the offline tau every evaluation measures)."""
-    train, held = [], []
-    for shard, records in _shards(data_dir):
+DataDirs = str | os.PathLike | list[str | os.PathLike] | tuple[str | os.PathLike, ...]
+
+
+def _dirs(data: DataDirs) -> list[Path]:
+    return [Path(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+
+
+def _split(records_of: Iterator[tuple[str, list[dict]]], prefix: str, max_len: int, heldout_mod: int):
+    """(sequence, held out?) for every usable record; rows numbered per shard, shard names prefixed."""
+    for shard, records in records_of:
         row = 0
         for r in records:
             if not r["response_ids"]:
                 continue
-            seq = Sequence(
-                (r["prompt_ids"] + r["response_ids"])[:max_len], len(r["prompt_ids"]), r["temperature"] == 0, shard, row
-            )
+            on_policy = r["temperature"] is not None
+            ids = (r["prompt_ids"] + r["response_ids"])[:max_len]
+            seq = Sequence(ids, len(r["prompt_ids"]), r["temperature"] == 0, f"{prefix}{shard}", row, on_policy)
             if seq.prompt_len >= len(seq.ids) - 1:
                 continue
             row += 1
             # the turns of one conversation (records with a conversation_id) land on the same side
-            bucket = (
-                int(hashlib.sha1(str(r.get("conversation_id", r["prompt_id"])).encode()).hexdigest()[:8], 16)
-                % heldout_mod
-            )
-            (held if bucket == 0 else train).append(seq)
+            key = str(r.get("conversation_id", r["prompt_id"]))
+            yield seq, int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % heldout_mod == 0
+
+
+def load_sequences(
+    data_dir: DataDirs, max_len: int, heldout_mod: int, eval_dir: DataDirs | None = None
+) -> tuple[list[Sequence], list[Sequence]]:
+    """(train, held-out) sequences from distillation shards in one or several directories; held out
+    by conversation (or prompt-id) hash, so one conversation's turns never straddle the split, in
+    every directory alike. With ``eval_dir`` the held-out sequences come from there instead (the
+    held-out ones of ``data_dir`` are then left out altogether): its held-out split for a directory
+    also in ``data_dir``, every sequence for one that is not (e.g. the target's responses to
+    conversations that no training directory holds). With several directories, shard
+    names carry their directory's name (``distill-shard-00003``), so their feature caches never
+    collide. Each sequence remembers its (shard, row) for the feature cache. Refuses data with no
+    training sequence, or with no greedy held-out sequence (the offline tau every evaluation
+    measures)."""
+    dirs, evals = _dirs(data_dir), _dirs(eval_dir) if eval_dir is not None else None
+    prefixed = len(set(dirs) | set(evals or [])) > 1
+    train, held = [], []
+    for d in dict.fromkeys(dirs + (evals or [])):  # each directory read once, in order
+        prefix = f"{d.name}-" if prefixed else ""
+        for seq, is_held in _split(_shards(d), prefix, max_len, heldout_mod):
+            if d not in dirs:  # an evaluation-only directory: all of it
+                held.append(seq)
+            elif not is_held:
+                train.append(seq)
+            elif evals is None or d in evals:
+                held.append(seq)
+    names = ", ".join(str(d) for d in dirs)
     if not train:
-        raise ValueError(f"no training sequences found in {data_dir}")
+        raise ValueError(f"no training sequences found in {names}")
     if not any(s.greedy for s in held):
+        where = ", ".join(str(d) for d in evals) if evals is not None else names
         raise ValueError(
-            f"--data {data_dir}: no greedy held-out sequence to evaluate on (1 prompt id in --heldout-mod "
+            f"--data {where}: no greedy held-out sequence to evaluate on (1 prompt id in --heldout-mod "
             f"{heldout_mod} is held out, {len(held)} held out here): add data or lower --heldout-mod"
         )
     return train, held
+
+
+def has_gaps(sequences: list[Sequence]) -> bool:
+    """Whether some shard of ``sequences`` lacks rows (a position cap, or held-out rows read from
+    another directory than the training ones): the caches then need :func:`shard_rows`'s gaps."""
+    rows: dict[str, set[int]] = {}
+    for s in sequences:
+        rows.setdefault(s.shard, set()).add(s.row)
+    return any(len(r) != max(r) + 1 for r in rows.values())
 
 
 def cap_positions(train: list[Sequence], max_positions: int, seed: int) -> list[Sequence]:

@@ -44,7 +44,7 @@ from transformers import (
 
 from dllm_spec.drafters.base import target_vocab_size
 from dllm_spec.training.loop import ScheduleConfig, TrainingTask, check_resume, resume_dir, run_training
-from dllm_spec.training.sequences import Sequence, load_sequences
+from dllm_spec.training.sequences import DataDirs, Sequence, load_sequences
 
 MASK_TOKEN = "<|mask|>"
 
@@ -339,7 +339,7 @@ def train_token_drafter(
     objective: Objective,
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    data_dir: str | os.PathLike,
+    data_dir: DataDirs,
     out_dir: str | os.PathLike,
     cfg: TokenDrafterConfig = TokenDrafterConfig(),
     accelerator=None,
