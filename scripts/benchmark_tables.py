@@ -258,8 +258,33 @@ def sweep_by_temperature_table(name: str) -> str:
     return head + "\n".join(rows)
 
 
+def data_mix_table(name: str) -> str:
+    """Training runs side by side (scripts/collect_training_runs.py): their data, budget, and the
+    held-out tau they start from and reach."""
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    rows = [
+        "| run | data | training sequences | response tokens | steps | tokens seen | held-out tau at start | best held-out tau (step) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        e, start = r["eval"], r["curve"][0]
+        best = max(r["curve"], key=lambda c: c["heldout_tau"])
+        rows.append(
+            f"| {r['label']} | {r['data']} | {e['train_sequences']:,} | {e['train_response_tokens'] / 1e6:.2f}M | "
+            f"{e['steps']:,} | {e['train_tokens_seen'] / 1e6:.1f}M | {start['heldout_tau']:.2f} | "
+            f"**{best['heldout_tau']:.2f}** ({best['step']}) |"
+        )
+    return f"{result['machine']['cpu_flags']}, torch {result['machine']['torch']}:\n\n" + "\n".join(rows)
+
+
 TABLES = {
     "drafter-training": lambda: training_table("drafter_training.json"),
+    "data-mix-cpu": lambda: data_mix_table("data_mix_cpu.json"),
+    "candidate-sharegpt": lambda: drafter_table("drafter_candidate_sharegpt.json"),
+    "candidate-project": lambda: drafter_table("drafter_candidate_project.json"),
+    "candidate-humaneval": lambda: drafter_table("drafter_candidate_humaneval.json"),
     "throughput-fp32": lambda: throughput_table(["throughput_fp32.json", "throughput_fp32_b32.json"]),
     "throughput-bf16": lambda: throughput_table(["throughput_bf16.json", "throughput_bf16_b32.json"]),
     "latency": lambda: latency_table(
