@@ -65,3 +65,9 @@ def test_off_policy_data_alone_needs_an_evaluation_directory(tmp_path):
         load_sequences([off], 64, 4)
     train, held = load_sequences([off], 64, 4, [_dir(tmp_path / "eval", 0.0, conversations=[200], turns=1)])
     assert not any(s.on_policy for s in train) and [s.greedy for s in held] == [True]
+
+
+def test_two_directories_of_one_name_are_refused(tmp_path):
+    a, b = _dir(tmp_path / "x" / "data", 0.0), _dir(tmp_path / "y" / "data", 0.0)
+    with pytest.raises(ValueError, match="share a name"):
+        load_sequences([a, b], 64, 4)

@@ -22,9 +22,8 @@ class Sequence:
     greedy: bool  # the target's own greedy continuation (offline tau is measured on these)
     shard: str = ""
     row: int = 0  # row within the shard: the feature caches are indexed by (shard, row)
-    on_policy: bool = (
-        True  # the target wrote the response; False: other text (temperature None), labelled by the target
-    )
+    # False: text the target did not write (temperature None in the shard), labelled by the target
+    on_policy: bool = True
 
 
 SHARD_KEYS = ("prompt_id", "prompt_ids", "response_ids", "temperature")
@@ -98,9 +97,15 @@ def load_sequences(
     training sequence, or with no greedy held-out sequence (the offline tau every evaluation
     measures)."""
     dirs, evals = _dirs(data_dir), _dirs(eval_dir) if eval_dir is not None else None
-    prefixed = len(set(dirs) | set(evals or [])) > 1
+    everything = list(dict.fromkeys(dirs + (evals or [])))
+    prefixed = len(everything) > 1
+    names_seen = [d.name for d in everything]
+    if prefixed and len(set(names_seen)) < len(names_seen):
+        raise ValueError(
+            f"data directories {', '.join(map(str, everything))}: two share a name, and shard names carry it"
+        )
     train, held = [], []
-    for d in dict.fromkeys(dirs + (evals or [])):  # each directory read once, in order
+    for d in everything:  # each directory read once, in order
         prefix = f"{d.name}-" if prefixed else ""
         for seq, is_held in _split(_shards(d), prefix, max_len, heldout_mod):
             if d not in dirs:  # an evaluation-only directory: all of it
@@ -113,9 +118,9 @@ def load_sequences(
     if not train:
         raise ValueError(f"no training sequences found in {names}")
     if not any(s.greedy for s in held):
-        where = ", ".join(str(d) for d in evals) if evals is not None else names
+        where = f"--eval-data {', '.join(str(d) for d in evals)}" if evals is not None else f"--data {names}"
         raise ValueError(
-            f"--data {where}: no greedy held-out sequence to evaluate on (1 prompt id in --heldout-mod "
+            f"{where}: no greedy held-out sequence to evaluate on (1 prompt id in --heldout-mod "
             f"{heldout_mod} is held out, {len(held)} held out here): add data or lower --heldout-mod"
         )
     return train, held
