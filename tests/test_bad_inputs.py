@@ -398,6 +398,7 @@ CLI_CASES = [
     (lambda t: ["study", "--repeats", "0"], "repeats"),
     (lambda t: ["study", "--prompts", str(t / "missing.txt")], "missing.txt"),
     (lambda t: ["train", "--data", str(t / "nowhere"), "--out", str(t / "run")], "--data"),
+    (lambda t: ["train", "--data", str(t), "--eval-data", str(t / "nowhere"), "--out", str(t / "run")], "--eval-data"),
     (lambda t: ["train", "--data", str(t), "--out", str(t / "run"), "--architecture", "eagle"], "architecture"),
     (lambda t: ["export", "block-diffusion", "--format", "gguf", "--out", str(t / "x")], "--format"),
     (
