@@ -252,8 +252,15 @@ def encode_conversation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Promp
     raise ValueError(f"prompt {prompt.id}: the chat template alone exceeds context_cap={cap}")
 
 
-def _stable_order(key: str) -> int:
+def stable_order(key: str) -> int:
+    """A stable pseudo-random sort key (and seed source) for a string: the same on every run."""
     return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
+
+
+def next_shard_index(out: Path) -> int:
+    """The number the next ``shard-NNNNN.jsonl.gz`` in ``out`` takes: one past the highest there."""
+    existing = [int(f.name[6:11]) for f in out.glob("shard-*.jsonl.gz") if f.name[6:11].isdigit()]
+    return max(existing, default=-1) + 1
 
 
 def build_engine(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
@@ -285,10 +292,9 @@ def generate_conversation_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = _done_keys(out, config.temperatures)
-    ordered = sorted(prompts, key=lambda p: _stable_order(f"{config.seed}:{p.id}"))
+    ordered = sorted(prompts, key=lambda p: stable_order(f"{config.seed}:{p.id}"))
     todo = [(p, v) for p in ordered for v in range(len(config.temperatures)) if (p.id, v) not in done]
-    existing = [int(f.name[6:11]) for f in out.glob("shard-*.jsonl.gz") if f.name[6:11].isdigit()]
-    next_index = max(existing, default=-1) + 1
+    next_index = next_shard_index(out)
     engine = build_engine(target, tokenizer, config.batch_size)
     stats = dict(records=0, new_tokens=0, shards=0, seconds=0.0, tokens_per_s=0.0, remaining=len(todo))
     bar = tqdm(total=len(todo), desc=f"distill {config.source}", unit="resp", disable=not progress)
@@ -314,7 +320,7 @@ def generate_conversation_data(
             items = [p for p, v in window if v == variant]
             if not items:
                 continue
-            seeds = [_stable_order(f"{config.seed}:{p.id}:{variant}") % (1 << 31) for p in items]
+            seeds = [stable_order(f"{config.seed}:{p.id}:{variant}") % (1 << 31) for p in items]
             for i, output in engine.generate_iter([encoded[p.id][0] for p in items], max_new_tokens=config.max_new_tokens,
                                                   temperature=temperature, seeds=seeds, batch_size=min(config.batch_size, len(items))):
                 p = items[i]

@@ -18,7 +18,6 @@ Shards are written atomically and resumed by prompt id, like the generated data.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dllm_spec.data.distill import encode_conversation_prompt, read_shards, write_shard
+from dllm_spec.data.distill import (
+    encode_conversation_prompt,
+    next_shard_index,
+    read_shards,
+    stable_order,
+    write_shard,
+)
 from dllm_spec.data.sharegpt import Conversation
 
 SOURCE = "sharegpt-text"
@@ -98,9 +103,8 @@ def write_text_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done, have = _done(out)
-    turns = sorted(assistant_turns(conversations), key=lambda t: _order(f"{config.seed}:sharegpt:{t[0].id}:{t[1]}"))
-    existing = [int(f.name[6:11]) for f in out.glob("shard-*.jsonl.gz") if f.name[6:11].isdigit()]
-    index = max(existing, default=-1) + 1
+    turns = sorted(assistant_turns(conversations), key=lambda t: stable_order(f"{config.seed}:sharegpt:{t[0].id}:{t[1]}"))
+    index = next_shard_index(out)
     stats = dict(records=0, tokens=0, shards=0, skipped=0)
     pending: list[dict] = []
     bar = tqdm(total=config.max_tokens or None, initial=have, desc="sharegpt text", unit="tok", disable=not progress)
@@ -127,10 +131,6 @@ def write_text_data(
     bar.close()
     stats["total_tokens"] = have + stats["tokens"]
     return stats
-
-
-def _order(key: str) -> int:
-    return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
 
 
 def _done(out: Path) -> tuple[set[str], int]:
