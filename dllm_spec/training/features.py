@@ -14,8 +14,9 @@ learn the target's own distribution, not only the sampled token.
 
 When both caches are missing, :func:`build_stores` fills them from one target forward.
 
-Each shard's index records the sequence lengths and a SHA-1 of the token ids, so a changed shard
-or a different target/layer set is recomputed instead of silently reused. Files are written
+Each shard's index records the sequence lengths, a SHA-1 of the token ids and the precision of the
+target pass (``fp32``, or ``bf16`` autocast), so a changed shard, a different target/layer set or
+the other precision is recomputed instead of silently reused. Files are written
 atomically (temporary name + rename): a kill loses at most the shard in flight.
 """
 
@@ -87,12 +88,18 @@ class PositionStore:
     def _paths(self, shard: str) -> tuple[Path, Path]:
         return self.dir / f"{shard}{self.suffix}", self.dir / f"{shard}.json"
 
-    def _valid(self, shard: str, rows: list[list[int]]) -> bool:
+    def _valid(self, shard: str, rows: list[list[int]], precision: str = "fp32") -> bool:
+        """Whether the shard's arrays are stored for these ids, this width and the target pass's
+        ``precision`` (an index without one, from before it was recorded, is recomputed)."""
         data, index = self._paths(shard)
         if not (data.is_file() and index.is_file()):
             return False
         meta = json.loads(index.read_text())
-        return meta.get("ids_sha1") == _ids_digest(rows) and meta.get("width") == self.width
+        return (
+            meta.get("ids_sha1") == _ids_digest(rows)
+            and meta.get("width") == self.width
+            and meta.get("precision") == precision
+        )
 
     def build(self, shards: dict[str, list[list[int]]], batch_size: int = 8, show_progress: bool = True) -> None:
         """Compute and store the arrays of every shard not cached yet. ``shards`` maps a shard
@@ -178,12 +185,13 @@ def teacher_dir(root: str | os.PathLike, target: PreTrainedModel, k: int) -> Pat
     return feature_dir(root, target, []).with_name(f"teacher-top{k}")
 
 
-def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offsets: np.ndarray) -> None:
+def _write_index(store: PositionStore, shard: str, rows: list[list[int]], offsets: np.ndarray, precision: str) -> None:
     meta = {
         "ids_sha1": _ids_digest(rows),
         "width": store.width,
         "offsets": offsets.tolist(),
         "kind": type(store).__name__,
+        "precision": precision,
     }
     write_atomic(store._paths(shard)[1], json.dumps(meta))
 
@@ -262,10 +270,11 @@ def build_stores(
         return
     for store in stores:
         store.dir.mkdir(parents=True, exist_ok=True)
+    precision = "bf16" if bf16 else "fp32"
     # group the missing shards by the stores that lack them: each group runs the target once per batch
     groups: dict[tuple[int, ...], dict[str, list[list[int]]]] = {}
     for name, rows in shards.items():
-        missing = tuple(i for i, s in enumerate(stores) if not s._valid(name, rows))
+        missing = tuple(i for i, s in enumerate(stores) if not s._valid(name, rows, precision))
         if missing:
             groups.setdefault(missing, {})[name] = rows
     for key, todo in groups.items():
@@ -285,7 +294,7 @@ def build_stores(
             for store, out, tmp in zip(group, outs, tmps):
                 out.flush()
                 os.replace(tmp, store._paths(shard)[0])
-                _write_index(store, shard, todo[shard], offsets)
+                _write_index(store, shard, todo[shard], offsets, precision)
             del outs
 
 
