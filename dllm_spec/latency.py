@@ -125,8 +125,8 @@ class LatencySurface:
         w = (rows - lo) / (hi - lo)
         return (1 - w) * self.curves[lo](k) + w * self.curves[hi](k)
 
-    #: a curve that live timings run this much faster than (EMA of predicted / live: it was measured
-    #: while the machine was busy) is measured again
+    #: a curve that live timings run this much faster than (EMA of live / predicted below
+    #: 1 / STALE_RATIO: it was measured while the machine was busy) is measured again
     STALE_RATIO = 1.35
     #: ... or this much slower than: far past what long contexts cost (at 16 rows and 1K-token
     #: contexts a step takes 2-2.5x the 128-token curve, and measuring again would change nothing)

@@ -223,10 +223,27 @@ def _delta(after: dict, before: dict) -> dict:
     return d
 
 
+def _load_llm(args, spec_cfg: dict | None, max_num_seqs: int):
+    """vLLM on the target (``--target``, ``--dtype``), eager, greedy-ready, with ``spec_cfg`` (or none)."""
+    from vllm import LLM
+
+    return LLM(
+        model=args.target,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=max_num_seqs,
+        enable_prefix_caching=False,
+        seed=0,
+        disable_log_stats=False,
+        speculative_config=spec_cfg,
+    )
+
+
 def cmd_vllm(args) -> None:
     import torch
     import vllm
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     lib = json.loads(Path(args.prompts_json).read_text())
     rows = lib["prompts"]
@@ -246,17 +263,7 @@ def cmd_vllm(args) -> None:
         env={k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("LD_PRELOAD", "OMP_NUM_THREADS")},
     )
     t0 = time.perf_counter()
-    llm = LLM(
-        model=args.target,
-        dtype=args.dtype,
-        enforce_eager=True,
-        max_model_len=MAX_MODEL_LEN,
-        max_num_seqs=n,
-        enable_prefix_caching=False,
-        seed=0,
-        disable_log_stats=False,
-        speculative_config=spec_cfg,
-    )
+    llm = _load_llm(args, spec_cfg, max_num_seqs=n)
     result["load_s"] = time.perf_counter() - t0
     print(f"vllm k={args.k}: LLM(...) took {result['load_s']:.1f} s", flush=True)
     # vLLM's own chat templating of the same prompts must give the library's ids
@@ -353,24 +360,14 @@ def cmd_split(args) -> None:
     (scheduler, input and output processing, Python between them)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm.v1.utils as vllm_utils
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     totals: dict = {}
     vllm_utils._PROFILER_FUNC = _scope_timer(totals)
     lib = json.loads(Path(args.prompts_json).read_text())
     rows = lib["prompts"]
     spec_cfg = {"method": "dflash", "model": args.drafter, "num_speculative_tokens": args.k} if args.k else None
-    llm = LLM(
-        model=args.target,
-        dtype=args.dtype,
-        enforce_eager=True,
-        max_model_len=MAX_MODEL_LEN,
-        max_num_seqs=1,
-        enable_prefix_caching=False,
-        seed=0,
-        disable_log_stats=False,
-        speculative_config=spec_cfg,
-    )
+    llm = _load_llm(args, spec_cfg, max_num_seqs=1)
     sp = SamplingParams(temperature=0.0, max_tokens=lib["max_new_tokens"], ignore_eos=True)
     inputs = [{"prompt_token_ids": r["prompt_ids"]} for r in rows]
     llm.generate(inputs[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)

@@ -81,24 +81,23 @@ timeout 3600 "$PY" scripts/vllm_check.py library --dtype "$DTYPE" --prompts "$PR
 TARGET=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['target_dir'])" "$WORK/library.json")
 log "target: $TARGET"
 
-# ---- 4. vLLM offline, plain and with the drafter ------------------------------------------------
-rm -f "$WORK"/vllm_k*.json "$WORK/serve.json"
+# ---- 4. vLLM offline, plain and with the drafter; 4b. where its batch-1 step goes ----------------
+# run_vllm STEP K TAG LINES: scripts/vllm_check.py STEP at k=K -> $WORK/TAG_kK.json (log beside it)
+run_vllm() {
+    local step=$1 k=$2 tag=$3 lines=$4
+    "${VENV_ENV[@]}" timeout 1200 "${VPY[@]}" scripts/vllm_check.py "$step" --target "$TARGET" --drafter "$WORK/dflash" \
+        --dtype "$DTYPE" --prompts-json "$WORK/library.json" --k "$k" --out "$WORK/${tag}_k$k.json" \
+        > "$WORK/${tag}_k$k.log" 2>&1 || log "vLLM $step k=$k FAILED (exit $?): see $WORK/${tag}_k$k.log"
+    grep -E "^vllm $step k=|^vllm k=|Error|error:" "$WORK/${tag}_k$k.log" | tail -"$lines" || true
+}
+rm -f "$WORK"/vllm_k*.json "$WORK"/split_k*.json "$WORK/serve.json"
 for k in 0 $KS; do
     log "vLLM offline k=$k"
-    "${VENV_ENV[@]}" timeout 1200 "${VPY[@]}" scripts/vllm_check.py vllm --target "$TARGET" --drafter "$WORK/dflash" \
-        --dtype "$DTYPE" --prompts-json "$WORK/library.json" --k "$k" --out "$WORK/vllm_k$k.json" \
-        > "$WORK/vllm_k$k.log" 2>&1 || log "vLLM k=$k FAILED (exit $?): see $WORK/vllm_k$k.log"
-    grep -E '^vllm k=|Error|error:' "$WORK/vllm_k$k.log" | tail -8 || true
+    run_vllm vllm "$k" vllm 8
 done
-
-# ---- 4b. where vLLM's batch-1 step goes, plain and with the drafter ----------------------------
-rm -f "$WORK"/split_k*.json
 for k in 0 $SPLIT_KS; do
     log "vLLM step split k=$k (batch 1, engine in-process)"
-    "${VENV_ENV[@]}" timeout 1200 "${VPY[@]}" scripts/vllm_check.py split --target "$TARGET" --drafter "$WORK/dflash" \
-        --dtype "$DTYPE" --prompts-json "$WORK/library.json" --k "$k" --out "$WORK/split_k$k.json" \
-        > "$WORK/split_k$k.log" 2>&1 || log "vLLM split k=$k FAILED (exit $?): see $WORK/split_k$k.log"
-    grep -E '^vllm split|Error|error:' "$WORK/split_k$k.log" | tail -4 || true
+    run_vllm split "$k" split 4
 done
 
 # ---- 5. vllm serve + one streamed chat request --------------------------------------------------
